@@ -1,0 +1,108 @@
+"""The exception tree of wxd. Pure: imports nothing from wxd or any third-party package.
+
+    WxdError
+    ├── ConfigError            one or more config problems, each naming [section] key
+    ├── StorageError           database unusable, lock held by another process
+    │   └── LockedError
+    ├── WebhookError           the webhook edge; never reaches event code
+    │   ├── SignatureError     bad/missing signature or msg_signature, stale timestamp, replay
+    │   ├── DecryptError       bad base64, bad padding, wrong appid, bad length
+    │   └── MessageError       malformed/oversized XML, DTD/entities, missing fields
+    ├── MiniProgramError       MP encryptedData problems
+    │   ├── SessionKeyError    stale session_key: padding/JSON failure → caller runs wx.login again
+    │   └── WatermarkError     watermark.appid differs from the MP appid
+    ├── TransportError         network error, timeout, non-200 from WeChat (retryable)
+    ├── WeChatAPIError         WeChat answered errcode != 0 (errcode, errmsg, path)
+    └── TokenBudgetError       the local daily budget of token fetches is spent
+"""
+
+from __future__ import annotations
+
+
+class WxdError(Exception):
+    """Base of every error wxd raises on purpose."""
+
+
+class ConfigError(WxdError):
+    """Invalid configuration. `problems` holds one line per problem, each naming [section] key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+class StorageError(WxdError):
+    """The database cannot be used."""
+
+
+class LockedError(StorageError):
+    """Another wxd process holds the database's lock file."""
+
+
+class WebhookError(WxdError):
+    """Rejected webhook input. The message is safe to log (never contains the body or secrets)."""
+
+
+class SignatureError(WebhookError):
+    """Signature, msg_signature, timestamp window or nonce replay check failed."""
+
+
+class DecryptError(WebhookError):
+    """The Encrypt payload cannot be decrypted into a message for this appid."""
+
+
+class MessageError(WebhookError):
+    """The XML body is malformed, oversized, uses DTDs/entities, or lacks required fields."""
+
+
+class MiniProgramError(WxdError):
+    """A Mini Program encryptedData problem."""
+
+
+class SessionKeyError(MiniProgramError):
+    """Decryption failed (padding/JSON): the stored session_key is stale; call wx.login again."""
+
+
+class WatermarkError(MiniProgramError):
+    """The decrypted data's watermark.appid is not this Mini Program's appid."""
+
+
+class TransportError(WxdError):
+    """A network-level failure talking to WeChat (timeout, reset, HTTP non-200). Retryable."""
+
+    def __init__(self, message: str, path: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.status = status
+
+
+class WeChatAPIError(WxdError):
+    """WeChat answered with a non-zero errcode.
+
+    `errmsg` never contains the access_token (WeChat does not echo it; the client strips the
+    query string from the path it records). `kind` is the class from wechat.py's table:
+    "token", "transient", "quota" or "terminal".
+    """
+
+    def __init__(self, errcode: int, errmsg: str, path: str, kind: str = "terminal") -> None:
+        super().__init__(f"{path}: errcode {errcode}: {errmsg}")
+        self.errcode = errcode
+        self.errmsg = errmsg
+        self.path = path
+        self.kind = kind
+
+    @property
+    def token_invalid(self) -> bool:
+        return self.kind == "token"
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind == "transient"
+
+    @property
+    def quota(self) -> bool:
+        return self.kind == "quota"
+
+
+class TokenBudgetError(WxdError):
+    """The configured daily budget of upstream token fetches for an app is used up."""
