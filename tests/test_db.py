@@ -1,0 +1,209 @@
+"""Storage: PRAGMAs, migrations from every version, group commit durability, lock file, backup."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from tornado.testing import AsyncTestCase, gen_test
+
+from wxd import db as dbmod
+from wxd.db import Database, backup_file, migrate
+from wxd.errors import LockedError, StorageError
+from wxd.schema import MIGRATIONS
+
+
+def tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def test_migrate_from_empty_and_from_every_version(tmp_path: pathlib.Path) -> None:
+    final: set[str] | None = None
+    for start in range(len(MIGRATIONS) + 1):
+        path = tmp_path / f"v{start}.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        migrate(conn, MIGRATIONS[:start])
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == start
+        old = migrate(conn)
+        assert old == start
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert migrate(conn) == len(MIGRATIONS)  # idempotent
+        names = tables(conn)
+        final = final or names
+        assert names == final
+        conn.close()
+
+
+def test_failed_migration_rolls_back(tmp_path: pathlib.Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    with pytest.raises(StorageError, match="migration 2 failed"):
+        migrate(conn, ["CREATE TABLE a (x);", "CREATE TABLE b (y); CREATE TABLE a (z);"])
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "b" not in tables(conn)
+
+
+def test_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(StorageError, match="newer"):
+        migrate(conn)
+
+
+class DatabaseTest(AsyncTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.dir = pathlib.Path(self.enterContext(__import__("tempfile").TemporaryDirectory()))
+        self.path = str(self.dir / "wxd.db")
+
+    @gen_test
+    async def test_pragmas_and_schema(self) -> None:
+        db = await Database.open(self.path)
+        try:
+            mode = await db.fetchone("PRAGMA journal_mode")
+            sync = await db.fetchone("PRAGMA synchronous")
+            assert mode is not None and mode[0] == "wal"
+            assert sync is not None and sync[0] == 2  # FULL
+            version = await db.fetchone("PRAGMA user_version")
+            assert version is not None and version[0] == len(MIGRATIONS)
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_second_open_is_refused_by_the_lock(self) -> None:
+        db = await Database.open(self.path)
+        try:
+            with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+                await Database.open(self.path)
+        finally:
+            await db.close()
+        db2 = await Database.open(self.path)  # released on close
+        await db2.close()
+
+    @gen_test
+    async def test_group_commit_batches_concurrent_writes(self) -> None:
+        db = await Database.open(self.path)
+        try:
+            def insert(i: int) -> dbmod.WriteFn:
+                return lambda conn: conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)", (f"k{i}", str(i))).lastrowid
+
+            before = db.commits
+            await asyncio.gather(*(db.write(insert(i)) for i in range(200)))
+            assert db.commits - before < 20  # many writes share a commit
+            row = await db.fetchone("SELECT count(*) FROM meta")
+            assert row is not None and row[0] == 200
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_no_caller_is_acknowledged_before_its_commit(self) -> None:
+        db = await Database.open(self.path)
+        try:
+            seen: list[int] = []
+
+            async def writer(i: int) -> None:
+                await db.write(lambda conn: conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)", (f"k{i}", "v")))
+                # Acknowledged: an independent connection must already see the row.
+                other = sqlite3.connect(self.path)
+                try:
+                    found = other.execute("SELECT 1 FROM meta WHERE key = ?", (f"k{i}",)).fetchone()
+                finally:
+                    other.close()
+                assert found is not None
+                seen.append(i)
+
+            await asyncio.gather(*(writer(i) for i in range(50)))
+            assert len(seen) == 50
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_failing_write_rolls_back_only_itself(self) -> None:
+        db = await Database.open(self.path)
+        try:
+            def good(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('good', '1')")
+
+            def bad(conn: sqlite3.Connection) -> None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('bad', '1')")
+                raise ValueError("boom")
+
+            results = await asyncio.gather(db.write(good), db.write(bad), db.write(good),
+                                           return_exceptions=True)
+            assert isinstance(results[1], ValueError)
+            assert isinstance(results[2], sqlite3.IntegrityError)  # duplicate of the first
+            keys = [r[0] for r in await db.fetchall("SELECT key FROM meta")]
+            assert keys == ["good"]
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_writes_after_close_are_refused(self) -> None:
+        db = await Database.open(self.path)
+        await db.close()
+        with pytest.raises(StorageError):
+            await db.write(lambda conn: None)
+        await db.close()  # idempotent
+
+    @gen_test(timeout=30)
+    async def test_backup_under_concurrent_writes_is_consistent(self) -> None:
+        db = await Database.open(self.path)
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            i = 0
+            while not stop.is_set():
+                # Each write moves one unit between two rows: the sum is invariant.
+                def move(conn: sqlite3.Connection, i: int = i) -> None:
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('a', '1000')")
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('b', '0')")
+                    conn.execute("UPDATE meta SET value = value - 1 WHERE key = 'a'")
+                    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'b'")
+                    conn.execute("INSERT INTO meta VALUES (?, 'x')", (f"row{i}",))
+                await db.write(move)
+                i += 1
+
+        task = asyncio.create_task(churn())
+        try:
+            await asyncio.sleep(0.05)
+            dests = [str(self.dir / f"backup{i}.db") for i in range(3)]
+            for dest in dests:
+                # The CLI's path: a separate connection, run in a thread as another process would.
+                await asyncio.get_running_loop().run_in_executor(None, backup_file, self.path, dest)
+                await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+            await db.close()
+        for dest in dests:
+            conn = sqlite3.connect(dest)
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            total = conn.execute(
+                "SELECT sum(CAST(value AS INTEGER)) FROM meta WHERE key IN ('a', 'b')").fetchone()
+            assert total[0] in (None, 1000)
+            conn.close()
+        with pytest.raises(StorageError, match="exists"):
+            backup_file(self.path, dests[0])
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "x.lock")
+    code = ("import sys, time; from wxd.db import FileLock; FileLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+            dbmod.FileLock(path).acquire()
+    finally:
+        holder.kill()
+        holder.communicate()
+    lock = dbmod.FileLock(path)
+    lock.acquire()  # a SIGKILLed holder leaves no stale lock
+    lock.release()

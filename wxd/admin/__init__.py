@@ -1,0 +1,34 @@
+"""The local admin API (JSON over HTTP, bearer token). Layer L4.
+
+Each feature module exposes `routes(common, ...) -> list[URLSpec]`; the composition root
+(daemon.py) decides which groups exist and passes them to `make_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import tornado.web
+
+from wxd.admin.base import NotFoundHandler
+from wxd.metrics import Registry
+
+Route = tornado.web.URLSpec
+
+
+def common_kwargs(admin_token: str, metrics: Registry | None) -> dict[str, Any]:
+    """The initialize() kwargs every admin handler takes."""
+    return {"admin_token": admin_token, "metrics": metrics}
+
+
+def make_app(common: dict[str, Any], groups: Iterable[list[Route]]) -> tornado.web.Application:
+    """A tornado Application serving every route group; unknown paths answer 404 JSON."""
+    routes: list[Route] = [route for group in groups for route in group]
+    return tornado.web.Application(
+        routes,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=common,
+        compress_response=False,
+        xheaders=False,
+    )

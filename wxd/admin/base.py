@@ -1,0 +1,114 @@
+"""Shared plumbing of the admin API: bearer auth, JSON bodies, JSON errors, request metrics.
+
+Layer L4: imports tornado.web and lower wxd layers only. Handlers get collaborators through
+`initialize()` (tornado URL-spec kwargs); nothing here reads config or the environment.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from wxd.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(tornado.web.HTTPError):
+    """An API failure with a stable snake_case `code` and a human message, rendered as JSON."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(status, log_message=f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    """Base for every admin route: JSON in and out, errors as {"error": {"code", "message"}}."""
+
+    auth_required = True
+    route_name = "unknown"
+
+    def initialize(self, admin_token: str, metrics: Registry | None = None, **_: Any) -> None:
+        self._admin_token = admin_token.encode()
+        self._metrics = metrics
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def check_xsrf_cookie(self) -> None:
+        """Bearer-token API: no cookies, no XSRF."""
+
+    def prepare(self) -> None:
+        if not self.auth_required:
+            return
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        # Constant-time comparison; the scheme check leaks nothing about the token.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._admin_token
+        ):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+    def json_body(self) -> dict[str, Any]:
+        """The request body as a JSON object, or a 400 `invalid_json` / `invalid_body`."""
+        try:
+            value = json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+        return value
+
+    def send_json(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.extra}
+        else:
+            code = STATUS_CODES.get(status_code, "error")
+            reason = self._reason if status_code != 500 else "internal error; see the daemon log"
+            error = {"code": code, "message": reason}
+        self.finish(json.dumps({"error": error}, ensure_ascii=False))
+
+    def on_finish(self) -> None:
+        if self._metrics is not None:
+            self._metrics.counter(
+                "wxd_admin_requests_total", "Admin API requests by route and status.",
+                ("route", "status"),
+            ).inc(route=self.route_name, status=str(self.get_status()))
+
+
+class NotFoundHandler(JsonHandler):
+    """Every unknown admin path: 404 JSON (after auth, so it reveals no routes)."""
+
+    route_name = "not_found"
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise ApiError(404, "not_found", f"no such route: {self.request.method} {self.request.path}")

@@ -1,0 +1,75 @@
+"""The `wxd` command line: argparse subcommands. Layer L5; the only module that reads files,
+the environment and argv, and the only one that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from wxd import __version__, config, daemon, db, logsetup
+from wxd.errors import ConfigError, StorageError
+
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
+
+
+def _load_config(path: str) -> config.Config:
+    return config.load(path, os.environ)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    _load_config(args.config)
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    logsetup.configure(cfg.wxd.log_level, cfg.wxd.log_format)
+    return asyncio.run(daemon.run(cfg, os.environ))
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    db.backup_file(cfg.wxd.database, args.dest)
+    print(f"backed up {cfg.wxd.database} to {args.dest}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wxd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"wxd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="wxd.conf path")
+        return p
+
+    with_config("run", "run the daemon").set_defaults(func=cmd_run)
+    with_config("check-config", "validate a config file").set_defaults(func=cmd_check_config)
+    p = with_config("backup", "consistent online copy of the database")
+    p.add_argument("dest", help="destination file (must not exist)")
+    p.set_defaults(func=cmd_backup)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StorageError as exc:
+        print(f"wxd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code

@@ -1,0 +1,286 @@
+"""Owns wxd's single aiosqlite connection: lock file, PRAGMAs, migrations, group commit, backup.
+
+Layer L2: imports wxd.errors, wxd.schema, wxd.metrics and aiosqlite only. Every write in wxd goes
+through `Database.write`, so durability and batching are decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from wxd.errors import LockedError, StorageError
+from wxd.metrics import Registry
+from wxd.schema import MIGRATIONS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+Outcome = tuple[bool, Any]
+
+
+class FileLock:
+    """An exclusive flock on `<database>.lock` holding our pid; released on close or process exit."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"database is in use by another wxd process (pid {holder}); lock file {self.path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _apply_batch(conn: sqlite3.Connection, fns: Sequence[WriteFn]) -> list[Outcome]:
+    """Run every fn in one IMMEDIATE transaction, each inside its own SAVEPOINT (db thread)."""
+    outcomes: list[Outcome] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT w")
+            try:
+                result = fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO w")
+                conn.execute("RELEASE w")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE w")
+                outcomes.append((True, result))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) -> int:
+    """Bring the schema to len(migrations); each step is one transaction. Returns the old version."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(migrations):
+        raise StorageError(
+            f"database schema version {version} is newer than this wxd ({len(migrations)}); "
+            "upgrade wxd or restore a backup"
+        )
+    for number in range(version + 1, len(migrations) + 1):
+        # executescript runs the whole step; an error leaves the transaction open, so roll back.
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{migrations[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError(f"migration {number} failed: {exc}") from exc
+        log.info("database migrated to schema version %d", number)
+    return version
+
+
+def _connect_sync(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def backup_file(source: str, dest: str) -> None:
+    """Consistent online copy of `source` into `dest` with SQLite's backup API (one step).
+
+    Safe while the daemon writes: the copy is one read transaction of the WAL database.
+    """
+    if os.path.exists(dest):
+        raise StorageError(f"backup destination {dest} already exists")
+    if not os.path.exists(source):
+        raise StorageError(f"database {source} does not exist")
+    src = _connect_sync(source)
+    try:
+        target = sqlite3.connect(dest)
+        try:
+            src.backup(target, pages=0)
+            ok = target.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise StorageError(f"backup failed its integrity check: {ok}")
+        finally:
+            target.close()
+    finally:
+        src.close()
+
+
+class Database:
+    """The single connection. Open with `await Database.open(path)`; close with `await close()`."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: str, lock: FileLock | None,
+                 metrics: Registry | None) -> None:
+        self._conn = conn
+        self.path = path
+        self._lock = lock
+        self._pending: list[tuple[WriteFn, asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.commits = 0
+        self._commit_seconds = (
+            metrics.histogram("wxd_db_commit_seconds", "Group-commit latency (BEGIN..COMMIT).")
+            if metrics else None
+        )
+        self._batch_size = (
+            metrics.histogram("wxd_db_commit_batch_size", "Writes per group commit.",
+                              buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+            if metrics else None
+        )
+
+    @classmethod
+    async def open(cls, path: str, *, lock: bool = True,
+                   metrics: Registry | None = None) -> Database:
+        """Lock, connect, set PRAGMAs (WAL, synchronous=FULL, busy timeout) and migrate."""
+        file_lock: FileLock | None = None
+        if lock and path != ":memory:":
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                raise StorageError(f"database directory {directory} does not exist")
+            file_lock = FileLock(path + ".lock")
+            file_lock.acquire()
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            if file_lock:
+                file_lock.release()
+            raise StorageError(f"cannot open database {path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        db = cls(conn, path, file_lock, metrics)
+        try:
+            await db.read(cls._setup)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _setup(conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode not in ("wal", "memory"):
+            raise StorageError(f"cannot enable WAL (journal_mode is {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        # aiosqlite has no public "run this callable on the connection thread"; _execute is that
+        # primitive (it is what its own execute/backup use). All use of it is in this method.
+        if self._closed:
+            raise StorageError("database is closed")
+        conn: sqlite3.Connection = self._conn._conn
+        result: T = await self._conn._execute(fn, conn, *args)
+        return result
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the database thread, outside any write transaction."""
+        return await self._run(fn)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await self._run(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = await self._run(lambda conn: conn.execute(sql, params).fetchone())
+        return row
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the next group commit; return its result once the commit is durable.
+
+        Writes that arrive while a commit is in flight are committed together in the next
+        transaction. If `fn` raises, only its own changes are rolled back and the error is
+        re-raised here; the other writes of the batch still commit.
+        """
+        if self._closed:
+            raise StorageError("database is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop(), name="wxd-db-commit")
+        return await future
+
+    async def _commit_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            started = time.perf_counter()
+            try:
+                outcomes = await self._run(_apply_batch, [fn for fn, _ in batch])
+            except Exception as exc:
+                log.error("group commit of %d writes failed: %s", len(batch), exc)
+                error = StorageError(f"commit failed: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.commits += 1
+            if self._commit_seconds:
+                self._commit_seconds.observe(time.perf_counter() - started)
+            if self._batch_size:
+                self._batch_size.observe(len(batch))
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():  # the caller was cancelled; its data is committed anyway
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    async def healthy(self) -> bool:
+        """True when a trivial query answers; used by /healthz."""
+        try:
+            row = await asyncio.wait_for(self.fetchone("SELECT 1"), timeout=2.0)
+        except (asyncio.TimeoutError, sqlite3.Error, StorageError, ValueError):
+            return False
+        return row is not None
+
+    async def backup(self, dest: str) -> None:
+        """Online backup from the daemon's own connection (same guarantees as backup_file)."""
+        if os.path.exists(dest):
+            raise StorageError(f"backup destination {dest} already exists")
+
+        def run(conn: sqlite3.Connection) -> None:
+            target = sqlite3.connect(dest)
+            try:
+                conn.backup(target, pages=0)
+            finally:
+                target.close()
+
+        await self._run(run)
+
+    async def close(self) -> None:
+        """Commit what is pending, close the connection (joins aiosqlite's thread), drop the lock."""
+        if self._closed:
+            return
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+        self._closed = True
+        try:
+            await self._conn.close()
+        finally:
+            if self._lock:
+                self._lock.release()

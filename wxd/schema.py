@@ -1,0 +1,156 @@
+"""The database schema as an ordered list of migrations; version = PRAGMA user_version.
+
+Pure data (L2 with db.py). Migration N takes a database at version N-1 to version N. Never edit a
+released migration; append a new one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: everything wxd stores.
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+
+    -- One row per app ('oa' | 'mp'): the central access_token.
+    CREATE TABLE tokens (
+        app TEXT PRIMARY KEY,
+        appid TEXT NOT NULL,
+        access_token TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        fetched_at REAL NOT NULL
+    );
+    -- Upstream token fetches per app per UTC day, for the daily budget.
+    CREATE TABLE token_fetches (
+        app TEXT NOT NULL,
+        day TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (app, day)
+    );
+
+    -- Webhook inbox: every accepted message/event, deduplicated by WeChat's keys.
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        msg_type TEXT NOT NULL,
+        event TEXT,
+        from_user TEXT NOT NULL,
+        create_time INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+
+    -- Durable background jobs (event handling). Payload is opaque JSON to storage.
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before REAL NOT NULL,
+        leased_until REAL,
+        last_error TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_due ON jobs (not_before);
+
+    -- OA followers (one row per OA openid ever seen).
+    CREATE TABLE followers (
+        oa_openid TEXT PRIMARY KEY,
+        unionid TEXT,
+        subscribed INTEGER NOT NULL DEFAULT 0,
+        subscribed_at REAL,
+        unsubscribed_at REAL,
+        subscribe_scene TEXT,
+        qr_scene INTEGER,
+        qr_scene_str TEXT,
+        event_key TEXT,
+        ticket TEXT,
+        event_at REAL,
+        synced_run INTEGER,
+        synced_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX followers_unionid ON followers (unionid) WHERE unionid IS NOT NULL;
+
+    -- Mini Program users (one row per MP openid).
+    CREATE TABLE mp_users (
+        mp_openid TEXT PRIMARY KEY,
+        unionid TEXT,
+        session_key TEXT,
+        session_at REAL,
+        watermark_at INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX mp_users_unionid ON mp_users (unionid) WHERE unionid IS NOT NULL;
+
+    -- When a unionid was first seen on both sides (the link itself is the unionid join).
+    CREATE TABLE links (
+        unionid TEXT PRIMARY KEY,
+        linked_at REAL NOT NULL
+    );
+
+    -- Template-message pushes.
+    CREATE TABLE pushes (
+        id TEXT PRIMARY KEY,
+        idempotency_key TEXT UNIQUE,
+        oa_openid TEXT NOT NULL,
+        template_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        leased_until REAL,
+        last_attempt_at REAL,
+        msgid TEXT,
+        errcode INTEGER,
+        error_code TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        sent_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX pushes_due ON pushes (next_attempt_at) WHERE status = 'queued';
+    CREATE INDEX pushes_status ON pushes (status, created_at);
+    CREATE INDEX pushes_msgid ON pushes (msgid) WHERE msgid IS NOT NULL;
+
+    -- TEMPLATESENDJOBFINISH reports whose msgid matched no push yet (kept for late matching).
+    CREATE TABLE delivery_reports (
+        msgid TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        oa_openid TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+
+    -- The OA's templates (get_all_private_template cache).
+    CREATE TABLE templates (
+        template_id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        content TEXT NOT NULL,
+        keys TEXT NOT NULL,
+        fetched_at REAL NOT NULL
+    );
+
+    -- Follower backfill: a single row (id = 1) with the resumable state.
+    CREATE TABLE backfill (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        state TEXT NOT NULL,
+        run INTEGER NOT NULL,
+        cursor TEXT,
+        pages_done INTEGER NOT NULL DEFAULT 0,
+        followers_done INTEGER NOT NULL DEFAULT 0,
+        total INTEGER,
+        calls INTEGER NOT NULL DEFAULT 0,
+        started_at REAL,
+        updated_at REAL,
+        finished_at REAL,
+        paused_until REAL,
+        last_error TEXT
+    );
+    """,
+]
+
+VERSION = len(MIGRATIONS)
