@@ -1,0 +1,329 @@
+"""FakeWeChat: the emulator's whole state (people, tokens, templates, inboxes, calls, faults).
+
+Pure and synchronous: stdlib and the sandbox's own pure modules only; must not import tornado.
+Not thread-safe: mutate it only on the loop that serves it (SandboxThread.call does that).
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import logging
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from wxd.sandbox.population import Credentials, Person, generate_people
+from wxd.sandbox.templates import DEFAULT_TEMPLATES, Template
+from wxd.sandbox.tokens import TokenBook
+
+logger = logging.getLogger(__name__)
+
+LOGIN_CODE_LIFETIME_S = 300  # wx.login codes live 5 minutes and are single use (§8.1)
+CLIENT_MSG_ID_WINDOW_S = 600  # template/send dedupes openid+client_msg_id for 10 minutes (§7.2)
+
+DEFAULT_FAULT_KINDS: tuple[str, ...] = ("-1", "45009", "45011", "http500", "hang", "reset")
+# "hang_after"/"reset_after" process the call (state changes, e.g. a message is accepted) and then
+# lose the answer: the case idempotency keys exist for. "delay:<seconds>" adds latency only.
+_TRANSPORT_FAULTS = frozenset({"http500", "hang", "reset", "hang_after", "reset_after"})
+_FAULT_RE = re.compile(r"-?[0-9]+|delay:[0-9]+(?:\.[0-9]+)?")
+
+MODES = ("plain", "compat", "safe")
+_MSGID_BASE = 3_487_542_469_355_618_313  # msgids are large int64s, like real ones (§5.5)
+
+
+def check_fault_kind(kind: str) -> str:
+    """Return `kind` if it is a known fault kind, else raise ValueError."""
+    if kind in _TRANSPORT_FAULTS or _FAULT_RE.fullmatch(kind):
+        return kind
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API call as the emulator saw it. Secrets (access_token, secret) are redacted.
+
+    `app` is "oa"/"mp" when the token or appid named a known app. `errcode` is 0 for a success
+    without errcode, None when no JSON was answered (HTTP 500, hang, reset).
+    """
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    status: int
+    errcode: int | None
+    at: float
+    app: str | None = None
+    fault: str | None = None
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """Where and how the emulator pushes events (delivery reports) to the integrator."""
+
+    url: str
+    mode: str = "plain"
+    report_delay_s: float = 0.0
+    report_status: Callable[[Person], str] | str = "success"
+    retries: bool = False
+
+
+@dataclass(slots=True)
+class _LoginCode:
+    index: int
+    issued_at: float
+    used: bool = False
+
+
+class FakeWeChat:
+    """The emulated WeChat platform for one OA and one MP.
+
+    Everything random (population, tokens, codes, msgids, faults, latency) comes from `seed`;
+    time comes from `clock` (unix seconds), so a test can move time instead of sleeping.
+    `latency_s` is a fixed delay per call or a (min, max) range drawn per call.
+    """
+
+    def __init__(
+        self,
+        users: int = 1000,
+        seed: int = 0,
+        credentials: Credentials | None = None,
+        clock: Callable[[], float] = time.time,
+        follow_ratio: float = 0.6,
+        mp_ratio: float = 0.5,
+        unionid_ratio: float = 1.0,
+        token_daily_quota: int = 2000,
+        latency_s: float | tuple[float, float] = 0.0,
+        fault_rate: float = 0.0,
+        fault_kinds: Iterable[str] = DEFAULT_FAULT_KINDS,
+    ) -> None:
+        self.credentials = credentials if credentials is not None else Credentials()
+        self.clock = clock
+        self.seed = seed
+        self.latency_s = latency_s
+        self.fault_rate = fault_rate
+        self.fault_kinds = tuple(check_fault_kind(kind) for kind in fault_kinds)
+        if fault_rate > 0 and not self.fault_kinds:
+            raise ValueError("fault_rate > 0 needs at least one fault kind")
+        # Separate streams, so that e.g. enabling latency does not change which calls fault.
+        self._rng = random.Random(f"{seed}:runtime")
+        self._fault_rng = random.Random(f"{seed}:faults")
+        self._latency_rng = random.Random(f"{seed}:latency")
+        self.tokens = TokenBook(clock, self._rng, token_daily_quota)
+        self.people: list[Person] = generate_people(
+            users, seed, self.credentials, follow_ratio, mp_ratio, unionid_ratio
+        )
+        self._by_oa = {p.oa_openid: p for p in self.people}
+        self._by_mp = {p.mp_openid: p for p in self.people}
+        self._by_unionid = {p.unionid: p for p in self.people if p.unionid is not None}
+        if len(self._by_oa) != users or len(self._by_mp) != users:
+            raise RuntimeError("openid collision in the generated population")
+        # user/get lists followers ordered by openid; kept sorted so paging is a bisect.
+        self._followers: list[str] = sorted(p.oa_openid for p in self.people if p.follows)
+        self.templates: dict[str, Template] = {t.template_id: t for t in DEFAULT_TEMPLATES}
+        self.calls: list[Call] = []
+        self.webhook: WebhookConfig | None = None
+        self._codes: dict[str, _LoginCode] = {}
+        self._inbox: dict[str, list[dict[str, Any]]] = {}
+        self._sent: dict[tuple[str, str], tuple[int, float]] = {}
+        self._scripted: dict[str, deque[str]] = {}
+        self._next_msgid = _MSGID_BASE + self._rng.randrange(1_000_000)
+        self._rid = 0
+
+    # People -------------------------------------------------------------------------------
+
+    def person(self, index: int) -> Person:
+        """The person with this index (IndexError when out of range)."""
+        return self.people[index]
+
+    def by_oa_openid(self, openid: str) -> Person | None:
+        return self._by_oa.get(openid)
+
+    def by_mp_openid(self, openid: str) -> Person | None:
+        return self._by_mp.get(openid)
+
+    def by_unionid(self, unionid: str) -> Person | None:
+        return self._by_unionid.get(unionid)
+
+    @property
+    def follower_openids(self) -> list[str]:
+        """Current followers' OA openids, sorted. Do not mutate."""
+        return self._followers
+
+    def follow(
+        self,
+        person: Person,
+        scene: str = "ADD_SCENE_SEARCH",
+        qr_scene: int = 0,
+        qr_scene_str: str = "",
+    ) -> None:
+        """Make `person` follow the OA now. WeChat keeps the OA openid on re-follow and reports
+        the latest follow's time and scene. Following twice changes nothing."""
+        if person.follows:
+            return
+        person.follows = True
+        person.subscribe_time = int(self.clock())
+        person.subscribe_scene = scene
+        person.qr_scene = qr_scene
+        person.qr_scene_str = qr_scene_str
+        bisect.insort(self._followers, person.oa_openid)
+
+    def unfollow(self, person: Person) -> None:
+        """Make `person` stop following. user/info then answers the subscribe=0 shape."""
+        if not person.follows:
+            return
+        person.follows = False
+        position = bisect.bisect_left(self._followers, person.oa_openid)
+        del self._followers[position]
+
+    # Mini Program login --------------------------------------------------------------------
+
+    def issue_login_code(self, person: Person) -> str:
+        """A wx.login code for `person`: single use, valid LOGIN_CODE_LIFETIME_S by the clock."""
+        code = f"0{self._rng.getrandbits(124):031x}"
+        self._codes[code] = _LoginCode(person.index, self.clock())
+        return code
+
+    def exchange_login_code(self, code: str) -> Person | int:
+        """code2Session's state change: 40029 unknown/expired, 40163 reused; else the person,
+        now marked used_mp with a fresh session_key (base64 of 16 bytes)."""
+        entry = self._codes.get(code)
+        if entry is None:
+            return 40029
+        if entry.used:
+            return 40163
+        if self.clock() - entry.issued_at >= LOGIN_CODE_LIFETIME_S:
+            return 40029
+        entry.used = True
+        person = self.people[entry.index]
+        person.used_mp = True
+        key = self._rng.randbytes(16)
+        person.session_key = base64.b64encode(key).decode("ascii")
+        return person
+
+    # Templates and delivery ------------------------------------------------------------------
+
+    def add_template(self, template_id: str, title: str, content: str) -> Template:
+        """Add (or replace) a template; `content` uses {{key.DATA}} placeholders."""
+        template = Template(template_id, title, content)
+        self.templates[template_id] = template
+        return template
+
+    def inbox(self, oa_openid: str) -> list[dict[str, Any]]:
+        """Template messages accepted for this OA openid, oldest first (a copy of the list)."""
+        return list(self._inbox.get(oa_openid, ()))
+
+    def deduped_msgid(self, oa_openid: str, client_msg_id: str) -> int | None:
+        """The msgid of a message accepted with this client_msg_id in the last 10 minutes."""
+        hit = self._sent.get((oa_openid, client_msg_id))
+        if hit is None or self.clock() - hit[1] >= CLIENT_MSG_ID_WINDOW_S:
+            return None
+        return hit[0]
+
+    def accept_message(
+        self,
+        person: Person,
+        template_id: str,
+        data: dict[str, Any],
+        url: str | None,
+        miniprogram: dict[str, Any] | None,
+        client_msg_id: str | None,
+    ) -> int:
+        """Record an accepted template message in the person's inbox; return its new msgid."""
+        self._next_msgid += self._rng.randrange(1, 5000)
+        msgid = self._next_msgid
+        now = self.clock()
+        self._inbox.setdefault(person.oa_openid, []).append(
+            {
+                "msgid": msgid,
+                "client_msg_id": client_msg_id,
+                "template_id": template_id,
+                "data": data,
+                "url": url,
+                "miniprogram": miniprogram,
+                "at": now,
+            }
+        )
+        if client_msg_id:
+            self._sent[(person.oa_openid, client_msg_id)] = (msgid, now)
+        return msgid
+
+    def configure_webhook(
+        self,
+        url: str | None,
+        mode: str = "plain",
+        report_delay_s: float = 0.0,
+        report_status: Callable[[Person], str] | str = "success",
+        retries: bool = False,
+    ) -> None:
+        """Send TEMPLATESENDJOBFINISH reports (and control-route events) to `url`; None stops.
+
+        `report_status` is "success", "failed:user block", "failed: system failed" (note the
+        inconsistent spaces, as WeChat sends them) or a function of the person.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if url is None:
+            self.webhook = None
+            return
+        self.webhook = WebhookConfig(url, mode, report_delay_s, report_status, retries)
+
+    def report_status_for(self, person: Person) -> str:
+        webhook = self.webhook
+        if webhook is None or isinstance(webhook.report_status, str):
+            return webhook.report_status if webhook is not None else "success"
+        return webhook.report_status(person)
+
+    # Faults, latency and the call log ----------------------------------------------------------
+
+    def script_fault(self, path: str, kind: str, times: int = 1) -> None:
+        """The next `times` calls to `path` answer `kind`: an errcode as a string ("-1",
+        "40001", "45009", ...), "http500", "hang", "reset", "hang_after", "reset_after" or
+        "delay:<seconds>". Scripted faults come before random ones."""
+        check_fault_kind(kind)
+        self._scripted.setdefault(path, deque()).extend([kind] * times)
+
+    def clear_faults(self) -> None:
+        self._scripted.clear()
+
+    def next_fault(self, path: str) -> str | None:
+        """Draw the fault (if any) for the next call to `path`."""
+        queue = self._scripted.get(path)
+        if queue:
+            return queue.popleft()
+        if self.fault_rate > 0 and self._fault_rng.random() < self.fault_rate:
+            return self._fault_rng.choice(self.fault_kinds)
+        return None
+
+    def next_latency(self) -> float:
+        if isinstance(self.latency_s, tuple):
+            low, high = self.latency_s
+            return self._latency_rng.uniform(low, high)
+        return self.latency_s
+
+    def next_rid(self) -> str:
+        """A request id for errmsg suffixes (" rid: ..."), as current WeChat errors carry."""
+        self._rid += 1
+        return f"{int(self.clock()) & 0xFFFFFFFF:08x}-{self._rid:08x}-{self.seed & 0xFFFFFFFF:08x}"
+
+    def record(self, call: Call) -> None:
+        self.calls.append(call)
+
+    def count_calls(self, path: str) -> int:
+        """How many calls `path` received (answered or faulted)."""
+        return sum(1 for call in self.calls if call.path == path)
+
+    def app_for_appid(self, appid: str) -> tuple[str, str] | None:
+        """("oa"|"mp", secret) for a known appid."""
+        creds = self.credentials
+        if appid == creds.oa_appid:
+            return "oa", creds.oa_secret
+        if appid == creds.mp_appid:
+            return "mp", creds.mp_secret
+        return None
+
