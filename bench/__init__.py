@@ -1,0 +1,1 @@
+"""wxd benchmarks: `python -m bench [--quick]` runs them all and prints one table."""

@@ -1,0 +1,421 @@
+"""The emulated WeChat API: request in, Answer out, with WeChat's shapes and error codes.
+
+Pure and synchronous: stdlib and the sandbox's pure modules only; must not import tornado.
+The tornado layer (app.py) only applies an Answer's delay and transport fault.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from wxd.sandbox.population import Person
+from wxd.sandbox.state import Call, FakeWeChat
+from wxd.sandbox.templates import check_data, check_miniprogram
+from wxd.sandbox.tokens import TokenGrant, TokenRecord
+
+USER_GET_PAGE = 10_000
+BATCHGET_MAX = 100
+
+# errmsg texts as WeChat words them (wechat-api.md §2.3, §11). A " rid: ..." suffix is appended,
+# as current WeChat errors carry one; clients must match on errcode only.
+ERRMSG: Mapping[int, str] = {
+    -1: "system error",
+    40001: "invalid credential, access_token is invalid or not latest",
+    40002: "invalid grant_type",
+    40003: "invalid openid",
+    40013: "invalid appid",
+    40014: "invalid access_token",
+    40029: "invalid code",
+    40032: "invalid openid list size",
+    40036: "invalid template_id size",
+    40037: "invalid template_id",
+    40066: "invalid url",
+    40125: "invalid appsecret",
+    40163: "code been used",
+    41001: "access_token missing",
+    41002: "appid missing",
+    41004: "appsecret missing",
+    42001: "access_token expired",
+    43001: "require GET method",
+    43002: "require POST method",
+    43004: "require subscribe",
+    45009: "reach max api daily quota limit",
+    45011: "api minute-quota reach limit mustslower retry next minute",
+    47001: "data format error",
+    47003: "argument invalid!",
+    48001: "api unauthorized",
+}
+
+_REDACTED = "<redacted>"
+_SECRET_KEYS = frozenset({"access_token", "secret", "appsecret"})
+
+
+@dataclass(frozen=True)
+class Report:
+    """A TEMPLATESENDJOBFINISH to push after an accepted message."""
+
+    oa_openid: str
+    msgid: int
+    status: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to answer one API call with.
+
+    `fault` is a transport fault for the tornado layer: "hang"/"reset" (nothing was processed),
+    "hang_after"/"reset_after" (processed, answer lost), "http500". `delay_s` comes first.
+    """
+
+    status: int = 200
+    body: dict[str, Any] | None = None
+    fault: str | None = None
+    delay_s: float = 0.0
+    report: Report | None = None
+
+
+class _Reject(Exception):
+    """Internal: ends an endpoint with an errcode (and an optional errmsg detail)."""
+
+    def __init__(self, errcode: int, detail: str | None = None) -> None:
+        super().__init__(errcode)
+        self.errcode = errcode
+        self.detail = detail
+
+
+@dataclass
+class _Ctx:
+    fake: FakeWeChat
+    query: dict[str, str]
+    body: bytes
+    app: str | None = None
+    report: Report | None = None
+
+    def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object; WeChat answers 47001 to anything else (e.g. a form)."""
+        try:
+            value = json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _Reject(47001) from None
+        if not isinstance(value, dict):
+            raise _Reject(47001)
+        return value
+
+    def require_token(self, app: str) -> TokenRecord:
+        checked = self.fake.tokens.check(self.query.get("access_token"))
+        if isinstance(checked, int):
+            raise _Reject(checked)
+        self.app = checked.app
+        # Tokens are isolated per app: an MP token on an OA API is 48001 (§1).
+        if checked.app != app:
+            raise _Reject(48001)
+        return checked
+
+    def require_app(self, appid: str | None, secret: str | None) -> str:
+        if not appid:
+            raise _Reject(41002)
+        known = self.fake.app_for_appid(appid)
+        if known is None:
+            raise _Reject(40013)
+        app, expected_secret = known
+        self.app = app
+        if not secret:
+            raise _Reject(41004)
+        if secret != expected_secret:
+            raise _Reject(40125)
+        return app
+
+
+def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dict[str, Any]:
+    """WeChat's error JSON: {"errcode": N, "errmsg": "<text> rid: <id>"}."""
+    text = detail or ERRMSG.get(errcode, "sandbox scripted error")
+    return {"errcode": errcode, "errmsg": f"{text} rid: {fake.next_rid()}"}
+
+
+def _grant(result: TokenGrant | int) -> dict[str, Any]:
+    if isinstance(result, int):
+        raise _Reject(result)
+    return {"access_token": result.token, "expires_in": result.expires_in}
+
+
+def _token(ctx: _Ctx) -> dict[str, Any]:
+    if ctx.query.get("grant_type") != "client_credential":
+        raise _Reject(40002)
+    app = ctx.require_app(ctx.query.get("appid"), ctx.query.get("secret"))
+    return _grant(ctx.fake.tokens.issue_classic(app))
+
+
+def _stable_token(ctx: _Ctx) -> dict[str, Any]:
+    body = ctx.json_body()
+    if body.get("grant_type") != "client_credential":
+        raise _Reject(40002)
+    appid, secret = body.get("appid"), body.get("secret")
+    app = ctx.require_app(
+        appid if isinstance(appid, str) else None, secret if isinstance(secret, str) else None
+    )
+    force = body.get("force_refresh", False)
+    if not isinstance(force, bool):
+        raise _Reject(47001)
+    return _grant(ctx.fake.tokens.issue_stable(app, force))
+
+
+def _user_get(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    fake = ctx.fake
+    followers = fake.follower_openids
+    next_openid = ctx.query.get("next_openid", "")
+    start = 0
+    if next_openid:
+        # An openid this OA never issued is rejected (reported as 40003, unconfirmed); a known
+        # openid that has since unfollowed still works as a position in the sorted list.
+        if fake.by_oa_openid(next_openid) is None:
+            raise _Reject(40003)
+        start = _bisect_right(followers, next_openid)
+    page = followers[start : start + USER_GET_PAGE]
+    if not page:
+        # The call after the last page (and an empty account): count 0, no "data" key at all.
+        return {"total": len(followers), "count": 0, "next_openid": ""}
+    # Quirk: every non-empty page, the last one included, carries next_openid = its last openid.
+    return {
+        "total": len(followers),
+        "count": len(page),
+        "data": {"openid": page},
+        "next_openid": page[-1],
+    }
+
+
+def _bisect_right(items: list[str], value: str) -> int:
+    low, high = 0, len(items)
+    while low < high:
+        middle = (low + high) // 2
+        if value < items[middle]:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def user_info(person: Person) -> dict[str, Any]:
+    """The user/info shape. Non-followers get subscribe=0 and no unionid (§6.2); nickname,
+    avatar, sex and region are blank since 2021/2023 but the keys remain."""
+    base: dict[str, Any] = {
+        "subscribe": 1 if person.follows else 0,
+        "openid": person.oa_openid,
+        "nickname": "",
+        "sex": 0,
+        "language": "zh_CN",
+        "city": "",
+        "province": "",
+        "country": "",
+        "headimgurl": "",
+    }
+    if not person.follows:
+        base["tagid_list"] = []
+        return base
+    base["subscribe_time"] = person.subscribe_time
+    if person.unionid is not None:
+        base["unionid"] = person.unionid
+    base.update(
+        remark="",
+        groupid=0,
+        tagid_list=[],
+        subscribe_scene=person.subscribe_scene,
+        qr_scene=person.qr_scene,
+        qr_scene_str=person.qr_scene_str,
+    )
+    return base
+
+
+def _user_info(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    person = ctx.fake.by_oa_openid(ctx.query.get("openid", ""))
+    if person is None:  # unknown, or another app's (MP) openid
+        raise _Reject(40003)
+    return user_info(person)
+
+
+def _batchget(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    user_list = ctx.json_body().get("user_list")
+    if not isinstance(user_list, list):
+        raise _Reject(47001)
+    # WeChat's limit is 100 entries; the sandbox answers 40032 "invalid openid list size" to an
+    # empty or longer list (the fact sheet names no code for this).
+    if not user_list or len(user_list) > BATCHGET_MAX:
+        raise _Reject(40032)
+    infos = []
+    for item in user_list:
+        if not isinstance(item, dict) or not isinstance(item.get("openid"), str):
+            raise _Reject(47001)
+        person = ctx.fake.by_oa_openid(item["openid"])
+        if person is None:
+            raise _Reject(40003)
+        infos.append(user_info(person))
+    return {"user_info_list": infos}
+
+
+def _template_send(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    fake = ctx.fake
+    body = ctx.json_body()
+    touser = body.get("touser")
+    if not isinstance(touser, str) or not touser:
+        raise _Reject(40003)
+    client_msg_id = body.get("client_msg_id")
+    if client_msg_id is not None and not isinstance(client_msg_id, str):
+        raise _Reject(47001)
+    if client_msg_id:
+        # Same openid + client_msg_id within 10 minutes: WeChat sends only one message. The
+        # sandbox answers success with the first msgid (the exact answer is unconfirmed, §15),
+        # before any other check, so a retry after an unfollow still learns the msgid.
+        msgid = fake.deduped_msgid(touser, client_msg_id)
+        if msgid is not None:
+            return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
+    template_id = body.get("template_id")
+    if not isinstance(template_id, str) or not template_id:
+        raise _Reject(40036)  # e.g. the field misspelled as "temlate_id" (§7.6)
+    template = fake.templates.get(template_id)
+    if template is None:
+        raise _Reject(40037)
+    person = fake.by_oa_openid(touser)
+    if person is None:  # unknown, or an MP openid
+        raise _Reject(40003)
+    if not person.follows:
+        raise _Reject(43004)
+    miniprogram = body.get("miniprogram")
+    if miniprogram is not None:
+        rejection = check_miniprogram(miniprogram, fake.credentials.mp_appid)
+        if rejection is not None:
+            raise _Reject(rejection.errcode, rejection.errmsg)
+    data = body.get("data")
+    rejection = check_data(template, data)
+    if rejection is not None:
+        raise _Reject(rejection.errcode, rejection.errmsg)
+    assert isinstance(data, dict)  # noqa: S101 - check_data accepted it, so it is an object
+    url = body.get("url")
+    msgid = fake.accept_message(
+        person,
+        template_id,
+        data,
+        url if isinstance(url, str) else None,
+        miniprogram,
+        client_msg_id or None,
+    )
+    if fake.webhook is not None:
+        ctx.report = Report(person.oa_openid, msgid, fake.report_status_for(person))
+    return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
+
+
+def _templates(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    return {"template_list": [t.as_json() for t in ctx.fake.templates.values()]}
+
+
+def _jscode2session(ctx: _Ctx) -> dict[str, Any]:
+    query = ctx.query
+    grant_type = query.get("grant_type")
+    if grant_type is not None and grant_type != "authorization_code":
+        raise _Reject(40002)
+    app = ctx.require_app(query.get("appid"), query.get("secret"))
+    if app != "mp":  # an OA appid cannot log a Mini Program user in
+        raise _Reject(40013)
+    result = ctx.fake.exchange_login_code(query.get("js_code", ""))
+    if isinstance(result, int):
+        raise _Reject(result)
+    answer: dict[str, Any] = {"session_key": result.session_key, "openid": result.mp_openid}
+    if result.unionid is not None:
+        answer["unionid"] = result.unionid
+    return answer
+
+
+_Endpoint = Callable[[_Ctx], dict[str, Any]]
+
+ROUTES: Mapping[str, tuple[str, _Endpoint]] = {
+    "/cgi-bin/token": ("GET", _token),
+    "/cgi-bin/stable_token": ("POST", _stable_token),
+    "/cgi-bin/user/get": ("GET", _user_get),
+    "/cgi-bin/user/info": ("GET", _user_info),
+    "/cgi-bin/user/info/batchget": ("POST", _batchget),
+    "/cgi-bin/message/template/send": ("POST", _template_send),
+    "/cgi-bin/template/get_all_private_template": ("GET", _templates),
+    "/sns/jscode2session": ("GET", _jscode2session),
+}
+
+
+def _redact(query: Mapping[str, str]) -> dict[str, str]:
+    return {k: (_REDACTED if k in _SECRET_KEYS else v) for k, v in query.items()}
+
+
+def _logged_body(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return body.decode("utf-8", "replace")
+    if isinstance(value, dict) and "secret" in value:
+        value = {**value, "secret": _REDACTED}
+    return value
+
+
+def _errcode_of(body: Mapping[str, Any] | None) -> int | None:
+    if body is None:
+        return None
+    errcode = body.get("errcode", 0)
+    return errcode if isinstance(errcode, int) else None
+
+
+def dispatch(
+    fake: FakeWeChat, method: str, path: str, query: Mapping[str, str], body: bytes
+) -> Answer:
+    """Answer one API call and record it in fake.calls.
+
+    Unknown paths answer HTTP 404 with errcode 40066 naming the path. A wrong method answers
+    43001/43002 like WeChat. Otherwise the fault drawn for the path (scripted first, then
+    fault_rate) replaces or follows the real processing.
+    """
+    route = ROUTES.get(path)
+    ctx = _Ctx(fake, dict(query), body)
+    status, fault, delay = 200, None, 0.0
+    answer_body: dict[str, Any] | None
+    if route is None:
+        status = 404
+        answer_body = error_body(fake, 40066, f"sandbox: no such endpoint {path} (invalid url)")
+    elif route[0] != method:
+        answer_body = error_body(fake, 43001 if route[0] == "GET" else 43002)
+    else:
+        delay = fake.next_latency()
+        fault = fake.next_fault(path)
+        if fault is not None and fault.startswith("delay:"):
+            delay += float(fault.removeprefix("delay:"))
+            fault = None
+        if fault in ("hang", "reset", "http500"):
+            answer_body = None
+            status = 500 if fault == "http500" else 200
+        elif fault is not None and fault not in ("hang_after", "reset_after"):
+            answer_body = error_body(fake, int(fault))
+        else:
+            try:
+                answer_body = route[1](ctx)
+            except _Reject as reject:
+                answer_body = error_body(fake, reject.errcode, reject.detail)
+    fake.record(
+        Call(
+            method=method,
+            path=path,
+            query=_redact(query),
+            body=_logged_body(body),
+            status=status,
+            errcode=_errcode_of(answer_body) if fault is None else None,
+            at=fake.clock(),
+            app=ctx.app,
+            fault=fault,
+        )
+    )
+    if fault is not None and fault.endswith("_after"):
+        # The call was processed, but its answer is lost; the report still goes out.
+        return Answer(status, answer_body, fault, delay, ctx.report)
+    return Answer(status, answer_body, fault, delay, ctx.report)
