@@ -8,6 +8,7 @@ import pathlib
 import sqlite3
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
@@ -57,7 +58,9 @@ def test_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:
 class DatabaseTest(AsyncTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.dir = pathlib.Path(self.enterContext(__import__("tempfile").TemporaryDirectory()))
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = pathlib.Path(tmp.name)
         self.path = str(self.dir / "wxd.db")
 
     @gen_test

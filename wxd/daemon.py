@@ -111,7 +111,7 @@ class Daemon:
             self._watchdog.start()
 
     def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
-        assert self.db is not None  # noqa: S101 - start() opened it
+        assert self.db is not None
         return [ops.routes(common, self.db, self.metrics)]
 
     def _webhook_app(self) -> tornado.web.Application:

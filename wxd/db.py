@@ -195,7 +195,7 @@ class Database:
         if self._closed:
             raise StorageError("database is closed")
         conn: sqlite3.Connection = self._conn._conn
-        result: T = await self._conn._execute(fn, conn, *args)
+        result: T = await self._conn._execute(fn, conn, *args)  # type: ignore[no-untyped-call]
         return result
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -10,11 +10,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import tornado.web
+from tornado.routing import URLSpec
 
 from wxd.admin.base import NotFoundHandler
 from wxd.metrics import Registry
 
-Route = tornado.web.URLSpec
+Route = URLSpec
 
 
 def common_kwargs(admin_token: str, metrics: Registry | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import tornado.web
+from tornado.routing import URLSpec
 
 from wxd.admin.base import JsonHandler
 from wxd.db import Database
@@ -46,7 +47,7 @@ class MetricsHandler(JsonHandler):
         self.finish(self._registry.render())
 
 
-def routes(common: dict[str, Any], db: Database, registry: Registry) -> list[tornado.web.URLSpec]:
+def routes(common: dict[str, Any], db: Database, registry: Registry) -> list[URLSpec]:
     return [
         tornado.web.url(r"/healthz", HealthHandler, {**common, "db": db}),
         tornado.web.url(r"/metrics", MetricsHandler, {**common, "registry": registry}),
