@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "wxd.tokens": 3, "wxd.linking": 3, "wxd.events": 3, "wxd.pushes": 3, "wxd.workers": 3,
     "wxd.backfill": 3, "wxd.stats": 3,
     "wxd.webhook": 4, "wxd.admin": 4,
-    "wxd.daemon": 5, "wxd.cli": 5, "wxd.demo": 5, "wxd.__main__": 5, "wxd.client": 5,
+    "wxd.daemon": 5, "wxd.cli": 5, "wxd.demo": 5, "wxd.__main__": 5, "wxd.client": 5, "wxd.cliadmin": 5,
     "wxd.sandbox": 9,  # side module: see SANDBOX_MAY_IMPORT
 }
 SANDBOX_MAY_IMPORT = {"wxd", "wxd.errors", "wxd.crypto", "wxd.messages"}
@@ -28,7 +28,7 @@ NO_IO_FRAMEWORKS = {"tornado", "aiosqlite"}
 SAME_LAYER_OK = {
     ("wxd.config", "wxd.errors"), ("wxd.metrics", "wxd.errors"), ("wxd.db", "wxd.schema"),
     ("wxd.__main__", "wxd.cli"), ("wxd.cli", "wxd.daemon"), ("wxd.cli", "wxd.demo"),
-    ("wxd.cli", "wxd.client"), ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
+    ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"), ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
     ("wxd.crypto", "wxd.messages"),
 }
 

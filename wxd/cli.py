@@ -1,5 +1,6 @@
-"""The `wxd` command line: argparse subcommands. Layer L5; the only module that reads files,
-the environment and argv, and the only one that prints.
+"""The `wxd` command line: argparse subcommands and exit codes.
+
+Layer L5: with cliadmin.py the only code that reads files, the environment and argv, and prints.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from wxd import __version__, config, daemon, db, logsetup
+from wxd import __version__, cliadmin, config, daemon, db, logsetup
+from wxd.client import ApiCallFailed, ConnectFailed
 from wxd.errors import ConfigError, StorageError
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
@@ -40,7 +42,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wxd", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="wxd", description="WeChat Official Account + Mini Program integration daemon.")
     parser.add_argument("--version", action="version", version=f"wxd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("backup", "consistent online copy of the database")
     p.add_argument("dest", help="destination file (must not exist)")
     p.set_defaults(func=cmd_backup)
+    cliadmin.add_commands(sub)
     return parser
 
 
@@ -68,6 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except StorageError as exc:
+        print(f"wxd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except cliadmin.UsageError as exc:
+        print(f"wxd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectFailed as exc:
+        print(f"wxd: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    except ApiCallFailed as exc:
+        print(f"wxd: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_API
+    except OSError as exc:
         print(f"wxd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
