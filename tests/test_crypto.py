@@ -131,9 +131,7 @@ def pad16(data: bytes) -> bytes:
 
 def test_vector1_url_verification_signature() -> None:
     assert sign("AAAAA", "1714036504", "1514711492") == "f464b24fc39322e44b38aa78f5edd27bd1441696"
-    assert check_signature(
-        "f464b24fc39322e44b38aa78f5edd27bd1441696", "AAAAA", "1714036504", "1514711492"
-    )
+    assert check_signature("f464b24fc39322e44b38aa78f5edd27bd1441696", "AAAAA", "1714036504", "1514711492")
 
 
 def test_vector2_post_signature() -> None:
@@ -285,6 +283,13 @@ def test_pad_value_out_of_range(pad: int) -> None:
     body = oa_body(b"<xml/>")
     plain = body + bytes(64 - len(body) - 1) + bytes([pad])
     assert len(plain) % 32 == 0
+    assert decrypt_reason(oa_raw_encrypt(V4_KEY, plain)) == "bad padding"
+
+
+def test_pad_of_33_rejected_even_when_consistent() -> None:
+    body = oa_body(b"<xml>" + b"a" * 20 + b"</xml>")
+    assert len(body) == 69
+    plain = body + bytes([33]) * 59  # the last 33 bytes are all 33
     assert decrypt_reason(oa_raw_encrypt(V4_KEY, plain)) == "bad padding"
 
 
@@ -511,6 +516,11 @@ def test_mp_pad_out_of_range(last: int) -> None:
     assert mp_reason(key, data, iv) == "bad padding"
 
 
+def test_mp_pad_of_17_rejected_even_when_consistent() -> None:
+    key, data, iv = mp_raw_encrypt(b'{"a":1}' + b" " * 8 + bytes([17]) * 17)
+    assert mp_reason(key, data, iv) == "bad padding"
+
+
 def test_mp_pad_bytes_must_be_equal() -> None:
     key, data, iv = mp_raw_encrypt(b"{}" + b" " * 26 + b"\x04\x04\x03\x04")
     assert mp_reason(key, data, iv) == "bad padding"
@@ -598,9 +608,7 @@ def test_decrypt_arbitrary_ciphertext_only_raises_decrypt_error(data: bytes) -> 
 
 
 @given(key=st.binary(max_size=20), data=st.binary(max_size=100), iv=st.binary(max_size=20))
-def test_mp_decrypt_arbitrary_input_only_raises_mp_errors(
-    key: bytes, data: bytes, iv: bytes
-) -> None:
+def test_mp_decrypt_arbitrary_input_only_raises_mp_errors(key: bytes, data: bytes, iv: bytes) -> None:
     try:
         decrypt_mp_data(b64(key), b64(data), b64(iv), "wx1")
     except MiniProgramError:

@@ -114,9 +114,7 @@ class MessageCrypto:
         self._appid_bytes = appid.encode("utf-8")
         self._key = decode_aes_key(encoding_aes_key)
         self._previous_key = (
-            decode_aes_key(previous_encoding_aes_key)
-            if previous_encoding_aes_key is not None
-            else None
+            decode_aes_key(previous_encoding_aes_key) if previous_encoding_aes_key is not None else None
         )
 
     def __repr__(self) -> str:
@@ -195,9 +193,7 @@ class MessageCrypto:
             raise ValueError("random_prefix must be 16 bytes")
         key = self._select_key(use_previous)
         payload = xml.encode("utf-8")
-        plain = (
-            random_prefix + len(payload).to_bytes(_LEN_FIELD, "big") + payload + self._appid_bytes
-        )
+        plain = random_prefix + len(payload).to_bytes(_LEN_FIELD, "big") + payload + self._appid_bytes
         cipher = AES.new(key, AES.MODE_CBC, iv=key[:16])
         return base64.b64encode(cipher.encrypt(_pad(plain, _OA_PAD_BLOCK))).decode("ascii")
 
@@ -208,15 +204,11 @@ class MessageCrypto:
             raise ValueError("no previous EncodingAESKey configured")
         return self._previous_key
 
-    def check_msg_signature(
-        self, msg_signature: str, timestamp: str, nonce: str, encrypt: str
-    ) -> bool:
+    def check_msg_signature(self, msg_signature: str, timestamp: str, nonce: str, encrypt: str) -> bool:
         """Check msg_signature (not `signature`) over token, timestamp, nonce and Encrypt."""
         return check_signature(msg_signature, self._token, timestamp, nonce, encrypt)
 
-    def encrypt_reply(
-        self, xml: str, timestamp: str, nonce: str, *, use_previous: bool = False
-    ) -> str:
+    def encrypt_reply(self, xml: str, timestamp: str, nonce: str, *, use_previous: bool = False) -> str:
         """Return the encrypted passive-reply envelope (Encrypt, MsgSignature, TimeStamp, Nonce).
 
         `timestamp` must be decimal digits; `nonce` must not contain "]]>" (ValueError).
@@ -227,9 +219,7 @@ class MessageCrypto:
             raise ValueError("nonce must not contain ']]>'")
         encrypt = self.encrypt(xml, use_previous=use_previous)
         signature = sign(self._token, timestamp, nonce, encrypt)
-        return _REPLY_TEMPLATE.format(
-            encrypt=encrypt, signature=signature, timestamp=timestamp, nonce=nonce
-        )
+        return _REPLY_TEMPLATE.format(encrypt=encrypt, signature=signature, timestamp=timestamp, nonce=nonce)
 
 
 def decrypt_mp_data(session_key: str, encrypted_data: str, iv: str, appid: str) -> dict[str, Any]:
@@ -286,9 +276,7 @@ def session_signature(session_key: str, message: str = "") -> str:
     The key is the base64 text as returned by code2Session, not its decoded bytes;
     /wxa/checksession wants message "".
     """
-    return hmac.new(
-        session_key.encode("utf-8"), message.encode("utf-8"), hashlib.sha256
-    ).hexdigest()
+    return hmac.new(session_key.encode("utf-8"), message.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 __all__ = [

@@ -23,9 +23,7 @@ _JSON_VERSION = 1
 
 # Wrappers whose <List> children are documented (wechat-api.md §5.6). A single item arrives as
 # one <List>, several as repeated <List>; both are normalised to a JSON array.
-_LIST_WRAPPERS = frozenset(
-    {"SubscribeMsgPopupEvent", "SubscribeMsgChangeEvent", "SubscribeMsgSentEvent"}
-)
+_LIST_WRAPPERS = frozenset({"SubscribeMsgPopupEvent", "SubscribeMsgChangeEvent", "SubscribeMsgSentEvent"})
 _CDATA_RE = re.compile(rb"<!\[CDATA\[.*?\]\]>", re.DOTALL)
 _DECL_RE = re.compile(rb"<!(doctype|entity)", re.IGNORECASE)
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -101,9 +99,7 @@ def parse_xml(body: bytes | str, max_bytes: int = MAX_XML_BYTES) -> dict[str, st
             strip_whitespace=False,
         )
     except _Forbidden:
-        raise MessageError(
-            "DOCTYPE, entities and processing instructions are not allowed"
-        ) from None
+        raise MessageError("DOCTYPE, entities and processing instructions are not allowed") from None
     except (expat.ExpatError, ValueError) as exc:
         raise MessageError(f"malformed XML: {type(exc).__name__}") from None
     if not isinstance(doc, dict) or list(doc) != ["xml"]:
