@@ -11,9 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from wxd import __version__, cliadmin, config, daemon, db, logsetup
+from wxd import __version__, cliadmin, config, daemon, db, demo, logsetup
 from wxd.client import ApiCallFailed, ConnectFailed
 from wxd.errors import ConfigError, StorageError
+from wxd.sandbox import runner as sandbox_runner
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 
@@ -41,6 +42,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    logsetup.configure("warning")
+    return demo.run(args.keep_running, args.users, args.admin_port, args.webhook_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wxd", description="WeChat Official Account + Mini Program integration daemon.")
@@ -57,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("backup", "consistent online copy of the database")
     p.add_argument("dest", help="destination file (must not exist)")
     p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("sandbox", help="run the WeChat emulator",
+                       description="Run the WeChat emulator (api.weixin.qq.com + the webhook side).")
+    sandbox_runner.add_arguments(p)
+    p.set_defaults(func=sandbox_runner.run)
+    p = sub.add_parser("demo", help="run daemon + sandbox and walk through the whole job",
+                       description="Run wxd against the built-in WeChat emulator on a temporary "
+                                   "database and walk through the whole job.")
+    p.add_argument("--keep-running", action="store_true",
+                   help="stay up afterwards (admin API on 127.0.0.1:8081) until Ctrl-C")
+    p.add_argument("--users", type=int, default=3000, help="simulated people (3000)")
+    p.add_argument("--admin-port", type=int, default=None, help="admin port (0 = any)")
+    p.add_argument("--webhook-port", type=int, default=None, help="webhook port (0 = any)")
+    p.set_defaults(func=cmd_demo)
     cliadmin.add_commands(sub)
     return parser
 

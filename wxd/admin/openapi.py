@@ -1,0 +1,155 @@
+"""The admin API described as an OpenAPI 3 document, served at `GET /v1/openapi.json`.
+
+Layer L4. tests/test_openapi.py walks the daemon's routes and this document both ways, so a
+route cannot be added or removed without updating its description here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+from tornado.routing import URLSpec
+
+from wxd import __version__
+from wxd.admin.base import JsonHandler
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+OBJ: dict[str, Any] = {"type": "object"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _op(summary: str, ok: int = 200, body: dict[str, Any] | None = None,
+        params: list[dict[str, Any]] | None = None, ok_schema: dict[str, Any] = OBJ,
+        errors: tuple[int, ...] = (401,), auth: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {str(ok): {"description": "OK", **_json(ok_schema)},
+                      **{str(code): {"description": "error", **_json(ERROR)} for code in errors}},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    if params:
+        op["parameters"] = params
+    if not auth:
+        op["security"] = []
+    return op
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+            "description": description}
+
+
+PUSH_REQUEST: dict[str, Any] = {
+    "type": "object",
+    "required": ["to", "template_id", "data"],
+    "properties": {
+        "to": {"type": "object", "description": "exactly one of unionid, mp_openid, oa_openid",
+               "properties": {k: {"type": "string"} for k in ("unionid", "mp_openid", "oa_openid")}},
+        "template_id": {"type": "string"},
+        "data": {"type": "object", "description": '{"k": {"value": "v"}} or the shorthand {"k": "v"}'},
+        "url": {"type": "string"},
+        "miniprogram": {"type": "object", "required": ["pagepath"],
+                        "properties": {"appid": {"type": "string"}, "pagepath": {"type": "string"}}},
+        "idempotency_key": {"type": "string"},
+    },
+}
+PUSH = {"$ref": "#/components/schemas/Push"}
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {"get": _op("Liveness and database health (no auth; 503 when unusable)",
+                            errors=(503,), auth=False)},
+    "/metrics": {"get": _op("Prometheus text format metrics", ok_schema={"type": "string"})},
+    "/v1/openapi.json": {"get": _op("This document")},
+    "/v1/stats": {"get": _op("Counts: followers, subscribed, linked, MP users, pushes by status, "
+                             "token fetches today, backfill")},
+    "/v1/tokens/{app}": {"get": _op(
+        "The central access_token of the OA or the MP for other local processes",
+        params=[_path_param("app")], errors=(401, 404, 503),
+        ok_schema={"type": "object", "properties": {"access_token": {"type": "string"},
+                                                    "expires_at": {"type": "number"}}})},
+    "/v1/mp/login": {"post": _op(
+        "Exchange a wx.login code (jscode2session), store the MP user and link it",
+        body={"type": "object", "required": ["code"], "properties": {"code": {"type": "string"}}},
+        errors=(400, 401, 502, 503), ok_schema={"$ref": "#/components/schemas/Identity"})},
+    "/v1/mp/decrypt": {"post": _op(
+        "Decrypt MP encryptedData with the stored session_key; links when it carries unionId",
+        body={"type": "object", "required": ["mp_openid", "encrypted_data", "iv"],
+              "properties": {k: {"type": "string"} for k in ("mp_openid", "encrypted_data", "iv")}},
+        errors=(400, 401, 404, 409))},
+    "/v1/users": {"get": _op(
+        "Look up a linked identity by exactly one key",
+        params=[_query("unionid", "unionid"), _query("mp_openid", "Mini Program openid"),
+                _query("oa_openid", "Official Account openid")],
+        errors=(400, 401, 404), ok_schema={"$ref": "#/components/schemas/Identity"})},
+    "/v1/pushes": {
+        "post": _op("Queue a template message (202 after commit; 200 for a known idempotency_key)",
+                    ok=202, body=PUSH_REQUEST, errors=(400, 401, 409, 422), ok_schema=PUSH),
+        "get": _op("List pushes, newest first",
+                   params=[_query("status", "queued|sending|sent|delivered|failed|cancelled"),
+                           _query("limit", "page size"), _query("cursor", "from next_cursor")]),
+    },
+    "/v1/pushes/batch": {"post": _op(
+        "Queue many pushes in one group commit; one result per item", ok=202,
+        body={"type": "object", "required": ["pushes"],
+              "properties": {"pushes": {"type": "array", "items": PUSH_REQUEST}}},
+        errors=(400, 401, 413))},
+    "/v1/pushes/{id}": {"get": _op("One push with its status, attempts, msgid and error",
+                                   params=[_path_param("id")], errors=(401, 404), ok_schema=PUSH)},
+    "/v1/pushes/{id}/retry": {"post": _op("Queue a failed push again", params=[_path_param("id")],
+                                          errors=(401, 404, 409), ok_schema=PUSH)},
+    "/v1/pushes/{id}/cancel": {"post": _op("Cancel a queued push", params=[_path_param("id")],
+                                           errors=(401, 404, 409), ok_schema=PUSH)},
+    "/v1/backfill": {
+        "post": _op("Start the follower backfill (idempotent)", ok=202),
+        "get": _op("Backfill progress: state, pages, followers, total, rate, ETA, last error"),
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "wxd admin API", "version": __version__,
+             "description": "Local admin API of wxd. Bearer token on everything but /healthz."},
+    "paths": PATHS,
+    "security": [{"bearer": []}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "Identity": {"type": "object", "properties": {
+                "unionid": {"type": "string", "nullable": True},
+                "mp_openid": {"type": "string", "nullable": True},
+                "oa_openid": {"type": "string", "nullable": True},
+                "subscribed": {"type": "boolean"}}},
+            "Push": {"type": "object", "properties": {
+                "id": {"type": "string"},
+                "status": {"type": "string", "enum": ["queued", "sending", "sent", "delivered",
+                                                      "failed", "cancelled"]},
+                "attempts": {"type": "integer"}, "msgid": {"type": "string", "nullable": True},
+                "error": {"type": "string", "nullable": True}}},
+        },
+    },
+}
+
+
+class OpenAPIHandler(JsonHandler):
+    """The OpenAPI 3 document of this admin API."""
+
+    route_name = "openapi"
+
+    async def get(self) -> None:
+        self.send_json(DOCUMENT)
+
+
+def routes(common: dict[str, Any]) -> list[URLSpec]:
+    return [tornado.web.url(r"/v1/openapi.json", OpenAPIHandler, common)]
