@@ -30,7 +30,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (app, day)
     );
 
-    -- Webhook inbox: every accepted message/event, deduplicated by WeChat's keys.
+    -- Webhook inbox: every accepted message/event, deduplicated by WeChat's keys (messages.py
+    -- Message.dedupe_key: MsgId, or FromUserName + CreateTime + Event (+ EventKey)). `message` is
+    -- messages.message_to_json; times are unix seconds.
     CREATE TABLE inbox (
         id INTEGER PRIMARY KEY,
         dedupe_key TEXT NOT NULL UNIQUE,
@@ -43,19 +45,27 @@ MIGRATIONS: list[str] = [
     );
 
     -- Durable background jobs (event handling). Payload is opaque JSON to storage.
+    -- state: queued (due at not_before) | leased (until leased_until) | done | failed.
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,
         payload TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'leased', 'done', 'failed')),
         attempts INTEGER NOT NULL DEFAULT 0,
         not_before REAL NOT NULL,
         leased_until REAL,
         last_error TEXT,
-        created_at REAL NOT NULL
+        created_at REAL NOT NULL,
+        finished_at REAL
     );
-    CREATE INDEX jobs_due ON jobs (not_before);
+    CREATE INDEX jobs_due ON jobs (not_before) WHERE state = 'queued';
+    CREATE INDEX jobs_leased ON jobs (leased_until) WHERE state = 'leased';
 
-    -- OA followers (one row per OA openid ever seen).
+    -- OA followers (one row per OA openid ever seen; followers.py). unionid is never erased
+    -- (WeChat drops it after an unfollow). event_at = CreateTime of the latest applied
+    -- subscribe/unsubscribe ("events win" over older user/info data); synced_run/synced_at =
+    -- the backfill run and time of the latest user/info observation.
     CREATE TABLE followers (
         oa_openid TEXT PRIMARY KEY,
         unionid TEXT,
@@ -92,13 +102,18 @@ MIGRATIONS: list[str] = [
         linked_at REAL NOT NULL
     );
 
-    -- Template-message pushes.
+    -- Template-message pushes (wxd/pushqueue.py). `seq` orders lists newest first and stays
+    -- stable across VACUUM; `id` ("p_" + 20 url-safe chars) is public and, with an operator
+    -- retry suffix, the client_msg_id. `body` is the template/send JSON without client_msg_id.
     CREATE TABLE pushes (
-        id TEXT PRIMARY KEY,
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
         idempotency_key TEXT UNIQUE,
+        recipient TEXT NOT NULL,
         oa_openid TEXT NOT NULL,
         template_id TEXT NOT NULL,
         body TEXT NOT NULL,
+        client_msg_id TEXT NOT NULL,
         status TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0,
         next_attempt_at REAL NOT NULL,
@@ -113,11 +128,12 @@ MIGRATIONS: list[str] = [
         sent_at REAL,
         finished_at REAL
     );
-    CREATE INDEX pushes_due ON pushes (next_attempt_at) WHERE status = 'queued';
-    CREATE INDEX pushes_status ON pushes (status, created_at);
+    CREATE INDEX pushes_due ON pushes (next_attempt_at, seq) WHERE status = 'queued';
+    CREATE INDEX pushes_status ON pushes (status, seq);
     CREATE INDEX pushes_msgid ON pushes (msgid) WHERE msgid IS NOT NULL;
 
-    -- TEMPLATESENDJOBFINISH reports whose msgid matched no push yet (kept for late matching).
+    -- TEMPLATESENDJOBFINISH reports whose msgid matched no push yet (kept for late matching:
+    -- the report can arrive before the send's own answer is stored).
     CREATE TABLE delivery_reports (
         msgid TEXT PRIMARY KEY,
         status TEXT NOT NULL,
@@ -125,7 +141,7 @@ MIGRATIONS: list[str] = [
         received_at REAL NOT NULL
     );
 
-    -- The OA's templates (get_all_private_template cache).
+    -- The OA's templates (get_all_private_template cache); keys = JSON list of placeholders.
     CREATE TABLE templates (
         template_id TEXT PRIMARY KEY,
         title TEXT NOT NULL,

@@ -1,0 +1,251 @@
+"""MP login, encryptedData and follower refreshes → one identity per person (linked by unionid).
+
+Layer L3: imports L0–L2 only (followers, crypto, db, errors, metrics); the WeChat APIs arrive as
+constructor arguments typed with small Protocols. The session_key never leaves this module's
+storage calls: it is not logged, returned or put into an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from wxd import followers
+from wxd.crypto import decrypt_mp_data
+from wxd.db import Database
+from wxd.errors import (
+    SessionKeyError,
+    StorageError,
+    WatermarkError,
+    WeChatAPIError,
+    WxdError,
+)
+from wxd.followers import Identity
+from wxd.metrics import Counter, Registry
+
+log = logging.getLogger(__name__)
+
+# jscode2session errcodes that are the caller's problem, with the API code they map to (§8.1).
+_LOGIN_ERRORS: Mapping[int, tuple[str, str]] = {
+    40029: ("invalid_code", "the login code is invalid or expired; call wx.login again"),
+    40163: ("invalid_code", "the login code was already used; call wx.login again"),
+    45011: ("rate_limited", "WeChat's login frequency limit was hit; retry in a minute"),
+    40226: ("user_blocked", "WeChat blocked this login as high-risk"),
+}
+
+
+class SessionAPI(Protocol):
+    """What login needs from wechat.MiniProgramAPI."""
+
+    async def code2session(self, code: str) -> dict[str, Any]: ...
+
+
+class UserInfoAPI(Protocol):
+    """What refresh_follower needs from wechat.OfficialAccountAPI."""
+
+    async def user_info(self, openid: str) -> dict[str, Any]: ...
+
+
+class LinkingError(WxdError):
+    """A refusal the caller can act on; `code` is the stable admin API error code.
+
+    Codes: invalid_code, rate_limited, user_blocked, mini_program_not_configured, not_logged_in,
+    session_key_expired, watermark_mismatch, openid_mismatch. The message never holds secrets.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Linking:
+    """Identity service: MP logins, encryptedData, follower refreshes and lookups.
+
+    `mp_api`/`mp_appid` are None when there is no [mini_program] section; login and decrypt
+    then raise LinkingError("mini_program_not_configured").
+    """
+
+    def __init__(self, db: Database, mp_api: SessionAPI | None, oa_api: UserInfoAPI, *,
+                 mp_appid: str | None, clock: Callable[[], float] = time.time,
+                 metrics: Registry | None = None) -> None:
+        self._db = db
+        self._mp_api = mp_api
+        self._oa_api = oa_api
+        self._mp_appid = mp_appid
+        self._clock = clock
+        self._unionid_missing = False
+        self._warned_unionid = False
+        self._logins: Counter | None = None
+        self._links: Counter | None = None
+        if metrics is not None:
+            self._logins = metrics.counter(
+                "wxd_mp_logins_total", "Mini Program logins (jscode2session) by result.",
+                ("result",),
+            )
+            self._links = metrics.counter(
+                "wxd_links_total", "MP users newly linked to an OA follower through unionid.",
+            )
+            missing = metrics.gauge(
+                "wxd_unionid_missing",
+                "1 when followers were seen but none carries a unionid (OA not bound).",
+            )
+
+            async def collect() -> None:
+                missing.set(1.0 if await self.check_unionid() else 0.0)
+
+            metrics.add_collector(collect)
+
+    @property
+    def unionid_missing(self) -> bool:
+        """True when followers were observed but none ever carried a unionid (OA not bound to
+        an Open Platform account). Updated by check_unionid() and refresh_follower()."""
+        return self._unionid_missing
+
+    def _count_login(self, result: str) -> None:
+        if self._logins is not None:
+            self._logins.inc(result=result)
+
+    def _count_links(self, n: int) -> None:
+        if n and self._links is not None:
+            self._links.inc(n)
+
+    async def login(self, code: str) -> Identity:
+        """Exchange a wx.login code (jscode2session), store the MP user and its session_key.
+
+        Returns the identity after linking. Raises LinkingError for the caller's problems
+        (invalid/used code, frequency limit, blocked user, no Mini Program configured);
+        WeChatAPIError/TransportError for upstream failures.
+        """
+        if self._mp_api is None:
+            self._count_login("not_configured")
+            raise LinkingError("mini_program_not_configured",
+                               "wxd has no [mini_program] section configured")
+        try:
+            answer = await self._mp_api.code2session(code)
+        except WeChatAPIError as exc:
+            mapped = _LOGIN_ERRORS.get(exc.errcode)
+            if mapped is None:
+                self._count_login("upstream_error")
+                raise
+            self._count_login(mapped[0])
+            raise LinkingError(*mapped) from None
+        except WxdError:
+            self._count_login("upstream_error")
+            raise
+        mp_openid = answer.get("openid")
+        session_key = answer.get("session_key")
+        if not isinstance(mp_openid, str) or not mp_openid or not isinstance(session_key, str):
+            self._count_login("upstream_error")
+            raise WeChatAPIError(-1, "jscode2session answer lacks openid/session_key",
+                                 "/sns/jscode2session", kind="transient")
+        unionid = answer.get("unionid")
+        unionid = unionid if isinstance(unionid, str) and unionid else None
+        now = self._clock()
+
+        def store(conn: sqlite3.Connection) -> tuple[bool, Identity | None]:
+            linked = followers.upsert_mp_user(conn, mp_openid, unionid, session_key, now)
+            return linked, followers.find_identity(conn, mp_openid=mp_openid)
+
+        linked, identity = await self._db.write(store)
+        if identity is None:  # cannot happen: the row was written in the same transaction
+            raise StorageError("MP user vanished after its write")
+        self._count_login("ok")
+        if linked:
+            self._count_links(1)
+            log.info("linked MP user %s to follower %s (on login)", mp_openid, identity.oa_openid)
+        return identity
+
+    async def decrypt(self, mp_openid: str, encrypted_data: str, iv: str) -> dict[str, Any]:
+        """Decrypt MP encryptedData with the stored session_key and return its JSON object.
+
+        Records watermark.timestamp; stores unionId (and links) when the data carries one.
+        Raises LinkingError: not_logged_in (no session_key stored), session_key_expired (bad
+        padding/JSON: the client must run wx.login again), watermark_mismatch (data of another
+        app), openid_mismatch (openId of another user), mini_program_not_configured.
+        """
+        if self._mp_appid is None:
+            raise LinkingError("mini_program_not_configured",
+                               "wxd has no [mini_program] section configured")
+        key = await self._db.read(lambda conn: followers.session_key(conn, mp_openid))
+        if key is None:
+            raise LinkingError("not_logged_in",
+                               "no session for this mp_openid; log in (wx.login) first")
+        try:
+            data = decrypt_mp_data(key, encrypted_data, iv, self._mp_appid)
+        except SessionKeyError:
+            raise LinkingError(
+                "session_key_expired",
+                "the data cannot be decrypted with the stored session; call wx.login again",
+            ) from None
+        except WatermarkError:
+            raise LinkingError("watermark_mismatch",
+                               "the data's watermark is not this Mini Program's appid") from None
+        open_id = data.get("openId")
+        if open_id is not None and open_id != mp_openid:
+            raise LinkingError("openid_mismatch", "the data belongs to another MP user")
+        unionid = data.get("unionId")
+        unionid = unionid if isinstance(unionid, str) and unionid else None
+        watermark = data.get("watermark")
+        stamp = watermark.get("timestamp") if isinstance(watermark, dict) else None
+        watermark_at = float(stamp) if isinstance(stamp, (int, float)) else None
+        now = self._clock()
+        linked = await self._db.write(
+            lambda conn: followers.set_mp_unionid(conn, mp_openid, unionid, watermark_at, now)
+        )
+        if linked:
+            self._count_links(1)
+            log.info("linked MP user %s through decrypted unionId", mp_openid)
+        return data
+
+    async def lookup(self, *, unionid: str | None = None, mp_openid: str | None = None,
+                     oa_openid: str | None = None) -> Identity | None:
+        """The identity for exactly one key (ValueError otherwise), None when unknown."""
+        return await self._db.read(lambda conn: followers.find_identity(
+            conn, unionid=unionid, mp_openid=mp_openid, oa_openid=oa_openid))
+
+    async def refresh_follower(self, oa_openid: str) -> None:
+        """Fetch user/info for a follower and store it (unionid → link). Used after subscribe.
+
+        Upstream errors propagate (the event job retries). "Events win" applies: the data is
+        stamped with the time just before the request.
+        """
+        observed_at = self._clock()
+        info = await self._oa_api.user_info(oa_openid)
+        now = self._clock()
+        newly = await self._db.write(
+            lambda conn: followers.apply_user_infos(conn, [info], observed_at, now)
+        )
+        self._count_links(len(newly))
+        if newly:
+            log.info("linked follower %s (on user/info)", oa_openid)
+        await self.check_unionid()
+
+    async def check_unionid(self) -> bool:
+        """Recompute unionid_missing from storage; warn once per process when it turns True."""
+
+        def probe(conn: sqlite3.Connection) -> bool:
+            # The indexed NOT EXISTS first: it settles the common (bound) case at once.
+            return bool(conn.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM followers WHERE unionid IS NOT NULL)"
+                " AND EXISTS (SELECT 1 FROM followers WHERE subscribed = 1"
+                " AND synced_at IS NOT NULL AND unionid IS NULL)"
+            ).fetchone()[0])
+
+        self._unionid_missing = await self._db.read(probe)
+        if self._unionid_missing and not self._warned_unionid:
+            self._warned_unionid = True
+            log.warning(
+                "WeChat returns no unionid for any follower: the Official Account is probably "
+                "not bound to an Open Platform account, so no MP user can be linked"
+            )
+        return self._unionid_missing
+
+    async def counts(self) -> dict[str, Any]:
+        """followers.counts() plus unionid_missing, for /v1/stats."""
+        result: dict[str, Any] = await self._db.read(followers.counts)
+        result["unionid_missing"] = await self.check_unionid()
+        return result
