@@ -1,0 +1,374 @@
+"""TokenManager: one app's access_token, persisted, refreshed ahead with jitter, fetched once.
+
+Layer L3: imports wxd L0-L2 (errors, metrics, db, wechat) and tornado.ioloop for the timer;
+never another L3 module and never tornado.web.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import tornado.ioloop
+
+from wxd.db import Database
+from wxd.errors import TokenBudgetError, WeChatAPIError, WxdError
+from wxd.metrics import Counter, Gauge, Registry
+from wxd.wechat import WeChatClient
+
+log = logging.getLogger(__name__)
+
+MODES = ("stable", "legacy")
+# /cgi-bin/token: the previous token keeps working for 5 minutes after a new one is issued
+# (wechat-api.md §2.1). A stable token is never superseded by a normal-mode fetch (§2.2).
+OVERLAP_S = 300.0
+USE_GUARD_S = 60.0  # get() fetches rather than hand out a token this close to its expiry
+JITTER_FRACTION = 0.2  # the refresh point moves earlier by up to this share of the margin
+BACKOFF_BASE_S = 5.0
+BACKOFF_MAX_S = 300.0
+QUOTA_PAUSE_S = 3600.0  # after 45009 on the token endpoint: the quota is spent for the day
+ECHO_WINDOW_S = 60.0  # see invalidate(): a refetch that gave back the rejected token
+
+
+def utc_day(now: float) -> str:
+    """The budget day of unix time `now`: its UTC date, "YYYY-MM-DD"."""
+    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def next_utc_midnight(now: float) -> float:
+    return (now // 86400 + 1) * 86400
+
+
+def fetch_counts(conn: sqlite3.Connection, day: str) -> dict[str, int]:
+    """Upstream token fetches per app on `day` (utc_day), e.g. for /v1/stats."""
+    rows = conn.execute("SELECT app, count FROM token_fetches WHERE day = ?", (day,)).fetchall()
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+def _count_fetch(conn: sqlite3.Connection, app: str, day: str, budget: int) -> int:
+    row = conn.execute("SELECT count FROM token_fetches WHERE app = ? AND day = ?",
+                       (app, day)).fetchone()
+    count = int(row[0]) if row else 0
+    if count >= budget:
+        raise TokenBudgetError(
+            f"{app}: the daily budget of {budget} upstream token fetches is spent "
+            f"({day} UTC); no fetch before 00:00 UTC ([wechat] token_daily_budget)"
+        )
+    conn.execute(
+        "INSERT INTO token_fetches (app, day, count) VALUES (?, ?, 1) "
+        "ON CONFLICT (app, day) DO UPDATE SET count = count + 1", (app, day),
+    )
+    return count + 1
+
+
+def _save(conn: sqlite3.Connection, app: str, appid: str, token: str, expires_at: float,
+          fetched_at: float) -> None:
+    conn.execute(
+        "INSERT INTO tokens (app, appid, access_token, expires_at, fetched_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (app) DO UPDATE SET appid = excluded.appid, "
+        "access_token = excluded.access_token, expires_at = excluded.expires_at, "
+        "fetched_at = excluded.fetched_at",
+        (app, appid, token, expires_at, fetched_at),
+    )
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The token we hold and the instants derived from it when it was fetched (unix seconds)."""
+
+    token: str
+    fetched_at: float
+    expires_at: float
+    refresh_at: float  # the timer refreshes from here on (margin and jitter applied)
+    stale_at: float  # get() stops handing it out from here on
+
+
+class TokenManager:
+    """The single authority for one app's ("oa" or "mp") access_token; a wechat.TokenSource.
+
+    - The token and its expiry live in SQLite (table tokens): start() reuses a stored token
+      that is still valid and fetches only when it is missing or stale.
+    - A PeriodicCallback (every check_interval_s) runs refresh_if_due(): it refreshes once
+      needs_refresh(now) holds, i.e. refresh_margin_s (at most half the token's lifetime, minus
+      up to 20 % jitter) before expiry. A failed fetch backs off exponentially (5 s .. 300 s,
+      an hour after 45009, next UTC midnight after the budget) and is logged once.
+    - Single flight: every caller that needs a token while a fetch runs awaits that fetch.
+    - Fetches are counted per app per UTC day (table token_fetches); past daily_budget a fetch
+      raises TokenBudgetError instead of calling WeChat.
+    - mode "stable" uses /cgi-bin/stable_token (normal mode); "legacy" uses /cgi-bin/token,
+      whose every fetch supersedes the previous token 5 minutes later.
+    """
+
+    def __init__(self, app: str, appid: str, secret: str, client: WeChatClient, db: Database,
+                 *, mode: str = "stable", refresh_margin_s: float = 900.0,
+                 check_interval_s: float = 30.0, daily_budget: int = 1500,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None,
+                 metrics: Registry | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"token mode must be one of {MODES}, not {mode!r}")
+        self.app = app
+        self.appid = appid
+        self._secret = secret
+        self._client = client
+        self._db = db
+        self.mode = mode
+        self._margin_s = refresh_margin_s
+        self._interval_s = check_interval_s
+        self._budget = daily_budget
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._held: _Held | None = None
+        self._inflight: asyncio.Task[str] | None = None
+        self._timer: tornado.ioloop.PeriodicCallback | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: WxdError | None = None
+        self._echo: tuple[str, float] | None = None
+        self._state = "new"
+        self.fetches = 0  # upstream fetch attempts by this instance
+        self._fetches: Counter | None = None
+        self._failed_total: Counter | None = None
+        self._expires_in: Gauge | None = None
+        if metrics is not None:
+            self._fetches = metrics.counter(
+                "wxd_token_fetches_total", "Upstream access_token fetches.", ("app",))
+            self._failed_total = metrics.counter(
+                "wxd_token_fetch_failures_total", "Failed upstream access_token fetches.",
+                ("app",))
+            self._expires_in = metrics.gauge(
+                "wxd_token_expires_in_seconds", "Seconds until the held access_token expires.",
+                ("app",))
+            metrics.add_collector(self._collect)
+
+    def __repr__(self) -> str:
+        return f"TokenManager(app={self.app!r}, appid={self.appid!r}, mode={self.mode!r})"
+
+    # Lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the stored token, fetch one if it is missing or stale, start the timer.
+
+        A failed first fetch is logged and does not fail start(): the timer keeps trying with
+        backoff and get() raises until a token is had.
+        """
+        if self._state != "new":
+            return
+        self._state = "starting"
+        row = await self._db.fetchone(
+            "SELECT appid, access_token, expires_at, fetched_at FROM tokens WHERE app = ?",
+            (self.app,))
+        if row is not None and row["appid"] == self.appid and self._held is None:
+            fetched_at = float(row["fetched_at"])
+            self._held = self._make(str(row["access_token"]), fetched_at,
+                                    float(row["expires_at"]) - fetched_at)
+        held = self._held
+        if held is None or self._clock() >= held.stale_at:
+            try:
+                await self._shared()
+            except WxdError:
+                pass  # logged by _failed; the timer retries after the backoff
+        else:
+            log.info("%s access_token loaded from the database (expires in %.0f s)", self.app,
+                     held.expires_at - self._clock())
+        # PeriodicCallback takes milliseconds; it awaits refresh_if_due, so ticks never overlap.
+        self._timer = tornado.ioloop.PeriodicCallback(
+            self.refresh_if_due, self._interval_s * 1000, jitter=0.1)
+        self._timer.start()
+        self._state = "running"
+
+    async def stop(self) -> None:
+        """Stop the timer and abandon a fetch in flight (its awaiters get CancelledError)."""
+        if self._state == "stopped":
+            return
+        self._state = "stopped"
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        task = self._inflight
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    # Handing out ------------------------------------------------------------------------------
+
+    async def get(self) -> str:
+        """A valid access_token; fetches (single flight) only when none is held or it is stale.
+
+        Raises the last fetch error (TransportError, WeChatAPIError, TokenBudgetError) while
+        backing off after a failure and no unexpired token is held.
+        """
+        held = self._held
+        now = self._clock()
+        if held is not None and now < held.stale_at:
+            return held.token
+        if self._inflight is None and now < self._retry_at and self._last_error is not None:
+            if held is not None and now < held.expires_at:
+                return held.token  # better a token with seconds left than none
+            raise self._last_error.with_traceback(None)
+        return await self._shared()
+
+    async def invalidate(self, token: str) -> None:
+        """WeChat rejected `token` (40001/40014/42001): refetch only if it is still current.
+
+        Any number of concurrent failures with one token cause one fetch; later callers find a
+        different current token and return at once. If a fetch just gave back this very token
+        (stable mode keeps a token WeChat still considers valid), another is not tried for
+        60 s. Fetch errors are not raised here; the following get() raises them.
+        """
+        held = self._held
+        if held is None or held.token != token:
+            if self._inflight is not None:
+                await self._settle()
+            return
+        now = self._clock()
+        if self._echo is not None and self._echo[0] == token and now - self._echo[1] < ECHO_WINDOW_S:
+            return
+        self._held = None  # known bad: nobody else gets it while the new one is fetched
+        self._echo = (token, now)
+        if self._inflight is None and now < self._retry_at:
+            return  # backing off: get() raises the last error
+        await self._settle()
+
+    def current(self) -> tuple[str, float] | None:
+        """(access_token, expires_at unix seconds) for sharing with other processes, or None.
+
+        In legacy mode expires_at is cut to 5 minutes after the next refresh, because that
+        refresh supersedes the token: a process caching it until expires_at never sees 40001.
+        """
+        held = self._held
+        if held is None:
+            return None
+        now = self._clock()
+        expires_at = held.expires_at
+        if self.mode == "legacy":
+            expires_at = min(expires_at, max(held.refresh_at, now) + OVERLAP_S)
+        if now >= expires_at:
+            return None
+        return held.token, expires_at
+
+    @property
+    def retry_at(self) -> float:
+        """Unix time before which no fetch is tried after a failure (0.0 when not backing off)."""
+        return self._retry_at
+
+    # Refreshing -------------------------------------------------------------------------------
+
+    def needs_refresh(self, now: float) -> bool:
+        """Pure check run by the timer: no token, or past its refresh point, and not backing off."""
+        if now < self._retry_at:
+            return False
+        held = self._held
+        return held is None or now >= held.refresh_at
+
+    async def refresh_if_due(self) -> bool:
+        """One timer tick: refresh if needs_refresh(clock()). True if a fetch succeeded."""
+        if self._inflight is None and not self.needs_refresh(self._clock()):
+            return False
+        try:
+            await self._shared()
+        except WxdError:
+            return False  # logged once by _failed
+        except Exception:
+            log.exception("%s token refresh failed unexpectedly", self.app)
+            return False
+        return True
+
+    def _shared(self) -> Awaitable[str]:
+        # Nothing is awaited before the task exists, so concurrent callers all join one fetch.
+        task = self._inflight
+        if task is None:
+            task = asyncio.ensure_future(self._fetch())
+            self._inflight = task
+            task.add_done_callback(self._fetch_done)
+        # shield: a cancelled caller must not cancel the fetch the others wait for.
+        return asyncio.shield(task)
+
+    async def _settle(self) -> None:
+        try:
+            await self._shared()
+        except WxdError:
+            pass
+
+    def _fetch_done(self, task: asyncio.Task[str]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure nobody awaited is not "never retrieved"
+
+    def _make(self, token: str, fetched_at: float, expires_in: float) -> _Held:
+        lifetime = max(expires_in, 0.0)
+        # stable_token may answer a short remaining lifetime (>= 300 s): never let the margin
+        # exceed half of it, or every tick would refetch the same token.
+        margin = min(self._margin_s, lifetime / 2)
+        jitter = self._rng.uniform(0.0, margin * JITTER_FRACTION)
+        return _Held(
+            token=token, fetched_at=fetched_at, expires_at=fetched_at + lifetime,
+            refresh_at=fetched_at + lifetime - margin - jitter,
+            stale_at=fetched_at + lifetime - min(USE_GUARD_S, lifetime / 4),
+        )
+
+    async def _fetch(self) -> str:
+        now = self._clock()
+        day = utc_day(now)
+        try:
+            count = await self._db.write(
+                lambda conn: _count_fetch(conn, self.app, day, self._budget))
+            self.fetches += 1
+            if self._fetches is not None:
+                self._fetches.inc(app=self.app)
+            token, expires_in = await self._client.fetch_token(self.appid, self._secret,
+                                                               self.mode)
+        except TokenBudgetError as exc:
+            self._failed(exc, now, next_utc_midnight(now))
+            raise
+        except WxdError as exc:
+            self._failed(exc, now, None)
+            raise
+        previous = self._held
+        held = self._make(token, now, expires_in)
+        self._held = held
+        self._failures, self._retry_at, self._last_error = 0, 0.0, None
+        if self._echo is not None and self._echo[0] != token:
+            self._echo = None
+        log.info("%s access_token %s via %s: expires in %.0f s, next refresh in %.0f s "
+                 "(fetch %d of %d today)", self.app,
+                 "unchanged" if previous is not None and previous.token == token else "fetched",
+                 "stable_token" if self.mode == "stable" else "token", expires_in,
+                 held.refresh_at - now, count, self._budget)
+        try:
+            await self._db.write(lambda conn: _save(conn, self.app, self.appid, token,
+                                                    held.expires_at, held.fetched_at))
+        except WxdError as exc:  # the token in memory is still good; a restart refetches
+            log.error("%s access_token could not be stored: %s", self.app, exc)
+        return token
+
+    def _failed(self, exc: WxdError, now: float, retry_at: float | None) -> None:
+        self._failures += 1
+        self._last_error = exc
+        if self._failed_total is not None:
+            self._failed_total.inc(app=self.app)
+        if retry_at is None:
+            if isinstance(exc, WeChatAPIError) and exc.quota:
+                delay = QUOTA_PAUSE_S
+            else:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self._failures - 1))
+                delay *= self._rng.uniform(0.8, 1.0)
+            retry_at = now + delay
+        self._retry_at = retry_at
+        level = logging.WARNING if self._held is not None else logging.ERROR
+        if isinstance(exc, TokenBudgetError) or (isinstance(exc, WeChatAPIError) and exc.quota):
+            level = logging.ERROR
+        log.log(level, "%s access_token fetch failed (%d in a row): %s; next attempt in %.0f s",
+                self.app, self._failures, exc, retry_at - now)
+
+    async def _collect(self) -> None:
+        if self._expires_in is not None:
+            current = self.current()
+            self._expires_in.set(max(0.0, current[1] - self._clock()) if current else 0.0,
+                                 app=self.app)

@@ -1,0 +1,308 @@
+"""The upstream WeChat client: one object over an injected AsyncHTTPClient, the errcode table.
+
+Layer L2: imports wxd.errors, wxd.metrics and tornado.httpclient only; never wxd.tokens (tokens
+reach it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import tornado.httpclient
+
+from wxd.errors import TransportError, WeChatAPIError
+from wxd.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+# The one table of errcode classes (wechat-api.md §2.3, §7.6, §11). Anything absent is terminal.
+#   token     - the access_token is invalid, superseded or expired: refresh, retry once.
+#   transient - WeChat is busy or throttling (per minute, or per user for 43117): back off, retry.
+#   quota     - a daily quota is spent: stop this kind of call until the quota resets.
+ERROR_KINDS: Mapping[int, str] = {
+    40001: "token",  # invalid credential / not latest (superseded by a newer /cgi-bin/token)
+    40014: "token",  # invalid access_token
+    42001: "token",  # access_token expired
+    -1: "transient",  # system error
+    45011: "transient",  # api minute-quota reached: retry next minute
+    43117: "transient",  # sending to this openid too frequently (per-user throttle)
+    45009: "quota",  # daily api quota reached
+}
+KINDS = ("token", "transient", "quota", "terminal")
+
+# Query parameters whose values must never appear in an error, a log line or a metric.
+_SECRET_PARAMS = ("access_token", "secret", "appsecret", "js_code")
+
+TOKEN_PATH = "/cgi-bin/token"  # noqa: S105 - a path, not a password
+STABLE_TOKEN_PATH = "/cgi-bin/stable_token"  # noqa: S105
+BATCHGET_MAX = 100
+
+
+def classify(errcode: int) -> str:
+    """The class of a WeChat errcode: "token" | "transient" | "quota" | "terminal"."""
+    return ERROR_KINDS.get(errcode, "terminal")
+
+
+class TokenSource(Protocol):
+    """Where WeChatClient.call gets an access_token; tokens.TokenManager satisfies it."""
+
+    async def get(self) -> str:
+        """A currently valid access_token (may wait for a shared refresh)."""
+        ...
+
+    async def invalidate(self, token: str) -> None:
+        """`token` was rejected by WeChat: refresh only if it is still the current token."""
+        ...
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
+class WeChatClient:
+    """Calls api.weixin.qq.com (or `api_base`, e.g. the sandbox) and checks every JSON answer.
+
+    The AsyncHTTPClient is injected and not closed here (its owner closes it). Timeouts are
+    seconds. Errors: TransportError for network failures, timeouts (tornado's 599), resets,
+    non-JSON answers and any HTTP status other than 200; WeChatAPIError(kind=classify(errcode))
+    when the JSON carries a non-zero errcode. Both carry the API path without its query string.
+    """
+
+    def __init__(self, http: tornado.httpclient.AsyncHTTPClient, api_base: str,
+                 connect_timeout_s: float, request_timeout_s: float,
+                 metrics: Registry | None = None) -> None:
+        self._http = http
+        self._base = api_base.rstrip("/")
+        self._connect_timeout_s = connect_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._requests = (
+            metrics.counter("wxd_wechat_requests_total",
+                            "Upstream WeChat API requests by path and outcome "
+                            "(ok, token, transient, quota, terminal, transport).",
+                            ("path", "outcome"))
+            if metrics else None
+        )
+        self._seconds = (
+            metrics.histogram("wxd_wechat_request_seconds", "Upstream WeChat API latency.",
+                              ("path",))
+            if metrics else None
+        )
+
+    async def call(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+                   body: Mapping[str, Any] | None = None,
+                   token: TokenSource | None = None) -> dict[str, Any]:
+        """One API call; returns the JSON object answered (errcode absent or 0).
+
+        `body` is sent as UTF-8 JSON without \\u escapes (some WeChat APIs reject them, 40033).
+        With `token`, the access_token is added to the query; on a token-class error the call
+        invalidates the token it used (a refresh happens only if that token is still current)
+        and is retried exactly once; a second failure surfaces.
+        """
+        if token is None:
+            return await self._once(method, path, params, body, None)
+        used = await token.get()
+        try:
+            return await self._once(method, path, params, body, used)
+        except WeChatAPIError as exc:
+            if not exc.token_invalid:
+                raise
+            log.info("%s answered errcode %d; refreshing the token and retrying once",
+                     path, exc.errcode)
+            await token.invalidate(used)
+        return await self._once(method, path, params, body, await token.get())
+
+    async def _once(self, method: str, path: str, params: Mapping[str, str] | None,
+                    body: Mapping[str, Any] | None, access_token: str | None) -> dict[str, Any]:
+        query = dict(params or {})
+        if access_token is not None:
+            query["access_token"] = access_token
+        secrets = [query[name] for name in _SECRET_PARAMS if query.get(name)]
+        if body is not None:
+            secrets.extend(str(body[name]) for name in ("secret", "appsecret") if body.get(name))
+        url = self._base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"Accept": "application/json"}
+        payload: bytes | None = None
+        if body is not None:
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        elif method == "POST":
+            payload = b""
+        request = tornado.httpclient.HTTPRequest(
+            url, method=method, headers=headers, body=payload,
+            connect_timeout=self._connect_timeout_s, request_timeout=self._request_timeout_s,
+            follow_redirects=False, decompress_response=True,
+        )
+        started = time.perf_counter()
+        response: tornado.httpclient.HTTPResponse | None = None
+        failure: TransportError | None = None
+        try:
+            response = await self._http.fetch(request, raise_error=True)
+        except tornado.httpclient.HTTPClientError as exc:
+            # Code 599 is tornado's "no HTTP answer" (timeout, reset, closed stream).
+            status = None if exc.code == 599 else exc.code
+            reason = "no answer" if status is None else f"HTTP {exc.code}"
+            failure = self._transport(method, path, f"{reason}: {exc.message or ''}", status,
+                                      secrets, started)
+        except OSError as exc:  # connection refused, reset, DNS, TLS (ssl.SSLError is an OSError)
+            failure = self._transport(method, path, f"{type(exc).__name__}: {exc}", None,
+                                      secrets, started)
+        if failure is not None or response is None:
+            # Raised outside the except block: tornado's exception (its response holds the URL
+            # with the access_token or secret) must not ride along as __context__.
+            raise failure or TransportError(f"{method} {path}: no response", path)
+        self._observe(path, started)
+        try:
+            answer = json.loads(response.body)
+        except (ValueError, UnicodeDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
+            self._count(path, "transport")
+            raise TransportError(f"{method} {path}: the answer is not a JSON object", path,
+                                 response.code)
+        errcode = answer.get("errcode", 0)
+        if errcode in (0, None):
+            self._count(path, "ok")
+            return answer
+        if not isinstance(errcode, int):
+            self._count(path, "transport")
+            raise TransportError(f"{method} {path}: errcode is not an integer", path,
+                                 response.code)
+        kind = classify(errcode)
+        self._count(path, kind)
+        errmsg = _scrub(str(answer.get("errmsg", "")), secrets)
+        raise WeChatAPIError(errcode, errmsg, path, kind)
+
+    def _transport(self, method: str, path: str, reason: str, status: int | None,
+                   secrets: Sequence[str], started: float) -> TransportError:
+        self._observe(path, started)
+        self._count(path, "transport")
+        return TransportError(_scrub(f"{method} {path}: {reason}".rstrip(": "), secrets), path,
+                              status)
+
+    def _count(self, path: str, outcome: str) -> None:
+        if self._requests is not None:
+            self._requests.inc(path=path, outcome=outcome)
+
+    def _observe(self, path: str, started: float) -> None:
+        if self._seconds is not None:
+            self._seconds.observe(time.perf_counter() - started, path=path)
+
+    async def fetch_token(self, appid: str, secret: str, mode: str, force: bool = False
+                          ) -> tuple[str, float]:
+        """(access_token, expires_in seconds) from WeChat, without caching.
+
+        mode "stable": POST /cgi-bin/stable_token (normal mode returns the same token while it
+        is valid, with the remaining lifetime; `force` = force_refresh, 20 a day, use only for a
+        leaked token). mode "legacy": GET /cgi-bin/token, which issues a new token on every
+        call and leaves the previous one working for 5 more minutes only.
+        """
+        if mode == "stable":
+            answer = await self.call("POST", STABLE_TOKEN_PATH, body={
+                "grant_type": "client_credential", "appid": appid, "secret": secret,
+                "force_refresh": force,
+            })
+            path = STABLE_TOKEN_PATH
+        elif mode == "legacy":
+            answer = await self.call("GET", TOKEN_PATH, params={
+                "grant_type": "client_credential", "appid": appid, "secret": secret,
+            })
+            path = TOKEN_PATH
+        else:
+            raise ValueError(f"token mode must be 'stable' or 'legacy', not {mode!r}")
+        access_token = answer.get("access_token")
+        expires_in = answer.get("expires_in")
+        if (not isinstance(access_token, str) or not access_token
+                or isinstance(expires_in, bool) or not isinstance(expires_in, (int, float))):
+            raise TransportError(f"{path}: the answer has no access_token/expires_in", path, 200)
+        return access_token, float(expires_in)
+
+
+class OfficialAccountAPI:
+    """The Official Account endpoints wxd uses, always with the OA's TokenSource."""
+
+    def __init__(self, client: WeChatClient, token: TokenSource) -> None:
+        self._client = client
+        self._token = token
+
+    async def user_get(self, next_openid: str = "") -> dict[str, Any]:
+        """One raw page of /cgi-bin/user/get: total, count, data? {openid: [...]}, next_openid.
+
+        Quirk: the last full page still carries a next_openid; the call after it answers
+        count 0 without `data`. Callers stop on count == 0, no data or an empty next_openid.
+        """
+        params = {"next_openid": next_openid} if next_openid else None
+        return await self._client.call("GET", "/cgi-bin/user/get", params=params,
+                                       token=self._token)
+
+    async def user_info(self, openid: str) -> dict[str, Any]:
+        """/cgi-bin/user/info for one OA openid (unionid only while the user follows)."""
+        return await self._client.call("GET", "/cgi-bin/user/info",
+                                       params={"openid": openid, "lang": "zh_CN"},
+                                       token=self._token)
+
+    async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]:
+        """/cgi-bin/user/info/batchget: 1..100 OA openids → their user_info_list entries."""
+        if not 0 < len(openids) <= BATCHGET_MAX:
+            raise ValueError(f"batchget takes 1..{BATCHGET_MAX} openids, got {len(openids)}")
+        answer = await self._client.call(
+            "POST", "/cgi-bin/user/info/batchget",
+            body={"user_list": [{"openid": openid, "lang": "zh_CN"} for openid in openids]},
+            token=self._token,
+        )
+        infos = answer.get("user_info_list")
+        if not isinstance(infos, list):
+            return []
+        return [info for info in infos if isinstance(info, dict)]
+
+    async def send_template(self, body: Mapping[str, Any]) -> str:
+        """/cgi-bin/message/template/send; returns the msgid as a string (it is an int64).
+
+        errcode 0 means accepted, not delivered: TEMPLATESENDJOBFINISH reports delivery.
+        """
+        answer = await self._client.call("POST", "/cgi-bin/message/template/send", body=body,
+                                         token=self._token)
+        msgid = answer.get("msgid")
+        if isinstance(msgid, bool) or not isinstance(msgid, (int, str)) or msgid == "":
+            raise TransportError("/cgi-bin/message/template/send: the answer has no msgid",
+                                 "/cgi-bin/message/template/send", 200)
+        return str(msgid)
+
+    async def templates(self) -> list[dict[str, Any]]:
+        """/cgi-bin/template/get_all_private_template: the OA's template_list."""
+        answer = await self._client.call("GET", "/cgi-bin/template/get_all_private_template",
+                                         token=self._token)
+        items = answer.get("template_list")
+        if not isinstance(items, list):
+            return []
+        return [item for item in items if isinstance(item, dict)]
+
+
+class MiniProgramAPI:
+    """The Mini Program endpoints wxd uses. code2session takes the MP appid/secret, no token."""
+
+    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
+        self._client = client
+        self._appid = appid
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return f"MiniProgramAPI(appid={self._appid!r})"
+
+    async def code2session(self, code: str) -> dict[str, Any]:
+        """/sns/jscode2session: openid, session_key and (when bound) unionid.
+
+        The code is single use and lives 5 minutes (40029 invalid, 40163 already used).
+        The answer holds the session_key: never log it or return it to a client.
+        """
+        return await self._client.call("GET", "/sns/jscode2session", params={
+            "appid": self._appid, "secret": self._secret, "js_code": code,
+            "grant_type": "authorization_code",
+        })
