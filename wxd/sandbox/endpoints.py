@@ -6,12 +6,13 @@ The tornado layer (app.py) only applies an Answer's delay and transport fault.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from wxd.sandbox.population import Person
+from wxd.sandbox.shapes import error_body, user_info
 from wxd.sandbox.state import Call, FakeWeChat
 from wxd.sandbox.templates import check_data, check_miniprogram
 from wxd.sandbox.tokens import TokenGrant, TokenRecord
@@ -19,38 +20,13 @@ from wxd.sandbox.tokens import TokenGrant, TokenRecord
 USER_GET_PAGE = 10_000
 BATCHGET_MAX = 100
 
-# errmsg texts as WeChat words them (wechat-api.md §2.3, §11). A " rid: ..." suffix is appended,
-# as current WeChat errors carry one; clients must match on errcode only.
-ERRMSG: Mapping[int, str] = {
-    -1: "system error",
-    40001: "invalid credential, access_token is invalid or not latest",
-    40002: "invalid grant_type",
-    40003: "invalid openid",
-    40013: "invalid appid",
-    40014: "invalid access_token",
-    40029: "invalid code",
-    40032: "invalid openid list size",
-    40036: "invalid template_id size",
-    40037: "invalid template_id",
-    40066: "invalid url",
-    40125: "invalid appsecret",
-    40163: "code been used",
-    41001: "access_token missing",
-    41002: "appid missing",
-    41004: "appsecret missing",
-    42001: "access_token expired",
-    43001: "require GET method",
-    43002: "require POST method",
-    43004: "require subscribe",
-    45009: "reach max api daily quota limit",
-    45011: "api minute-quota reach limit mustslower retry next minute",
-    47001: "data format error",
-    47003: "argument invalid!",
-    48001: "api unauthorized",
-}
-
 _REDACTED = "<redacted>"
 _SECRET_KEYS = frozenset({"access_token", "secret", "appsecret"})
+_UNPARSED: Any = object()
+
+
+class _NotJSON(str):
+    """A request body that is not JSON (kept as text for the call log)."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +69,17 @@ class _Ctx:
     body: bytes
     app: str | None = None
     report: Report | None = None
+    parsed: Any = _UNPARSED
+
+    def parse(self) -> Any:
+        """The body parsed as JSON once (None if empty, the text if it is not JSON)."""
+        if self.parsed is _UNPARSED:
+            self.parsed = _parse_body(self.body)
+        return self.parsed
 
     def json_body(self) -> dict[str, Any]:
         """The body as a JSON object; WeChat answers 47001 to anything else (e.g. a form)."""
-        try:
-            value = json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise _Reject(47001) from None
+        value = self.parse()
         if not isinstance(value, dict):
             raise _Reject(47001)
         return value
@@ -127,12 +107,6 @@ class _Ctx:
         if secret != expected_secret:
             raise _Reject(40125)
         return app
-
-
-def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dict[str, Any]:
-    """WeChat's error JSON: {"errcode": N, "errmsg": "<text> rid: <id>"}."""
-    text = detail or ERRMSG.get(errcode, "sandbox scripted error")
-    return {"errcode": errcode, "errmsg": f"{text} rid: {fake.next_rid()}"}
 
 
 def _grant(result: TokenGrant | int) -> dict[str, Any]:
@@ -173,7 +147,7 @@ def _user_get(ctx: _Ctx) -> dict[str, Any]:
         # openid that has since unfollowed still works as a position in the sorted list.
         if fake.by_oa_openid(next_openid) is None:
             raise _Reject(40003)
-        start = _bisect_right(followers, next_openid)
+        start = bisect.bisect_right(followers, next_openid)
     page = followers[start : start + USER_GET_PAGE]
     if not page:
         # The call after the last page (and an empty account): count 0, no "data" key at all.
@@ -185,48 +159,6 @@ def _user_get(ctx: _Ctx) -> dict[str, Any]:
         "data": {"openid": page},
         "next_openid": page[-1],
     }
-
-
-def _bisect_right(items: list[str], value: str) -> int:
-    low, high = 0, len(items)
-    while low < high:
-        middle = (low + high) // 2
-        if value < items[middle]:
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-def user_info(person: Person) -> dict[str, Any]:
-    """The user/info shape. Non-followers get subscribe=0 and no unionid (§6.2); nickname,
-    avatar, sex and region are blank since 2021/2023 but the keys remain."""
-    base: dict[str, Any] = {
-        "subscribe": 1 if person.follows else 0,
-        "openid": person.oa_openid,
-        "nickname": "",
-        "sex": 0,
-        "language": "zh_CN",
-        "city": "",
-        "province": "",
-        "country": "",
-        "headimgurl": "",
-    }
-    if not person.follows:
-        base["tagid_list"] = []
-        return base
-    base["subscribe_time"] = person.subscribe_time
-    if person.unionid is not None:
-        base["unionid"] = person.unionid
-    base.update(
-        remark="",
-        groupid=0,
-        tagid_list=[],
-        subscribe_scene=person.subscribe_scene,
-        qr_scene=person.qr_scene,
-        qr_scene_str=person.qr_scene_str,
-    )
-    return base
 
 
 def _user_info(ctx: _Ctx) -> dict[str, Any]:
@@ -291,10 +223,11 @@ def _template_send(ctx: _Ctx) -> dict[str, Any]:
         if rejection is not None:
             raise _Reject(rejection.errcode, rejection.errmsg)
     data = body.get("data")
+    if not isinstance(data, dict):
+        raise _Reject(47003, "argument invalid! data invalid")
     rejection = check_data(template, data)
     if rejection is not None:
         raise _Reject(rejection.errcode, rejection.errmsg)
-    assert isinstance(data, dict)  # noqa: S101 - check_data accepted it, so it is an object
     url = body.get("url")
     msgid = fake.accept_message(
         person,
@@ -349,16 +282,19 @@ def _redact(query: Mapping[str, str]) -> dict[str, str]:
     return {k: (_REDACTED if k in _SECRET_KEYS else v) for k, v in query.items()}
 
 
-def _logged_body(body: bytes) -> Any:
+def _parse_body(body: bytes) -> Any:
     if not body:
         return None
     try:
-        value = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        return body.decode("utf-8", "replace")
+        return _NotJSON(body.decode("utf-8", "replace"))
+
+
+def _logged_body(value: Any) -> Any:
     if isinstance(value, dict) and "secret" in value:
-        value = {**value, "secret": _REDACTED}
-    return value
+        return {**value, "secret": _REDACTED}
+    return str(value) if isinstance(value, _NotJSON) else value
 
 
 def _errcode_of(body: Mapping[str, Any] | None) -> int | None:
@@ -407,15 +343,14 @@ def dispatch(
             method=method,
             path=path,
             query=_redact(query),
-            body=_logged_body(body),
+            body=_logged_body(ctx.parse()),
             status=status,
-            errcode=_errcode_of(answer_body) if fault is None else None,
+            errcode=None if fault in ("hang_after", "reset_after") else _errcode_of(answer_body),
             at=fake.clock(),
             app=ctx.app,
             fault=fault,
         )
     )
-    if fault is not None and fault.endswith("_after"):
-        # The call was processed, but its answer is lost; the report still goes out.
-        return Answer(status, answer_body, fault, delay, ctx.report)
+    # For "hang_after"/"reset_after" the call was processed (a report may still go out), but the
+    # tornado layer never delivers the answer.
     return Answer(status, answer_body, fault, delay, ctx.report)

@@ -12,7 +12,7 @@ import logging
 import random
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +86,8 @@ class FakeWeChat:
     Everything random (population, tokens, codes, msgids, faults, latency) comes from `seed`;
     time comes from `clock` (unix seconds), so a test can move time instead of sleeping.
     `latency_s` is a fixed delay per call or a (min, max) range drawn per call.
+    `call_log_limit` keeps only about the newest N calls in `calls` (for huge benchmarks);
+    count_calls() still counts every call.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class FakeWeChat:
         latency_s: float | tuple[float, float] = 0.0,
         fault_rate: float = 0.0,
         fault_kinds: Iterable[str] = DEFAULT_FAULT_KINDS,
+        call_log_limit: int | None = None,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials()
         self.clock = clock
@@ -127,6 +130,8 @@ class FakeWeChat:
         self._followers: list[str] = sorted(p.oa_openid for p in self.people if p.follows)
         self.templates: dict[str, Template] = {t.template_id: t for t in DEFAULT_TEMPLATES}
         self.calls: list[Call] = []
+        self.call_log_limit = call_log_limit
+        self._call_counts: Counter[str] = Counter()
         self.webhook: WebhookConfig | None = None
         self._codes: dict[str, _LoginCode] = {}
         self._inbox: dict[str, list[dict[str, Any]]] = {}
@@ -274,10 +279,9 @@ class FakeWeChat:
         self.webhook = WebhookConfig(url, mode, report_delay_s, report_status, retries)
 
     def report_status_for(self, person: Person) -> str:
-        webhook = self.webhook
-        if webhook is None or isinstance(webhook.report_status, str):
-            return webhook.report_status if webhook is not None else "success"
-        return webhook.report_status(person)
+        """The TEMPLATESENDJOBFINISH Status the configured webhook gets for `person`."""
+        status = self.webhook.report_status if self.webhook is not None else "success"
+        return status if isinstance(status, str) else status(person)
 
     # Faults, latency and the call log ----------------------------------------------------------
 
@@ -313,10 +317,14 @@ class FakeWeChat:
 
     def record(self, call: Call) -> None:
         self.calls.append(call)
+        self._call_counts[call.path] += 1
+        limit = self.call_log_limit
+        if limit is not None and len(self.calls) >= 2 * limit:
+            del self.calls[: len(self.calls) - limit]  # amortised O(1) a call
 
     def count_calls(self, path: str) -> int:
-        """How many calls `path` received (answered or faulted)."""
-        return sum(1 for call in self.calls if call.path == path)
+        """How many calls `path` received (answered or faulted), since the start."""
+        return self._call_counts[path]
 
     def app_for_appid(self, appid: str) -> tuple[str, str] | None:
         """("oa"|"mp", secret) for a known appid."""

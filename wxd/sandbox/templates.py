@@ -131,7 +131,7 @@ def _value_ok(kind: str, value: str) -> bool:
     return True
 
 
-def check_data(template: Template, data: Any) -> Rejection | None:
+def check_data(template: Template, data: Mapping[str, Any]) -> Rejection | None:
     """Apply §7.4 to a template/send `data` object; None when acceptable.
 
     Every typed key of the template must be present with a non-empty string value (47003
@@ -139,8 +139,6 @@ def check_data(template: Template, data: Any) -> Rejection | None:
     Keys not in the template are ignored (first/remark are harmless since 2023), except
     `miniprogram`, which belongs at the top level (47003).
     """
-    if not isinstance(data, dict):
-        return Rejection(47003, "argument invalid! data invalid")
     if "miniprogram" in data:
         return Rejection(47003, "argument invalid! data.miniprogram is not a data field")
     for key in template.keys:

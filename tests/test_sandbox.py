@@ -1,0 +1,1002 @@
+"""Tests of the WeChat emulator (wxd.sandbox): shapes, error codes, quirks, faults, webhook side.
+
+The webhook signer is pinned to the known-answer vectors of wechat-api.md §13, so the emulator
+is checked against WeChat itself, not only against wxd's own crypto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, ClassVar
+
+import pytest
+import tornado.httpserver
+import tornado.web
+from tornado.httpclient import HTTPClientError
+from tornado.testing import bind_unused_port, gen_test
+
+from tests.sandbox_fixture import START, FakeClock, SandboxTestCase, sandbox  # noqa: F401
+from wxd.crypto import MessageCrypto, decode_aes_key, sign
+from wxd.messages import parse_xml
+from wxd.sandbox import (
+    LEGACY_TEMPLATE_ID,
+    NOTICE_TEMPLATE_ID,
+    ORDER_TEMPLATE_ID,
+    Credentials,
+    FakeWeChat,
+    SandboxThread,
+    WebhookSender,
+    dispatch,
+)
+from wxd.sandbox.templates import DEFAULT_TEMPLATES, check_data
+
+CC = "client_credential"
+SEND = "/cgi-bin/message/template/send"
+GOOD_ORDER = {
+    "character_string1": {"value": "A20240101-001"},
+    "thing2": {"value": "巧克力"},
+    "amount3": {"value": "39.8元"},
+    "time4": {"value": "2024年1月1日 12:00"},
+    "phrase5": {"value": "配送中"},
+}
+RID_RE = re.compile(r" rid: [0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{8}$")
+
+
+# Population and credentials ------------------------------------------------------------------
+
+
+def test_population_is_seeded_and_well_formed() -> None:
+    one, same, other = FakeWeChat(300, seed=5), FakeWeChat(300, seed=5), FakeWeChat(300, seed=6)
+    assert [p.oa_openid for p in one.people] == [p.oa_openid for p in same.people]
+    assert [p.oa_openid for p in one.people] != [p.oa_openid for p in other.people]
+    oa_prefixes = {p.oa_openid[:6] for p in one.people}
+    mp_prefixes = {p.mp_openid[:6] for p in one.people}
+    assert len(oa_prefixes) == 1 and len(mp_prefixes) == 1 and oa_prefixes != mp_prefixes
+    for p in one.people:
+        for ident in (p.oa_openid, p.mp_openid, p.unionid):
+            assert ident is not None and re.fullmatch(r"o[A-Za-z0-9_-]{27}", ident)
+        assert one.by_oa_openid(p.oa_openid) is p
+        assert one.by_mp_openid(p.mp_openid) is p
+        assert p.unionid is not None and one.by_unionid(p.unionid) is p
+        assert (p.subscribe_time > 0) == p.follows
+    followers = sum(p.follows for p in one.people)
+    assert 120 < followers < 240  # follow_ratio 0.6
+    assert one.follower_openids == sorted(p.oa_openid for p in one.people if p.follows)
+    assert one.by_oa_openid(one.people[0].mp_openid) is None
+    unbound = FakeWeChat(50, unionid_ratio=0.0)
+    assert all(p.unionid is None for p in unbound.people)
+
+
+def test_default_credentials_have_valid_formats() -> None:
+    creds = Credentials()
+    for appid in (creds.oa_appid, creds.mp_appid):
+        assert re.fullmatch(r"wx[0-9a-f]{16}", appid)
+    assert creds.oa_appid != creds.mp_appid
+    assert len(decode_aes_key(creds.encoding_aes_key)) == 32
+    assert re.fullmatch(r"[A-Za-z0-9]{3,32}", creds.webhook_token)
+    assert re.fullmatch(r"gh_[0-9a-f]{12}", creds.oa_original_id)
+
+
+# Tokens -----------------------------------------------------------------------------------------
+
+
+class TokenTests(SandboxTestCase):
+    fake_options: ClassVar[dict[str, Any]] = {"token_daily_quota": 3}
+
+    def get_token(self, **query: str) -> dict[str, Any]:
+        creds = self.fake.credentials
+        params = {"grant_type": CC, "appid": creds.oa_appid, "secret": creds.oa_secret}
+        params.update(query)
+        return self.api_json("GET", "/cgi-bin/token", {k: v for k, v in params.items() if v})
+
+    def user_get(self, token: str) -> dict[str, Any]:
+        return self.api_json("GET", "/cgi-bin/user/get", {"access_token": token})
+
+    def errcode(self, answer: dict[str, Any]) -> int:
+        assert RID_RE.search(answer["errmsg"]), answer
+        code = answer["errcode"]
+        assert isinstance(code, int)
+        return code
+
+    def test_success_shape(self) -> None:
+        answer = self.get_token()
+        assert set(answer) == {"access_token", "expires_in"}
+        assert answer["expires_in"] == 7200
+        assert "errcode" not in self.user_get(answer["access_token"])
+
+    def test_credential_errors(self) -> None:
+        creds = self.fake.credentials
+        assert self.errcode(self.get_token(appid="wx0000000000000000")) == 40013
+        assert self.errcode(self.get_token(secret="0" * 32)) == 40125
+        assert self.errcode(self.get_token(appid="")) == 41002
+        assert self.errcode(self.get_token(secret="")) == 41004
+        assert self.errcode(self.get_token(grant_type="password")) == 40002
+        # The MP's credentials get an MP token, which the OA APIs refuse (isolation, §1).
+        mp = self.get_token(appid=creds.mp_appid, secret=creds.mp_secret)["access_token"]
+        assert self.errcode(self.user_get(mp)) == 48001
+
+    def test_superseded_token_works_five_minutes_then_40001(self) -> None:
+        first = self.get_token()["access_token"]
+        self.clock.advance(1000)
+        second = self.get_token()["access_token"]
+        assert first != second
+        self.clock.advance(299)
+        assert "errcode" not in self.user_get(first)
+        self.clock.advance(1)
+        assert self.errcode(self.user_get(first)) == 40001
+        assert "errcode" not in self.user_get(second)
+
+    def test_expired_token_is_42001(self) -> None:
+        token = self.get_token()["access_token"]
+        self.clock.advance(7199)
+        assert "errcode" not in self.user_get(token)
+        self.clock.advance(1)
+        assert self.errcode(self.user_get(token)) == 42001
+
+    def test_token_check_codes(self) -> None:
+        answer = self.api_json("GET", "/cgi-bin/user/get")
+        assert self.errcode(answer) == 41001
+        assert self.errcode(self.user_get("not a token!")) == 40014
+        assert self.errcode(self.user_get("86_" + "A" * 120)) == 40001
+
+    def test_daily_quota_45009_resets_next_day(self) -> None:
+        for _ in range(3):
+            assert "access_token" in self.get_token()
+        assert self.errcode(self.get_token()) == 45009
+        assert self.fake.tokens.classic_fetches_today("oa") == 3
+        # Counters are per app: the MP still has its own quota.
+        creds = self.fake.credentials
+        assert "access_token" in self.get_token(appid=creds.mp_appid, secret=creds.mp_secret)
+        self.clock.advance(86400)
+        assert "access_token" in self.get_token()
+
+    def stable(self, force: bool | None = None) -> dict[str, Any]:
+        creds = self.fake.credentials
+        body: dict[str, Any] = {"grant_type": CC, "appid": creds.oa_appid, "secret": creds.oa_secret}
+        if force is not None:
+            body["force_refresh"] = force
+        return self.api_json("POST", "/cgi-bin/stable_token", body=body)
+
+    def test_stable_token_same_while_valid_and_rotates_early(self) -> None:
+        first = self.stable()
+        assert first["expires_in"] == 7200
+        self.clock.advance(100)
+        again = self.stable()
+        assert again == {"access_token": first["access_token"], "expires_in": 7100}
+        self.clock.advance(7200 - 100 - 300)  # into the last 5 minutes: a new token
+        rotated = self.stable()
+        assert rotated["access_token"] != first["access_token"]
+        assert rotated["expires_in"] == 7200
+        assert "errcode" not in self.user_get(first["access_token"])  # old runs to its expiry
+        self.clock.advance(300)
+        assert self.errcode(self.user_get(first["access_token"])) == 42001
+        assert "errcode" not in self.user_get(rotated["access_token"])
+
+    def test_stable_and_classic_tokens_are_independent(self) -> None:
+        stable = self.stable()["access_token"]
+        classic = self.get_token()["access_token"]
+        self.get_token()
+        self.clock.advance(301)
+        assert "errcode" not in self.user_get(stable)  # classic refreshes do not touch it
+        assert self.errcode(self.user_get(classic)) == 40001
+        self.stable(force=True)
+        assert "errcode" not in self.user_get(self.get_token()["access_token"])
+
+    def test_force_refresh_rules(self) -> None:
+        first = self.stable()["access_token"]
+        forced = self.stable(force=True)["access_token"]
+        assert forced != first
+        assert self.errcode(self.user_get(first)) == 40001  # killed at once
+        self.clock.advance(10)
+        # Within 30 s of the previous forced refresh nothing is refreshed.
+        assert self.stable(force=True)["access_token"] == forced
+        for _ in range(19):
+            self.clock.advance(31)
+            assert "access_token" in self.stable(force=True)
+        self.clock.advance(31)
+        assert self.errcode(self.stable(force=True)) == 45009
+        response = self.call_api("POST", "/cgi-bin/stable_token", body="grant_type=client_credential")
+        assert json.loads(response.body)["errcode"] == 47001
+
+
+# user/get paging ---------------------------------------------------------------------------------
+
+
+class _UserGetPaging(SandboxTestCase):
+    """Walks user/get over HTTP for a population where everybody (or nobody) follows."""
+
+    __test__ = False  # only the subclasses below run
+    followers = 0
+
+    def make_fake(self, clock: FakeClock) -> FakeWeChat:
+        ratio = 1.0 if self.followers else 0.0
+        return FakeWeChat(users=self.followers or 3, clock=clock, follow_ratio=ratio)
+
+    def test_paging(self) -> None:
+        token = self.token()
+        seen: list[str] = []
+        next_openid = ""
+        pages = []
+        while True:
+            query = {"access_token": token}
+            if next_openid:
+                query["next_openid"] = next_openid
+            page = self.api_json("GET", "/cgi-bin/user/get", query)
+            pages.append(page)
+            assert page["total"] == self.followers
+            if page["count"] == 0:
+                # After the last page (or for an empty account): no "data" key at all.
+                assert page == {"total": self.followers, "count": 0, "next_openid": ""}
+                break
+            openids = page["data"]["openid"]
+            assert set(page) == {"total", "count", "data", "next_openid"}
+            assert page["count"] == len(openids) <= 10_000
+            # The quirk: next_openid is the page's last openid, even on the last page.
+            assert page["next_openid"] == openids[-1]
+            seen.extend(openids)
+            next_openid = page["next_openid"]
+            assert len(pages) < 10
+        assert seen == sorted(self.fake.follower_openids) and len(set(seen)) == self.followers
+        expected_pages = -(-self.followers // 10_000) + 1
+        assert len(pages) == expected_pages
+
+
+class UserGetEmpty(_UserGetPaging):
+    __test__ = True
+    followers = 0
+
+
+class UserGetOne(_UserGetPaging):
+    __test__ = True
+    followers = 1
+
+
+class UserGetFullPage(_UserGetPaging):
+    __test__ = True
+    followers = 10_000
+
+
+class UserGetFullPagePlusOne(_UserGetPaging):
+    __test__ = True
+    followers = 10_001
+
+
+# user/info and batchget -----------------------------------------------------------------------------
+
+
+class UserInfoTests(SandboxTestCase):
+    fake_options: ClassVar[dict[str, Any]] = {"unionid_ratio": 0.5}
+
+    def info(self, openid: str, token: str | None = None) -> dict[str, Any]:
+        token = token or self.token()
+        return self.api_json("GET", "/cgi-bin/user/info", {"access_token": token, "openid": openid})
+
+    def batch(self, openids: list[str], token: str | None = None) -> dict[str, Any]:
+        body = {"user_list": [{"openid": o, "lang": "zh_CN"} for o in openids]}
+        query = {"access_token": token or self.token()}
+        return self.api_json("POST", "/cgi-bin/user/info/batchget", query, body)
+
+    def test_follower_and_unfollowed_shapes(self) -> None:
+        person = next(p for p in self.fake.people if p.follows and p.unionid)
+        info = self.info(person.oa_openid)
+        assert info["subscribe"] == 1 and info["openid"] == person.oa_openid
+        assert info["unionid"] == person.unionid
+        assert info["subscribe_time"] == person.subscribe_time
+        for key in ("subscribe_scene", "qr_scene", "qr_scene_str", "tagid_list", "remark"):
+            assert key in info
+        self.fake.unfollow(person)
+        gone = self.info(person.oa_openid)
+        assert gone["subscribe"] == 0 and gone["openid"] == person.oa_openid
+        assert "unionid" not in gone and "subscribe_time" not in gone
+        self.clock.advance(60)
+        self.fake.follow(person)
+        back = self.info(person.oa_openid)
+        assert back["unionid"] == person.unionid  # same openid and unionid on re-follow
+        assert back["subscribe_time"] == int(START) + 60
+
+    def test_no_unionid_when_unbound(self) -> None:
+        person = next(p for p in self.fake.people if p.follows and p.unionid is None)
+        assert "unionid" not in self.info(person.oa_openid)
+
+    def test_info_errors(self) -> None:
+        person = self.fake.people[0]
+        assert self.info(person.mp_openid)["errcode"] == 40003
+        assert self.info("oUnknownUnknownUnknownUnknown")["errcode"] == 40003
+        assert self.info(person.oa_openid, self.token("mp"))["errcode"] == 48001
+
+    def test_batchget(self) -> None:
+        token = self.token()
+        openids = [p.oa_openid for p in self.fake.people[:100]]
+        answer = self.batch(openids, token)
+        assert list(answer) == ["user_info_list"]
+        assert [u["openid"] for u in answer["user_info_list"]] == openids
+        for person, item in zip(self.fake.people, answer["user_info_list"], strict=False):
+            assert item["subscribe"] == int(person.follows)
+            assert ("unionid" in item) == (person.follows and person.unionid is not None)
+        too_many = [p.oa_openid for p in self.fake.people[:101]]
+        assert self.batch(too_many, token)["errcode"] == 40032
+        assert self.batch([], token)["errcode"] == 40032
+        assert self.batch([openids[0], self.fake.people[1].mp_openid], token)["errcode"] == 40003
+        form = self.call_api(
+            "POST", "/cgi-bin/user/info/batchget", {"access_token": token}, body="openid=x"
+        )
+        assert json.loads(form.body)["errcode"] == 47001
+
+
+# Template messages ---------------------------------------------------------------------------------
+
+
+class TemplateSendTests(SandboxTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.oa = self.token()
+        self.follower = next(p for p in self.fake.people if p.follows)
+        self.stranger = next(p for p in self.fake.people if not p.follows)
+
+    def send(self, **fields: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"touser": self.follower.oa_openid, "template_id": ORDER_TEMPLATE_ID}
+        body["data"] = GOOD_ORDER
+        body.update(fields)
+        body = {k: v for k, v in body.items() if v is not None}
+        return self.api_json("POST", SEND, {"access_token": self.oa}, body)
+
+    def test_success_shape_and_inbox(self) -> None:
+        answer = self.send(url="https://example.com/o/1")
+        assert set(answer) == {"errcode", "errmsg", "msgid"}
+        assert answer["errcode"] == 0 and answer["errmsg"] == "ok"
+        assert isinstance(answer["msgid"], int) and answer["msgid"] > 2**53
+        second = self.send()
+        assert second["msgid"] != answer["msgid"]
+        inbox = self.fake.inbox(self.follower.oa_openid)
+        assert [m["msgid"] for m in inbox] == [answer["msgid"], second["msgid"]]
+        assert inbox[0]["data"] == GOOD_ORDER and inbox[0]["url"] == "https://example.com/o/1"
+        assert inbox[0]["template_id"] == ORDER_TEMPLATE_ID
+
+    def test_error_codes(self) -> None:
+        creds = self.fake.credentials
+        assert self.send(template_id=None)["errcode"] == 40036
+        assert self.send(template_id="nope")["errcode"] == 40037
+        assert self.send(touser=self.follower.mp_openid)["errcode"] == 40003
+        assert self.send(touser="oUnknownUnknownUnknownUnknown")["errcode"] == 40003
+        assert self.send(touser=self.stranger.oa_openid)["errcode"] == 43004
+        mp_token = self.token("mp")
+        body = {"touser": self.follower.oa_openid, "template_id": ORDER_TEMPLATE_ID}
+        answer = self.api_json("POST", SEND, {"access_token": mp_token}, {**body, "data": GOOD_ORDER})
+        assert answer["errcode"] == 48001
+        bad_json = self.call_api("POST", SEND, {"access_token": self.oa}, body="{not json")
+        assert json.loads(bad_json.body)["errcode"] == 47001
+        page = {"appid": creds.mp_appid, "pagepath": "pages/index/index?id=1"}
+        assert self.send(miniprogram=page)["errcode"] == 0
+        in_data = self.send(data={**GOOD_ORDER, "miniprogram": page})
+        assert in_data["errcode"] == 47003 and "miniprogram" in in_data["errmsg"]
+        for broken in ("pages/index", {"appid": creds.mp_appid}, {**page, "appid": creds.oa_appid}):
+            assert self.send(miniprogram=broken)["errcode"] == 47003, broken
+        assert self.fake.inbox(self.stranger.oa_openid) == []
+        assert len(self.fake.inbox(self.follower.oa_openid)) == 1
+
+    def test_value_rule_errmsg_names_the_key(self) -> None:
+        answer = self.send(data={**GOOD_ORDER, "thing2": {"value": "x" * 21}})
+        assert answer["errcode"] == 47003
+        assert answer["errmsg"].startswith("argument invalid! data.thing2.value invalid")
+        assert RID_RE.search(answer["errmsg"])
+        empty = self.send(data={**GOOD_ORDER, "phrase5": {"value": ""}})
+        assert empty["errmsg"].startswith("argument invalid! data.phrase5.value is emtpy")
+        missing = {k: v for k, v in GOOD_ORDER.items() if k != "time4"}
+        assert "data.time4" in self.send(data=missing)["errmsg"]
+        # Legacy templates: keys are not typed; first/remark may be absent or extra.
+        legacy = {"keyword1": {"value": "测试"}, "keyword2": {"value": "通过"}}
+        assert self.send(template_id=LEGACY_TEMPLATE_ID, data=legacy)["errcode"] == 0
+        extra = {**GOOD_ORDER, "first": {"value": "不显示"}, "remark": {"value": "x"}}
+        assert self.send(data=extra)["errcode"] == 0
+
+    def test_client_msg_id_dedupe_for_ten_minutes(self) -> None:
+        first = self.send(client_msg_id="push-1")
+        self.clock.advance(599)
+        again = self.send(client_msg_id="push-1")
+        assert again == {"errcode": 0, "errmsg": "ok", "msgid": first["msgid"]}
+        assert len(self.fake.inbox(self.follower.oa_openid)) == 1
+        # The key is (openid, client_msg_id): another person gets their own message.
+        other = next(p for p in self.fake.people if p.follows and p is not self.follower)
+        assert self.send(touser=other.oa_openid, client_msg_id="push-1")["msgid"] != first["msgid"]
+        # A retry still learns the msgid after the recipient unfollowed.
+        self.fake.unfollow(self.follower)
+        assert self.send(client_msg_id="push-1")["msgid"] == first["msgid"]
+        self.fake.follow(self.follower)
+        self.clock.advance(1)  # 600 s after the first send: the window is over
+        later = self.send(client_msg_id="push-1")
+        assert later["errcode"] == 0 and later["msgid"] != first["msgid"]
+        assert len(self.fake.inbox(self.follower.oa_openid)) == 2
+
+    def test_template_list_shape(self) -> None:
+        answer = self.api_json(
+            "GET", "/cgi-bin/template/get_all_private_template", {"access_token": self.oa}
+        )
+        items = answer["template_list"]
+        assert [t["template_id"] for t in items] == [t.template_id for t in DEFAULT_TEMPLATES]
+        for item in items:
+            assert set(item) == {
+                "template_id", "title", "primary_industry", "deputy_industry", "content", "example"
+            }
+        self.fake.add_template("tplNew", "新模板", "内容:{{thing1.DATA}}")
+        answer = self.api_json(
+            "GET", "/cgi-bin/template/get_all_private_template", {"access_token": self.oa}
+        )
+        assert answer["template_list"][-1]["content"] == "内容:{{thing1.DATA}}"
+        assert self.send(template_id="tplNew", data={"thing1": {"value": "好"}})["errcode"] == 0
+
+
+ORDER = next(t for t in DEFAULT_TEMPLATES if t.template_id == ORDER_TEMPLATE_ID)
+NOTICE = next(t for t in DEFAULT_TEMPLATES if t.template_id == NOTICE_TEMPLATE_ID)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("thing2", "一" * 20, True),
+        ("thing2", "一" * 21, False),
+        ("thing2", "Order #12, 巧克力!", True),
+        ("character_string1", "A" * 32, True),
+        ("character_string1", "A" * 33, False),
+        ("character_string1", "订单123", False),
+        ("character_string1", "SN-2024/01_x", True),
+        ("phrase5", "配送中", True),
+        ("phrase5", "已经配送完成", False),
+        ("phrase5", "ok", False),
+        ("phrase5", "配送 中", False),
+        ("amount3", "39.8元", True),
+        ("amount3", "¥100.00", True),
+        ("amount3", "$1234567890.12", True),
+        ("amount3", "12345678901234", False),
+        ("amount3", "一百元", False),
+        ("amount3", "1,000", False),
+        ("time4", "15:01", True),
+        ("time4", "2019年10月1日 15:01", True),
+        ("time4", "2024-01-01 09:30~2024-01-01 10:30", True),
+        ("time4", "25:00", False),
+        ("time4", "tomorrow", False),
+        ("time4", "", False),
+    ],
+)
+def test_template_value_rules(key: str, value: str, ok: bool) -> None:
+    data = {**GOOD_ORDER, key: {"value": value}}
+    rejection = check_data(ORDER, data)
+    if ok:
+        assert rejection is None
+    else:
+        assert rejection is not None and rejection.errcode == 47003
+        assert f"data.{key}.value" in rejection.errmsg
+
+
+def test_template_data_shape_rules() -> None:
+    assert check_data(NOTICE, {"thing1": {"value": "好"}, "time2": {"value": "09:30"}}) is None
+    for broken in ({"thing1": "好", "time2": {"value": "09:30"}}, {"time2": {"value": "09:30"}},
+                   {"thing1": {"value": 5}, "time2": {"value": "09:30"}}):
+        rejection = check_data(NOTICE, broken)
+        assert rejection is not None and "data.thing1" in rejection.errmsg
+
+
+# Mini Program login ----------------------------------------------------------------------------------
+
+
+class LoginTests(SandboxTestCase):
+    fake_options: ClassVar[dict[str, Any]] = {"unionid_ratio": 0.5}
+
+    def exchange(self, code: str, **query: str) -> dict[str, Any]:
+        creds = self.fake.credentials
+        params = {"appid": creds.mp_appid, "secret": creds.mp_secret, "js_code": code,
+                  "grant_type": "authorization_code"}
+        params.update(query)
+        return self.api_json("GET", "/sns/jscode2session", params)
+
+    def test_login_success_and_single_use(self) -> None:
+        person = next(p for p in self.fake.people if p.unionid and not p.used_mp)
+        code = self.fake.issue_login_code(person)
+        answer = self.exchange(code)
+        assert answer == {"session_key": person.session_key, "openid": person.mp_openid,
+                          "unionid": person.unionid}
+        assert len(base64.b64decode(answer["session_key"], validate=True)) == 16
+        assert person.used_mp
+        assert self.exchange(code)["errcode"] == 40163
+        again = self.exchange(self.fake.issue_login_code(person))
+        assert again["session_key"] != answer["session_key"]  # a new login, a new key
+
+    def test_no_unionid_key_when_person_has_none(self) -> None:
+        person = next(p for p in self.fake.people if p.unionid is None)
+        answer = self.exchange(self.fake.issue_login_code(person))
+        assert set(answer) == {"session_key", "openid"}
+
+    def test_login_errors(self) -> None:
+        creds = self.fake.credentials
+        person = self.fake.people[0]
+        code = self.fake.issue_login_code(person)
+        assert self.exchange("0" * 32)["errcode"] == 40029
+        assert self.exchange(code, appid="wx0000000000000000")["errcode"] == 40013
+        assert self.exchange(code, appid=creds.oa_appid, secret=creds.oa_secret)["errcode"] == 40013
+        assert self.exchange(code, secret="0" * 32)["errcode"] == 40125
+        self.clock.advance(299)
+        fresh = self.fake.issue_login_code(person)
+        self.clock.advance(1)
+        assert self.exchange(code)["errcode"] == 40029  # 5 minutes old
+        assert "openid" in self.exchange(fresh)
+
+
+# Misc endpoint behaviour: unknown paths, methods, the call log, faults ---------------------------------
+
+
+class MiscTests(SandboxTestCase):
+    def test_unknown_path_and_wrong_method(self) -> None:
+        response = self.call_api("GET", "/cgi-bin/nothing/here")
+        assert response.code == 404
+        answer = json.loads(response.body)
+        assert answer["errcode"] == 40066 and "/cgi-bin/nothing/here" in answer["errmsg"]
+        assert self.api_json("GET", SEND)["errcode"] == 43002
+        assert self.api_json("POST", "/cgi-bin/user/get", body={})["errcode"] == 43001
+
+    def test_user_get_follows_state_changes(self) -> None:
+        token = self.token()
+        followers = list(self.fake.follower_openids)
+        leaver = self.fake.by_oa_openid(followers[10])
+        assert leaver is not None
+        self.fake.unfollow(leaver)
+        page = self.api_json("GET", "/cgi-bin/user/get", {"access_token": token})
+        assert page["total"] == len(followers) - 1 and leaver.oa_openid not in page["data"]["openid"]
+        # A cursor that has since unfollowed still marks a position in the list.
+        after = self.api_json("GET", "/cgi-bin/user/get",
+                              {"access_token": token, "next_openid": leaver.oa_openid})
+        assert after["data"]["openid"] == followers[11:]
+        unknown = self.api_json("GET", "/cgi-bin/user/get",
+                                {"access_token": token, "next_openid": "oNotAnOpenidOfThisAccount00"})
+        assert unknown["errcode"] == 40003
+        self.fake.follow(leaver)
+        assert self.fake.follower_openids == followers
+
+    def test_call_log_limit_keeps_counts(self) -> None:
+        fake = FakeWeChat(5, call_log_limit=10)
+        for _ in range(25):
+            dispatch(fake, "GET", "/cgi-bin/user/get", {}, b"")
+        assert 10 <= len(fake.calls) < 20 and fake.count_calls("/cgi-bin/user/get") == 25
+        assert fake.calls[-1].errcode == 41001
+
+    def test_call_log_redacts_secrets(self) -> None:
+        token = self.token()
+        self.api_json("GET", "/cgi-bin/user/get", {"access_token": token})
+        self.api_json("GET", "/cgi-bin/user/get", {"access_token": "86_" + "B" * 40})
+        creds = self.fake.credentials
+        self.api_json("POST", "/cgi-bin/stable_token", body={
+            "grant_type": CC, "appid": creds.mp_appid, "secret": creds.mp_secret})
+        assert self.fake.count_calls("/cgi-bin/user/get") == 2
+        first, ok, bad, stable = self.fake.calls
+        assert first.query["secret"] == "<redacted>" and first.query["appid"] == creds.oa_appid
+        assert first.app == "oa" and first.errcode == 0
+        assert ok.query == {"access_token": "<redacted>"} and ok.errcode == 0 and ok.app == "oa"
+        assert bad.errcode == 40001 and bad.app is None
+        assert stable.body["secret"] == "<redacted>" and stable.app == "mp"
+        assert token not in repr(self.fake.calls) and creds.oa_secret not in repr(self.fake.calls)
+
+    def test_scripted_faults(self) -> None:
+        path = "/cgi-bin/user/get"
+        token = self.token()
+        self.fake.script_fault(path, "-1")
+        self.fake.script_fault(path, "45011")
+        self.fake.script_fault(path, "http500")
+        self.fake.script_fault(path, "reset")
+        self.fake.script_fault(path, "hang")
+        assert self.api_json("GET", path, {"access_token": token})["errcode"] == -1
+        assert self.api_json("GET", path, {"access_token": token})["errcode"] == 45011
+        assert self.call_api("GET", path, {"access_token": token}).code == 500
+        with pytest.raises(HTTPClientError) as reset:
+            self.call_api("GET", path, {"access_token": token}, raise_error=True)
+        assert reset.value.code == 599
+        with pytest.raises(HTTPClientError) as hang:
+            self.call_api("GET", path, {"access_token": token}, raise_error=True,
+                          request_timeout=0.3)
+        assert hang.value.code == 599
+        assert "total" in self.api_json("GET", path, {"access_token": token})
+        calls = [c for c in self.fake.calls if c.path == path]
+        assert [c.fault for c in calls] == ["-1", "45011", "http500", "reset", "hang", None]
+        assert [c.errcode for c in calls] == [-1, 45011, None, None, None, 0]
+        assert [c.status for c in calls] == [200, 200, 500, 200, 200, 200]
+        with pytest.raises(ValueError):
+            self.fake.script_fault(path, "explode")
+
+    def test_reset_after_processing_then_dedupe_on_retry(self) -> None:
+        token = self.token()
+        follower = next(p for p in self.fake.people if p.follows)
+        body = {"touser": follower.oa_openid, "template_id": ORDER_TEMPLATE_ID,
+                "client_msg_id": "job-42", "data": GOOD_ORDER}
+        self.fake.script_fault(SEND, "reset_after")
+        with pytest.raises(HTTPClientError) as lost:
+            self.call_api("POST", SEND, {"access_token": token}, body)
+        assert lost.value.code == 599
+        inbox = self.fake.inbox(follower.oa_openid)
+        assert len(inbox) == 1  # accepted although the answer was lost
+        retry = self.api_json("POST", SEND, {"access_token": token}, body)
+        assert retry["msgid"] == inbox[0]["msgid"]
+        assert len(self.fake.inbox(follower.oa_openid)) == 1
+
+    def test_delay_fault(self) -> None:
+        token = self.token()
+        self.fake.script_fault("/cgi-bin/user/get", "delay:0.2")
+        started = time.monotonic()
+        assert "total" in self.api_json("GET", "/cgi-bin/user/get", {"access_token": token})
+        assert time.monotonic() - started >= 0.2
+
+    @gen_test
+    async def test_aclose_releases_hanging_requests(self) -> None:
+        self.fake.script_fault("/cgi-bin/user/get", "hang")
+        request = self.http_client.fetch(self.get_url("/cgi-bin/user/get"), raise_error=False,
+                                          request_timeout=30)
+        for _ in range(50):
+            if self.fake.count_calls("/cgi-bin/user/get"):
+                break
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await self.sandbox_app.aclose()
+        with pytest.raises(HTTPClientError) as dropped:
+            await request
+        assert dropped.value.code == 599 and time.monotonic() - started < 5
+
+
+def _fault_sequence(seed: int, calls: int = 200) -> list[str | None]:
+    fake = FakeWeChat(20, seed=seed, fault_rate=0.3, latency_s=(0.01, 0.05))
+    answers = [dispatch(fake, "GET", "/cgi-bin/user/get", {}, b"") for _ in range(calls)]
+    for answer in answers:
+        assert 0.01 <= answer.delay_s <= 0.05
+    return [c.fault for c in fake.calls]
+
+
+def test_random_faults_are_seeded() -> None:
+    first, again, other = _fault_sequence(3), _fault_sequence(3), _fault_sequence(4)
+    assert first == again and first != other
+    faulted = [f for f in first if f is not None]
+    assert 30 < len(faulted) < 90  # 30 % of 200
+    assert set(faulted) <= {"-1", "45009", "45011", "http500", "hang", "reset"}
+    fixed = FakeWeChat(5, latency_s=0.25)
+    assert dispatch(fixed, "GET", "/cgi-bin/user/get", {}, b"").delay_s == 0.25
+
+
+# The WeChat side of the webhook: known-answer vectors (wechat-api.md §13) -------------------------
+
+
+VECTOR4_CREDS = Credentials(
+    oa_appid="wx1234567890abcdef",
+    webhook_token="testtoken",
+    encoding_aes_key="abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    oa_original_id="gh_0123456789ab",
+)
+VECTOR4_ENCRYPT = (
+    "Q3stYC6hdFzMh9T8HCvyDPYd4batj7zR9qX1tTJwVo3rIGsIyiksc+v3Gxca8gMqrf6CKjLspeib04rpk/Tk+n5SKeiu"
+    "Ogf9/3MzfMLXNvb8/4JtPLwVYsqmSXitdQrWQ1uLKFf1WaBaN2PFGwwoCiBJpEZsXmHFBIgCgB714pDpL48wrITJ/53j"
+    "YuqSp8FAjd552PsFbBnmSP6xqKavwqsero0S+gHFsiKy2u50plWiC8Tumw2M/bASsVGhl82cydQjBsLgKKE79FUeASbK"
+    "PXIGvgiq4U90rWLEWBlxuRej07+dFJPmb1SNHe2/L3xdegx6+o8sIVuUu24SanEMCeUcDvZEqo/y3+aW+GeNtmq/cKjx"
+    "HmT2d6fnf8RFpJMBEoaEF8dBjOTuhUiCw2LjsWMHaJBifWnTHbvS75RU7Bs="
+)
+
+
+def test_verification_url_matches_vector_1() -> None:
+    sender = WebhookSender("http://wxd.example/wechat", Credentials(webhook_token="AAAAA"))
+    url = sender.verification_url("4375120948345356249", timestamp=1714036504, nonce="1514711492")
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    assert query == {"signature": "f464b24fc39322e44b38aa78f5edd27bd1441696",
+                     "echostr": "4375120948345356249", "timestamp": "1714036504",
+                     "nonce": "1514711492"}
+
+
+def test_post_signature_matches_vector_2() -> None:
+    sender = WebhookSender("http://wxd.example/wechat?x=1", Credentials(webhook_token="AAAAA"))
+    request = sender.build(sender.unsubscribe_fields("oX"), timestamp=1714037059,
+                           nonce="486452656")
+    assert request.query["signature"] == "899cf89e464efb63f54ddac96b0a0a235f53aa78"
+    assert request.query["openid"] == "oX" and "encrypt_type" not in request.query
+    assert request.url.startswith("http://wxd.example/wechat?x=1&signature=")
+    assert request.body == request.xml.encode("utf-8")
+
+
+def test_safe_mode_body_matches_vector_4() -> None:
+    sender = WebhookSender("http://wxd.example/wechat", VECTOR4_CREDS, "safe",
+                           random_prefix=lambda: b"0123456789abcdef")
+    fields = sender.subscribe_fields("oABCD1234", create_time=1700000000)
+    request = sender.build(fields, timestamp=1700000000, nonce="123456789")
+    assert request.xml == (
+        "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName><FromUserName><![CDATA[oABCD1234]]>"
+        "</FromUserName><CreateTime>1700000000</CreateTime><MsgType><![CDATA[event]]></MsgType>"
+        "<Event><![CDATA[subscribe]]></Event><EventKey><![CDATA[]]></EventKey></xml>"
+    )
+    assert request.query["msg_signature"] == "196e68f4db1d73e10fe5a519d4fb557efec40e83"
+    assert request.query["encrypt_type"] == "aes"
+    assert request.query["signature"] == sign("testtoken", "1700000000", "123456789")
+    assert request.body.decode() == (
+        "<xml><ToUserName><![CDATA[gh_0123456789ab]]></ToUserName>"
+        f"<Encrypt><![CDATA[{VECTOR4_ENCRYPT}]]></Encrypt></xml>"
+    )
+
+
+def test_compat_mode_and_an_independent_decrypter() -> None:
+    wechatpy_crypto = pytest.importorskip("wechatpy.crypto")
+    sender = WebhookSender("http://wxd.example/wechat", VECTOR4_CREDS, "compat")
+    request = sender.build(sender.template_finished_fields("oABCD1234", 3487542469355618313,
+                                                           "failed: system failed"))
+    outer = parse_xml(request.body)
+    assert outer["Event"] == "TEMPLATESENDJOBFINISH" and outer["MsgID"] == "3487542469355618313"
+    assert "Encrypt" in outer
+    # wechatpy's implementation (not wxd's) must accept the signature and decrypt the body.
+    crypto = wechatpy_crypto.WeChatCrypto("testtoken", VECTOR4_CREDS.encoding_aes_key,
+                                          VECTOR4_CREDS.oa_appid)
+    inner = crypto.decrypt_message(request.body.decode(), request.query["msg_signature"],
+                                   request.query["timestamp"], request.query["nonce"])
+    assert inner == request.xml
+    assert parse_xml(inner)["Status"] == "failed: system failed"
+
+
+class _Receiver(tornado.web.RequestHandler):
+    """A tiny integrator webhook: checks the signatures, decrypts, records, answers success."""
+
+    def initialize(self, box: dict[str, Any]) -> None:
+        self.box = box
+        self.gone = asyncio.Event()
+
+    def on_connection_close(self) -> None:
+        self.gone.set()
+
+    async def post(self) -> None:
+        box = self.box
+        box["attempts"] = box.get("attempts", 0) + 1
+        box["bodies"] = [*box.get("bodies", []), self.request.body]
+        if box["attempts"] <= box.get("stall", 0):
+            # No answer until WeChat's side gives up (its timeout), like a slow integrator.
+            await asyncio.wait_for(self.gone.wait(), 10)
+            self.detach().close()
+            return
+        creds: Credentials = box["creds"]
+        query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
+        assert query["signature"] == sign(creds.webhook_token, query["timestamp"], query["nonce"])
+        outer = parse_xml(self.request.body)
+        crypto = MessageCrypto(creds.webhook_token, creds.encoding_aes_key, creds.oa_appid)
+        assert crypto.check_msg_signature(
+            query["msg_signature"], query["timestamp"], query["nonce"], outer["Encrypt"]
+        )
+        assert set(outer) == {"ToUserName", "Encrypt"}  # safe mode: nothing in plaintext
+        box.setdefault("events", []).append((query["openid"], parse_xml(crypto.decrypt(outer["Encrypt"]))))
+        self.write("success")
+        box["event"].set()
+
+
+class WebhookTests(SandboxTestCase):
+    def start_receiver(self, **box: Any) -> tuple[str, dict[str, Any]]:
+        box.update(creds=self.fake.credentials, event=asyncio.Event())
+        app = tornado.web.Application([(r"/wechat", _Receiver, {"box": box})])
+        sock, port = bind_unused_port()
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets([sock])
+        self.receiver = server
+        return f"http://127.0.0.1:{port}/wechat", box
+
+    def tearDown(self) -> None:
+        self.receiver.stop()
+        self.io_loop.run_sync(self.receiver.close_all_connections)
+        super().tearDown()
+
+    @gen_test
+    async def test_delivery_report_in_safe_mode(self) -> None:
+        url, box = self.start_receiver()
+        self.fake.configure_webhook(
+            url, mode="safe", report_delay_s=0.05,
+            report_status=lambda p: "failed:user block" if p.index % 2 else "success",
+        )
+        follower = next(p for p in self.fake.people if p.follows and p.index % 2)
+        token = (await self.http_client.fetch(self.get_url(
+            "/cgi-bin/token?grant_type=client_credential&appid="
+            f"{self.fake.credentials.oa_appid}&secret={self.fake.credentials.oa_secret}"))).body
+        access_token = json.loads(token)["access_token"]
+        body = json.dumps({"touser": follower.oa_openid, "template_id": ORDER_TEMPLATE_ID,
+                           "data": GOOD_ORDER}, ensure_ascii=False)
+        answer = await self.http_client.fetch(
+            self.get_url(f"{SEND}?access_token={access_token}"), method="POST", body=body)
+        msgid = json.loads(answer.body)["msgid"]
+        await asyncio.wait_for(box["event"].wait(), 5)
+        openid, event = box["events"][0]
+        assert openid == follower.oa_openid
+        assert event["Event"] == "TEMPLATESENDJOBFINISH"
+        assert event["MsgID"] == str(msgid)
+        assert event["Status"] == "failed:user block"
+        assert event["ToUserName"] == self.fake.credentials.oa_original_id
+        assert event["FromUserName"] == follower.oa_openid
+
+    @gen_test
+    async def test_sender_retries_when_no_answer(self) -> None:
+        url, box = self.start_receiver(stall=2)
+        sender = WebhookSender(url, self.fake.credentials, "safe", retries=True, timeout_s=0.2)
+        try:
+            delivery = await sender.subscribe(self.fake.people[0].oa_openid, scene="bind_ab12")
+        finally:
+            sender.close()
+        assert (delivery.status, delivery.body, delivery.attempts) == (200, b"success", 3)
+        assert len(set(box["bodies"])) == 1  # every retry carries the same body
+        event = box["events"][0][1]
+        assert event["EventKey"] == "qrscene_bind_ab12" and event["Ticket"]
+
+    @gen_test
+    async def test_sender_without_retries_gives_up(self) -> None:
+        url, _box = self.start_receiver(stall=5)
+        sender = WebhookSender(url, self.fake.credentials, "safe", timeout_s=0.2)
+        try:
+            delivery = await sender.scan(self.fake.people[0].oa_openid, "42")
+        finally:
+            sender.close()
+        assert delivery.status is None and delivery.attempts == 1 and delivery.error
+
+    @gen_test
+    async def test_control_api(self) -> None:
+        url, box = self.start_receiver()
+
+        async def control(path: str, body: Any = None) -> Any:
+            response = await self.http_client.fetch(
+                self.get_url("/_sandbox/" + path), method="GET" if body is None else "POST",
+                body=None if body is None else json.dumps(body), raise_error=False)
+            return response.code, json.loads(response.body)
+
+        code, creds = await control("credentials")
+        assert code == 200 and creds["oa_appid"] == self.fake.credentials.oa_appid
+        assert creds["api_base"] == self.get_url("")
+        assert (await control("webhook", {"url": url, "mode": "safe"}))[0] == 200
+        stranger = next(p for p in self.fake.people if not p.follows)
+        code, followed = await control("follow", {"index": stranger.index, "qr_scene_str": "s1"})
+        assert code == 200 and followed["person"]["follows"] and stranger.follows
+        assert followed["webhook"]["status"] == 200
+        assert box["events"][0][1]["EventKey"] == "qrscene_s1"
+        assert stranger.subscribe_scene == "ADD_SCENE_QR_CODE" and stranger.qr_scene_str == "s1"
+        code, login = await control("login_code", {"mp_openid": stranger.mp_openid})
+        assert code == 200 and self.fake.exchange_login_code(login["code"]) is stranger
+        code, _ = await control("faults", {"path": "/cgi-bin/token", "kind": "-1", "times": 2})
+        assert code == 200 and self.fake.next_fault("/cgi-bin/token") == "-1"
+        assert (await control("faults", {"path": "/x", "kind": "boom"}))[0] == 400
+        code, person = await control(f"people?oa_openid={stranger.oa_openid}")
+        assert person["index"] == stranger.index
+        assert (await control("people/99999"))[0] == 404
+        code, calls = await control("calls?path=/cgi-bin/token")
+        assert calls["count"] == 0
+        code, inbox = await control(f"inbox/{stranger.oa_openid}")
+        assert inbox == {"messages": []}
+
+
+# Thread-hosted sandbox, the CLI runner, and the 100k listing figure ------------------------------------
+
+
+def test_sandbox_thread_fixture(sandbox: SandboxThread) -> None:  # noqa: F811
+    creds = sandbox.fake.credentials
+    url = (f"{sandbox.base_url}/cgi-bin/token?grant_type=client_credential"
+           f"&appid={creds.oa_appid}&secret={creds.oa_secret}")
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert json.load(response)["expires_in"] == 7200
+    person = sandbox.fake.person(1)
+    code = sandbox.call(lambda: sandbox.fake.issue_login_code(person))
+    assert isinstance(code, str) and len(code) == 32
+
+    async def sleepy() -> int:
+        await asyncio.sleep(0.01)
+        return 7
+
+    assert sandbox.call(sleepy) == 7
+    assert sandbox.fake.count_calls("/cgi-bin/token") == 1
+
+
+def test_sandbox_thread_stops_cleanly() -> None:
+    thread = SandboxThread(FakeWeChat(users=5)).start()
+    port = thread.port
+    thread.fake.script_fault("/cgi-bin/user/get", "hang")
+    request = urllib.request.Request(f"{thread.base_url}/cgi-bin/user/get")
+    started = time.monotonic()
+
+    def hanging_request() -> None:
+        try:
+            urllib.request.urlopen(request, timeout=10).read()
+        except Exception:  # the connection is dropped on stop
+            pass
+
+    client = threading.Thread(target=hanging_request)
+    client.start()
+    while not thread.fake.count_calls("/cgi-bin/user/get"):
+        time.sleep(0.01)
+    thread.stop()
+    thread.stop()  # idempotent
+    client.join(5)
+    assert not client.is_alive() and time.monotonic() - started < 5
+    with pytest.raises(RuntimeError):
+        thread.call(lambda: None)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/cgi-bin/token", timeout=1)
+
+
+def test_runner_prints_config_and_exits_0_on_sigterm() -> None:
+    script = (
+        "import argparse, sys\n"
+        "from wxd.sandbox import add_arguments, run\n"
+        "p = argparse.ArgumentParser(); add_arguments(p)\n"
+        "sys.exit(run(p.parse_args(sys.argv[1:])))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "--port", "0", "--users", "50", "--latency-ms", "1-2"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("api_base = "):
+                break
+        text = "".join(lines)
+        creds = Credentials()
+        for value in (creds.oa_appid, creds.oa_secret, creds.mp_appid, creds.mp_secret,
+                      creds.webhook_token, creds.encoding_aes_key, "[wechat]"):
+            assert value in text
+        base = lines[-1].split(" = ", 1)[1].strip()
+        with urllib.request.urlopen(f"{base}/_sandbox/stats", timeout=5) as response:
+            assert json.load(response)["people"] == 50
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+class ListingSpeedTest(SandboxTestCase):
+    users: ClassVar[int] = 100_000
+    fake_options: ClassVar[dict[str, Any]] = {"follow_ratio": 1.0}
+
+    @gen_test(timeout=120)
+    async def test_list_100k_followers_over_http(self) -> None:
+        # One keep-alive HTTP/1.1 connection, as a pooled client would use: the figure is the
+        # sandbox's, not the cost of a new connection per request in tornado's simple client.
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.get_http_port())
+
+        async def call(method: str, target: str, body: bytes = b"") -> Any:
+            writer.write(f"{method} {target} HTTP/1.1\r\nHost: sandbox\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = re.search(rb"(?i)\r\ncontent-length: *([0-9]+)", head)
+            assert length is not None
+            return json.loads(await reader.readexactly(int(length.group(1))))
+
+        try:
+            creds = self.fake.credentials
+            token = (await call("GET", "/cgi-bin/token?grant_type=client_credential"
+                                f"&appid={creds.oa_appid}&secret={creds.oa_secret}"))["access_token"]
+            started = time.perf_counter()
+            openids: list[str] = []
+            next_openid = ""
+            while True:
+                page = await call(
+                    "GET", f"/cgi-bin/user/get?access_token={token}&next_openid={next_openid}")
+                if page["count"] == 0:
+                    break
+                openids.extend(page["data"]["openid"])
+                next_openid = page["next_openid"]
+            paged = time.perf_counter()
+            unionids = 0
+            for start in range(0, len(openids), 100):
+                chunk = [{"openid": o} for o in openids[start : start + 100]]
+                answer = await call("POST", f"/cgi-bin/user/info/batchget?access_token={token}",
+                                    json.dumps({"user_list": chunk}).encode())
+                unionids += sum("unionid" in u for u in answer["user_info_list"])
+            done = time.perf_counter()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert len(openids) == 100_000 and unionids == 100_000
+        print(f"\nsandbox listing of 100,000 followers over HTTP: user/get {paged - started:.2f} s "
+              f"(10 pages), batchget {done - paged:.2f} s (1,000 calls), "
+              f"total {done - started:.2f} s")

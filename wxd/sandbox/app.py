@@ -1,0 +1,100 @@
+"""The emulator's tornado Application: the WeChat API routes plus the /_sandbox/ control routes.
+
+Imports tornado, stdlib and the sandbox's own modules; never wxd's service layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import tornado.web
+
+from wxd.sandbox.control import control_routes
+from wxd.sandbox.endpoints import Answer, dispatch
+from wxd.sandbox.runtime import SandboxRuntime
+from wxd.sandbox.state import FakeWeChat
+
+_HTTP500_PAGE = "<html><body><h1>500 Internal Server Error</h1></body></html>"
+
+
+class SandboxApplication(tornado.web.Application):
+    """make_app's result: `fake` is the state, `runtime` the background work.
+    `await app.aclose()` releases hanging requests and report tasks (SandboxServer.stop does)."""
+
+    def __init__(self, fake: FakeWeChat) -> None:
+        self.fake = fake
+        self.runtime = SandboxRuntime(fake)
+        super().__init__(
+            [*control_routes(self.runtime), (r"/.*", ApiHandler, {"runtime": self.runtime})]
+        )
+
+    async def aclose(self) -> None:
+        await self.runtime.aclose()
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Every path outside /_sandbox/: handed to endpoints.dispatch, then faults are applied."""
+
+    _released: asyncio.Event | None = None
+    _client_gone = False
+
+    def initialize(self, runtime: SandboxRuntime) -> None:
+        self.runtime = runtime
+
+    def check_xsrf_cookie(self) -> None:
+        """No XSRF: these are server-to-server API calls."""
+
+    async def get(self, *_args: str) -> None:
+        await self._serve("GET")
+
+    async def post(self, *_args: str) -> None:
+        await self._serve("POST")
+
+    def on_connection_close(self) -> None:
+        self._client_gone = True
+        if self._released is not None:
+            self._released.set()
+
+    async def _serve(self, method: str) -> None:
+        runtime = self.runtime
+        query = {
+            key: values[0].decode("utf-8", "replace")
+            for key, values in self.request.query_arguments.items()
+            if values
+        }
+        answer = dispatch(runtime.fake, method, self.request.path, query, self.request.body)
+        if answer.delay_s > 0:
+            await asyncio.sleep(answer.delay_s)
+        if answer.report is not None:
+            runtime.schedule_report(answer.report)
+        await self._answer(answer)
+
+    async def _answer(self, answer: Answer) -> None:
+        if answer.fault in ("hang", "hang_after"):
+            self._released = asyncio.Event()
+            if not self._client_gone:
+                await self.runtime.hang(self._released)
+            self._drop()
+            return
+        if answer.fault in ("reset", "reset_after"):
+            self._drop()
+            return
+        if answer.fault == "http500":
+            self.set_status(500)
+            self.set_header("Content-Type", "text/html")
+            self.finish(_HTTP500_PAGE)
+            return
+        self.set_status(answer.status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(answer.body, ensure_ascii=False, separators=(",", ":")))
+
+    def _drop(self) -> None:
+        """Close the connection without any response (what a reset or a lost answer looks
+        like to the client)."""
+        self.detach().close()
+
+
+def make_app(fake: FakeWeChat) -> SandboxApplication:
+    """The emulator for `fake`: WeChat API paths and the JSON control API under /_sandbox/."""
+    return SandboxApplication(fake)

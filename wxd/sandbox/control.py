@@ -1,0 +1,309 @@
+"""The emulator's JSON control API under /_sandbox/ (for demos, scripts and other processes).
+
+Imports tornado.web, stdlib and the sandbox's own modules; never wxd's service layers.
+Errors are {"error": "..."} with 400 or 404.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import tornado.web
+
+from wxd.sandbox.population import Person
+from wxd.sandbox.runtime import SandboxRuntime
+from wxd.sandbox.state import check_fault_kind
+from wxd.sandbox.webhook_sender import Delivery
+
+
+class _ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def person_json(person: Person) -> dict[str, Any]:
+    """A person as the control API shows it (session_key included: this is a test double)."""
+    return dataclasses.asdict(person)
+
+
+def delivery_json(delivery: Delivery | None) -> dict[str, Any] | None:
+    if delivery is None:
+        return None
+    return {
+        "status": delivery.status,
+        "body": delivery.body.decode("utf-8", "replace"),
+        "attempts": delivery.attempts,
+        "error": delivery.error,
+    }
+
+
+class ControlHandler(tornado.web.RequestHandler):
+    """Base: JSON in/out and person lookup by index, oa_openid, mp_openid or unionid."""
+
+    def initialize(self, runtime: SandboxRuntime) -> None:
+        self.runtime = runtime
+        self.fake = runtime.fake
+
+    def check_xsrf_cookie(self) -> None:
+        """No XSRF: a local JSON API for scripts."""
+
+    def body_json(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            value = json.loads(self.request.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _ControlError(400, "body is not JSON") from None
+        if not isinstance(value, dict):
+            raise _ControlError(400, "body must be a JSON object")
+        return value
+
+    def find_person(self, spec: dict[str, Any]) -> Person:
+        fake = self.fake
+        person: Person | None = None
+        if isinstance(spec.get("index"), int):
+            index = spec["index"]
+            person = fake.people[index] if 0 <= index < len(fake.people) else None
+        elif isinstance(spec.get("oa_openid"), str):
+            person = fake.by_oa_openid(spec["oa_openid"])
+        elif isinstance(spec.get("mp_openid"), str):
+            person = fake.by_mp_openid(spec["mp_openid"])
+        elif isinstance(spec.get("unionid"), str):
+            person = fake.by_unionid(spec["unionid"])
+        else:
+            raise _ControlError(400, "name a person by index, oa_openid, mp_openid or unionid")
+        if person is None:
+            raise _ControlError(404, "no such person")
+        return person
+
+    def reply(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(value, ensure_ascii=False))
+
+    async def _run(self, action: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        try:
+            result = await action()
+        except _ControlError as error:
+            self.reply({"error": error.message}, error.status)
+            return
+        self.reply(result)
+
+
+class CredentialsHandler(ControlHandler):
+    async def get(self) -> None:
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        base = f"{self.request.protocol}://{self.request.host}"
+        return {**dataclasses.asdict(self.fake.credentials), "api_base": base}
+
+
+class PeopleHandler(ControlHandler):
+    """GET /_sandbox/people/<index> or /_sandbox/people?oa_openid=… (mp_openid, unionid)."""
+
+    async def get(self, index: str | None = None) -> None:
+        self._index = index
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        if self._index:
+            return person_json(self.find_person({"index": int(self._index)}))
+        spec = {k: v[0].decode("utf-8") for k, v in self.request.query_arguments.items() if v}
+        return person_json(self.find_person(spec))
+
+
+class LoginCodeHandler(ControlHandler):
+    """POST {who} -> {"code"}: a wx.login code for that person (single use, 5 minutes)."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        person = self.find_person(self.body_json())
+        return {"code": self.fake.issue_login_code(person), "mp_openid": person.mp_openid}
+
+
+class FollowHandler(ControlHandler):
+    """POST {who, scene?, qr_scene?, qr_scene_str?, notify?} to /follow or /unfollow.
+
+    With a webhook configured, `notify` (default true) also POSTs the subscribe/unsubscribe
+    event, as WeChat does when a user follows; a QR scene makes it a qrscene_ subscribe.
+    """
+
+    def initialize(self, runtime: SandboxRuntime, follow: bool = True) -> None:
+        super().initialize(runtime)
+        self.following = follow
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        person = self.find_person(spec)
+        fake = self.fake
+        was_following = person.follows
+        qr = spec.get("qr_scene_str") or (str(spec["qr_scene"]) if spec.get("qr_scene") else None)
+        if self.following:
+            scene = spec.get("scene") or ("ADD_SCENE_QR_CODE" if qr else "ADD_SCENE_SEARCH")
+            fake.follow(
+                person,
+                scene=str(scene),
+                qr_scene=int(spec.get("qr_scene") or 0),
+                qr_scene_str=str(spec.get("qr_scene_str") or ""),
+            )
+        else:
+            fake.unfollow(person)
+        delivery: Delivery | None = None
+        sender = self.runtime.sender()
+        if sender is not None and spec.get("notify", True) and was_following != person.follows:
+            if self.following:
+                delivery = await sender.subscribe(person.oa_openid, qr)
+            else:
+                delivery = await sender.unsubscribe(person.oa_openid)
+        return {"person": person_json(person), "webhook": delivery_json(delivery)}
+
+
+class EventHandler(ControlHandler):
+    """POST {who, event: subscribe|unsubscribe|SCAN|text, scene?, content?} -> the webhook's
+    answer. Fires the event only; it does not change follow state (use /follow for that)."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        person = self.find_person(spec)
+        sender = self.runtime.sender()
+        if sender is None:
+            raise _ControlError(400, "no webhook configured (POST /_sandbox/webhook first)")
+        event = spec.get("event")
+        scene = spec.get("scene")
+        openid = person.oa_openid
+        if event == "subscribe":
+            delivery = await sender.subscribe(openid, str(scene) if scene is not None else None)
+        elif event == "unsubscribe":
+            delivery = await sender.unsubscribe(openid)
+        elif event == "SCAN":
+            delivery = await sender.scan(openid, str(scene or "0"))
+        elif event == "text":
+            delivery = await sender.text(openid, str(spec.get("content", "")))
+        else:
+            raise _ControlError(400, "event must be subscribe, unsubscribe, SCAN or text")
+        return {"webhook": delivery_json(delivery)}
+
+
+class FaultsHandler(ControlHandler):
+    """POST {path, kind, times?} scripts a fault; DELETE clears scripted faults."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def delete(self) -> None:
+        await self._run(self._delete)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        path, kind, times = spec.get("path"), spec.get("kind"), spec.get("times", 1)
+        if not isinstance(path, str) or not isinstance(kind, str) or not isinstance(times, int):
+            raise _ControlError(400, "need path (str), kind (str) and optional times (int)")
+        try:
+            check_fault_kind(kind)
+        except ValueError as error:
+            raise _ControlError(400, str(error)) from None
+        self.fake.script_fault(path, kind, times)
+        return {"path": path, "kind": kind, "times": times}
+
+    async def _delete(self) -> dict[str, Any]:
+        self.fake.clear_faults()
+        return {"cleared": True}
+
+
+class CallsHandler(ControlHandler):
+    """GET /_sandbox/calls?path=…&limit=… -> the newest calls (all when no limit)."""
+
+    async def get(self) -> None:
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        path = self.get_query_argument("path", None)
+        limit = int(self.get_query_argument("limit", "0") or 0)
+        calls = [c for c in self.fake.calls if path is None or c.path == path]
+        if limit > 0:
+            calls = calls[-limit:]
+        return {"count": len(calls), "calls": [dataclasses.asdict(c) for c in calls]}
+
+
+class InboxHandler(ControlHandler):
+    """GET /_sandbox/inbox/<oa_openid> -> the template messages that person received."""
+
+    async def get(self, openid: str) -> None:
+        self._openid = openid
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        return {"messages": self.fake.inbox(self._openid)}
+
+
+class WebhookHandler(ControlHandler):
+    """POST {url|null, mode?, report_delay_s?, report_status?, retries?}: configure_webhook."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        url = spec.get("url")
+        if url is not None and not isinstance(url, str):
+            raise _ControlError(400, "url must be a string or null")
+        try:
+            self.fake.configure_webhook(
+                url,
+                mode=str(spec.get("mode", "plain")),
+                report_delay_s=float(spec.get("report_delay_s", 0.0)),
+                report_status=str(spec.get("report_status", "success")),
+                retries=bool(spec.get("retries", False)),
+            )
+        except ValueError as error:
+            raise _ControlError(400, str(error)) from None
+        return {"url": url}
+
+
+class StatsHandler(ControlHandler):
+    async def get(self) -> None:
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        fake = self.fake
+        return {
+            "people": len(fake.people),
+            "followers": len(fake.follower_openids),
+            "calls": len(fake.calls),
+            "token_fetches_today": {
+                app: fake.tokens.classic_fetches_today(app) for app in ("oa", "mp")
+            },
+        }
+
+
+def control_routes(runtime: SandboxRuntime) -> list[tuple[str, type[ControlHandler], dict[str, Any]]]:
+    """The /_sandbox/ route table, each handler given `runtime`."""
+    kw: dict[str, Any] = {"runtime": runtime}
+    return [
+        (r"/_sandbox/credentials", CredentialsHandler, kw),
+        (r"/_sandbox/people/([0-9]+)", PeopleHandler, kw),
+        (r"/_sandbox/people", PeopleHandler, kw),
+        (r"/_sandbox/login_code", LoginCodeHandler, kw),
+        (r"/_sandbox/follow", FollowHandler, {**kw, "follow": True}),
+        (r"/_sandbox/unfollow", FollowHandler, {**kw, "follow": False}),
+        (r"/_sandbox/events", EventHandler, kw),
+        (r"/_sandbox/faults", FaultsHandler, kw),
+        (r"/_sandbox/calls", CallsHandler, kw),
+        (r"/_sandbox/inbox/(.+)", InboxHandler, kw),
+        (r"/_sandbox/webhook", WebhookHandler, kw),
+        (r"/_sandbox/stats", StatsHandler, kw),
+    ]

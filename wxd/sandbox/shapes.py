@@ -1,0 +1,79 @@
+"""WeChat's answer shapes shared by the emulated endpoints: errmsg texts and user/info.
+
+Pure: stdlib and the sandbox's pure modules only; must not import tornado.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from wxd.sandbox.population import Person
+from wxd.sandbox.state import FakeWeChat
+
+# errmsg texts as WeChat words them (wechat-api.md §2.3, §11). A " rid: ..." suffix is appended,
+# as current WeChat errors carry one; clients must match on errcode only.
+ERRMSG: Mapping[int, str] = {
+    -1: "system error",
+    40001: "invalid credential, access_token is invalid or not latest",
+    40002: "invalid grant_type",
+    40003: "invalid openid",
+    40013: "invalid appid",
+    40014: "invalid access_token",
+    40029: "invalid code",
+    40032: "invalid openid list size",
+    40036: "invalid template_id size",
+    40037: "invalid template_id",
+    40066: "invalid url",
+    40125: "invalid appsecret",
+    40163: "code been used",
+    41001: "access_token missing",
+    41002: "appid missing",
+    41004: "appsecret missing",
+    42001: "access_token expired",
+    43001: "require GET method",
+    43002: "require POST method",
+    43004: "require subscribe",
+    45009: "reach max api daily quota limit",
+    45011: "api minute-quota reach limit mustslower retry next minute",
+    47001: "data format error",
+    47003: "argument invalid!",
+    48001: "api unauthorized",
+}
+
+
+def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dict[str, Any]:
+    """WeChat's error JSON: {"errcode": N, "errmsg": "<text> rid: <id>"}."""
+    text = detail or ERRMSG.get(errcode, "sandbox scripted error")
+    return {"errcode": errcode, "errmsg": f"{text} rid: {fake.next_rid()}"}
+
+
+def user_info(person: Person) -> dict[str, Any]:
+    """The user/info shape. Non-followers get subscribe=0 and no unionid (§6.2); nickname,
+    avatar, sex and region are blank since 2021/2023 but the keys remain."""
+    base: dict[str, Any] = {
+        "subscribe": 1 if person.follows else 0,
+        "openid": person.oa_openid,
+        "nickname": "",
+        "sex": 0,
+        "language": "zh_CN",
+        "city": "",
+        "province": "",
+        "country": "",
+        "headimgurl": "",
+    }
+    if not person.follows:
+        base["tagid_list"] = []
+        return base
+    base["subscribe_time"] = person.subscribe_time
+    if person.unionid is not None:
+        base["unionid"] = person.unionid
+    base.update(
+        remark="",
+        groupid=0,
+        tagid_list=[],
+        subscribe_scene=person.subscribe_scene,
+        qr_scene=person.qr_scene,
+        qr_scene_str=person.qr_scene_str,
+    )
+    return base
