@@ -15,3 +15,7 @@ def config_file(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "wxd.conf"
     path.write_text(config_text(str(tmp_path / "wxd.db")))
     return path
+
+
+# The `sandbox` fixture (a SandboxThread on a free loopback port) for every test module.
+from tests.sandbox_fixture import sandbox  # noqa: E402, F401

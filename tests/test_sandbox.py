@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -1000,3 +1001,19 @@ class ListingSpeedTest(SandboxTestCase):
         print(f"\nsandbox listing of 100,000 followers over HTTP: user/get {paged - started:.2f} s "
               f"(10 pages), batchget {done - paged:.2f} s (1,000 calls), "
               f"total {done - started:.2f} s")
+
+
+def test_access_log_never_shows_query_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeWeChat(users=5, seed=1)
+    secret = fake.credentials.oa_secret
+    with caplog.at_level(logging.DEBUG), SandboxThread(fake) as thread:
+        url = (f"{thread.base_url}/cgi-bin/token?grant_type=client_credential"
+               f"&appid={fake.credentials.oa_appid}&secret={secret}")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            token = json.loads(response.read())["access_token"]
+        with urllib.request.urlopen(f"{thread.base_url}/cgi-bin/user/get?access_token={token}",
+                                    timeout=5) as response:
+            response.read()
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/cgi-bin/token" in text  # the request was logged ...
+    assert secret not in text and token not in text  # ... without its query

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import tornado.web
+from tornado.log import access_log
 
 from wxd.sandbox.control import control_routes
 from wxd.sandbox.endpoints import Answer, dispatch
@@ -26,11 +28,20 @@ class SandboxApplication(tornado.web.Application):
         self.fake = fake
         self.runtime = SandboxRuntime(fake)
         super().__init__(
-            [*control_routes(self.runtime), (r"/.*", ApiHandler, {"runtime": self.runtime})]
+            [*control_routes(self.runtime), (r"/.*", ApiHandler, {"runtime": self.runtime})],
+            log_function=_log_request,
         )
 
     async def aclose(self) -> None:
         await self.runtime.aclose()
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without the query string: it carries secrets, codes and access_tokens."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING
+    access_log.log(level, "%d %s %s %.2fms", status, handler.request.method,
+                   handler.request.path, 1000.0 * handler.request.request_time())
 
 
 class ApiHandler(tornado.web.RequestHandler):
