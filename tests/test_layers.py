@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "wxd"
 
 LAYERS: dict[str, int] = {
     "wxd": 0, "wxd.errors": 0, "wxd.config": 0, "wxd.metrics": 0, "wxd.sdnotify": 0,
-    "wxd.logsetup": 0,
+    "wxd.logsetup": 0, "wxd.pacing": 0,
     "wxd.crypto": 1, "wxd.messages": 1, "wxd.templates": 1,
     "wxd.schema": 2, "wxd.db": 2, "wxd.wechat": 2, "wxd.inbox": 2, "wxd.followers": 2,
     "wxd.pushqueue": 2, "wxd.backfillstore": 2,

@@ -6,6 +6,7 @@ stdlib. A link is derived (same unionid on both sides); the `links` table only r
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,39 @@ def _as_int(value: object) -> int | None:
     return None
 
 
+_UPSERT_INFO = (
+    "INSERT INTO followers (oa_openid, unionid, subscribed, subscribed_at, subscribe_scene,"
+    " qr_scene, qr_scene_str, synced_run, synced_at, updated_at)"
+    " VALUES (:openid, :unionid, :subscribe,"
+    "  CASE WHEN :subscribe = 1 THEN COALESCE(:subscribe_time, :observed) END,"
+    "  CASE WHEN :subscribe = 1 THEN :scene END, CASE WHEN :subscribe = 1 THEN :qr_scene END,"
+    "  CASE WHEN :subscribe = 1 THEN :qr_scene_str END, :run, :observed, :now)"
+    " ON CONFLICT (oa_openid) DO UPDATE SET"
+    " unionid = COALESCE(excluded.unionid, followers.unionid),"
+    " subscribed = CASE WHEN followers.event_at IS NULL OR followers.event_at <= :observed"
+    "   THEN :subscribe ELSE followers.subscribed END,"
+    " subscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at <= :observed)"
+    "   AND :subscribe = 1 THEN COALESCE(:subscribe_time, followers.subscribed_at, :observed)"
+    "   ELSE followers.subscribed_at END,"
+    " unsubscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at <= :observed)"
+    "   AND :subscribe = 0 AND followers.subscribed = 1 THEN :observed"
+    "   ELSE followers.unsubscribed_at END,"
+    " subscribe_scene = CASE WHEN :subscribe = 1 THEN COALESCE(:scene, followers.subscribe_scene)"
+    "   ELSE followers.subscribe_scene END,"
+    " qr_scene = CASE WHEN :subscribe = 1 THEN COALESCE(:qr_scene, followers.qr_scene)"
+    "   ELSE followers.qr_scene END,"
+    " qr_scene_str = CASE WHEN :subscribe = 1 THEN COALESCE(:qr_scene_str, followers.qr_scene_str)"
+    "   ELSE followers.qr_scene_str END,"
+    " synced_run = COALESCE(:run, followers.synced_run), synced_at = :observed,"
+    " updated_at = :now"
+)
+_LINK_KNOWN_MP = (
+    "INSERT INTO links (unionid, linked_at) SELECT DISTINCT m.unionid, ? FROM mp_users m"
+    " WHERE m.unionid IN (SELECT value FROM json_each(?))"
+    " ON CONFLICT (unionid) DO NOTHING RETURNING unionid"
+)
+
+
 def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]],
                      observed_at: float, now: float, run: int | None = None) -> list[str]:
     """Store user/info or batchget entries observed at `observed_at`; return unionids newly linked.
@@ -162,59 +196,30 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     Never overwrites a known unionid with an empty one (WeChat drops unionid once a user
     unfollows). "Events win": `subscribed` is only changed when no event newer than
     `observed_at` was applied. `run` marks the rows seen by a backfill run.
-    Entries without an openid (or error entries) are skipped.
+    Entries without an openid (or error entries) are skipped. Set-based: one executemany
+    upsert for the batch and one statement for the links (the backfill stores 1M rows with it).
     """
-    newly: list[str] = []
+    rows: list[dict[str, Any]] = []
+    unionids: list[str] = []
     for info in infos:
-        oa_openid = _clean(info.get("openid"))
-        if oa_openid is None:
+        openid = _clean(info.get("openid"))
+        if openid is None:
             continue
         unionid = _clean(info.get("unionid"))
         subscribe = 1 if _as_int(info.get("subscribe")) == 1 else 0
-        row = conn.execute(
-            "SELECT subscribed, subscribed_at, unsubscribed_at, event_at FROM followers"
-            " WHERE oa_openid = ?", (oa_openid,),
-        ).fetchone()
-        if row is None:
-            subscribed_at = None
-            if subscribe:
-                subscribed_at = _as_int(info.get("subscribe_time")) or observed_at
-            conn.execute(
-                "INSERT INTO followers (oa_openid, subscribed, subscribed_at, updated_at)"
-                " VALUES (?, ?, ?, ?)", (oa_openid, subscribe, subscribed_at, now),
-            )
-            row = conn.execute(
-                "SELECT subscribed, subscribed_at, unsubscribed_at, event_at FROM followers"
-                " WHERE oa_openid = ?", (oa_openid,),
-            ).fetchone()
-        subscribed = int(row["subscribed"])
-        subscribed_at = row["subscribed_at"]
-        unsubscribed_at = row["unsubscribed_at"]
-        if row["event_at"] is None or row["event_at"] <= observed_at:
-            if subscribe:
-                subscribed_at = _as_int(info.get("subscribe_time")) or subscribed_at or observed_at
-            elif subscribed:
-                unsubscribed_at = observed_at
-            subscribed = subscribe
-        conn.execute(
-            "UPDATE followers SET unionid = COALESCE(?, unionid), subscribed = ?,"
-            " subscribed_at = ?, unsubscribed_at = ?, synced_run = COALESCE(?, synced_run),"
-            " synced_at = ?, updated_at = ? WHERE oa_openid = ?",
-            (unionid, subscribed, subscribed_at, unsubscribed_at, run, observed_at, now,
-             oa_openid),
-        )
-        if subscribe:
-            # Profile fields are only meaningful for current followers (non-followers get blanks).
-            conn.execute(
-                "UPDATE followers SET subscribe_scene = COALESCE(?, subscribe_scene),"
-                " qr_scene = COALESCE(?, qr_scene), qr_scene_str = COALESCE(?, qr_scene_str)"
-                " WHERE oa_openid = ?",
-                (_clean(info.get("subscribe_scene")), _as_int(info.get("qr_scene")),
-                 _clean(info.get("qr_scene_str")), oa_openid),
-            )
-        if unionid is not None and unionid not in newly and _link(conn, unionid, now):
-            newly.append(unionid)
-    return newly
+        rows.append({
+            "openid": openid, "unionid": unionid, "subscribe": subscribe,
+            "subscribe_time": _as_int(info.get("subscribe_time")) or None,
+            "scene": _clean(info.get("subscribe_scene")), "qr_scene": _as_int(info.get("qr_scene")),
+            "qr_scene_str": _clean(info.get("qr_scene_str")), "run": run,
+            "observed": observed_at, "now": now,
+        })
+        if unionid is not None:
+            unionids.append(unionid)
+    conn.executemany(_UPSERT_INFO, rows)
+    if not unionids:
+        return []
+    return [row[0] for row in conn.execute(_LINK_KNOWN_MP, (now, json.dumps(unionids))).fetchall()]
 
 
 def upsert_mp_user(conn: sqlite3.Connection, mp_openid: str, unionid: str | None,

@@ -1,0 +1,620 @@
+"""FollowerBackfill against the sandbox over real HTTP, with a real SQLite file and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import sqlite3
+import tempfile
+from collections import Counter
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.netutil
+from tornado.testing import AsyncTestCase, gen_test
+
+from tests.sandbox_fixture import FakeClock
+from wxd import admin, backfillstore, followers
+from wxd.admin import backfill as backfill_admin
+from wxd.backfill import FollowerBackfill
+from wxd.db import Database
+from wxd.metrics import Registry
+from wxd.pacing import RateLimiter, backoff_s, next_beijing_midnight, until_next_minute_s
+from wxd.sandbox import FakeWeChat, SandboxServer
+from wxd.sandbox.population import Person
+from wxd.wechat import OfficialAccountAPI, WeChatClient
+
+USER_GET = "/cgi-bin/user/get"
+BATCHGET = "/cgi-bin/user/info/batchget"
+ADMIN_TOKEN = "backfill-test-admin-token"
+
+
+class StableToken:
+    """A minimal TokenSource over the sandbox's stable_token (the real TokenManager is not
+    needed here: the backfill only sees the protocol)."""
+
+    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
+        self._client, self._appid, self._secret = client, appid, secret
+        self._token: str | None = None
+
+    async def get(self) -> str:
+        if self._token is None:
+            self._token, _ = await self._client.fetch_token(self._appid, self._secret, "stable")
+        return self._token
+
+    async def invalidate(self, token: str) -> None:
+        if token == self._token:
+            self._token = None
+
+
+def virtual_sleep(clock: FakeClock) -> Any:
+    """A sleep that moves the fake clock by `delay` at once and yields once."""
+
+    async def sleep(delay: float) -> None:
+        clock.advance(max(delay, 0.0))
+        await asyncio.sleep(0)
+
+    return sleep
+
+
+class BackfillTestCase(AsyncTestCase):
+    """Each test gets a sandbox on a loopback port, a SQLite file, an OA API client."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._tmp = tempfile.TemporaryDirectory()
+        self.db_path = f"{self._tmp.name}/wxd.db"
+        self.clock = FakeClock()
+        self.sleeps: list[float] = []
+        self.server: SandboxServer | None = None
+        self.db: Database | None = None
+        self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.instances: list[FollowerBackfill] = []
+
+    def tearDown(self) -> None:
+        async def close() -> None:
+            for instance in self.instances:
+                await instance.stop()
+            if self.db is not None:
+                await self.db.close()
+            if self.server is not None:
+                await self.server.stop()
+
+        self.io_loop.run_sync(close)
+        self.http.close()
+        self._tmp.cleanup()
+        super().tearDown()
+
+    async def setup_sandbox(self, followers_count: int, **options: Any) -> FakeWeChat:
+        options.setdefault("follow_ratio", 1.0)
+        self.fake = FakeWeChat(users=followers_count, seed=options.pop("seed", 3),
+                               clock=self.clock, **options)
+        self.server = SandboxServer(self.fake)
+        await self.server.start()
+        client = WeChatClient(self.http, self.server.base_url, 5.0, 10.0)
+        creds = self.fake.credentials
+        self.api = OfficialAccountAPI(client, StableToken(client, creds.oa_appid, creds.oa_secret))
+        self.db = await Database.open(self.db_path)
+        return self.fake
+
+    def backfill(self, **options: Any) -> FollowerBackfill:
+        assert self.db is not None
+        sleep = virtual_sleep(self.clock)
+
+        async def recording_sleep(delay: float) -> None:
+            self.sleeps.append(delay)
+            await sleep(delay)
+
+        options.setdefault("rate_per_s", 0)
+        instance = FollowerBackfill(self.db, self.api, clock=self.clock, sleep=recording_sleep,
+                                    **options)
+        self.instances.append(instance)
+        return instance
+
+    async def run_to_end(self, instance: FollowerBackfill) -> dict[str, Any]:
+        await instance.begin()
+        return await instance.join()
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        assert self.db is not None
+        return await self.db.fetchall(sql, params)
+
+    async def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return (await self.query(sql, params))[0][0]
+
+    def calls(self, path: str) -> list[Any]:
+        return [call for call in self.fake.calls if call.path == path]
+
+    def batchget_openids(self) -> Counter[str]:
+        """How often each openid was answered by a successful batchget."""
+        seen: Counter[str] = Counter()
+        for call in self.calls(BATCHGET):
+            if call.fault is None and call.errcode == 0:
+                seen.update(item["openid"] for item in call.body["user_list"])
+        return seen
+
+    async def assert_all_stored(self, expected: int) -> None:
+        assert await self.scalar("SELECT COUNT(*) FROM followers") == expected
+        assert await self.scalar("SELECT COUNT(*) FROM followers WHERE subscribed = 1") == expected
+        rows = await self.query("SELECT oa_openid, unionid, subscribe_scene FROM followers")
+        for row in rows:
+            person = self.fake.by_oa_openid(row["oa_openid"])
+            assert person is not None and person.follows
+            assert row["unionid"] == person.unionid
+            assert row["subscribe_scene"] == person.subscribe_scene
+
+
+class TestSizes(BackfillTestCase):
+    """0, 1, 10,000 (one full page), 10,001 and 25,000 followers: counts exact, paging exact."""
+
+    @gen_test(timeout=30)
+    async def test_empty_account(self) -> None:
+        await self.setup_sandbox(0)
+        status = await self.run_to_end(self.backfill())
+        assert status["state"] == "done"
+        assert (status["pages_done"], status["followers_done"], status["total"]) == (0, 0, 0)
+        assert len(self.calls(USER_GET)) == 1  # count 0, no data: stop at once
+        assert self.calls(BATCHGET) == []
+        assert status["calls"] == 1
+        assert status["percent"] == 100.0
+
+    @gen_test(timeout=30)
+    async def test_one_follower(self) -> None:
+        await self.setup_sandbox(1)
+        status = await self.run_to_end(self.backfill())
+        assert (status["state"], status["pages_done"], status["followers_done"]) == ("done", 1, 1)
+        assert status["total"] == 1
+        assert len(self.calls(USER_GET)) == 2  # the page (next_openid set), then the empty one
+        await self.assert_all_stored(1)
+
+    @gen_test(timeout=30)
+    async def test_exactly_one_full_page(self) -> None:
+        await self.setup_sandbox(10_000)
+        status = await self.run_to_end(self.backfill(concurrency=8))
+        assert (status["pages_done"], status["followers_done"]) == (1, 10_000)
+        assert [c.query.get("next_openid", "") for c in self.calls(USER_GET)] == [
+            "", self.fake.follower_openids[-1]]
+        assert len(self.calls(BATCHGET)) == 100
+        assert all(len(c.body["user_list"]) <= 100 for c in self.calls(BATCHGET))
+        assert status["calls"] == 102
+        await self.assert_all_stored(10_000)
+
+    @gen_test(timeout=30)
+    async def test_one_more_than_a_page(self) -> None:
+        await self.setup_sandbox(10_001)
+        status = await self.run_to_end(self.backfill(concurrency=8))
+        assert (status["pages_done"], status["followers_done"]) == (2, 10_001)
+        assert len(self.calls(USER_GET)) == 3
+        assert len(self.calls(BATCHGET)) == 101
+        assert set(self.batchget_openids().values()) == {1}
+        await self.assert_all_stored(10_001)
+
+    @gen_test(timeout=60)
+    async def test_25000_with_links(self) -> None:
+        fake = await self.setup_sandbox(25_000)
+        assert self.db is not None
+        linked = [fake.person(i) for i in (0, 4_321, 24_999)]
+
+        def mp_logins(conn: sqlite3.Connection) -> None:
+            for person in linked:
+                followers.upsert_mp_user(conn, person.mp_openid, person.unionid, None,
+                                         self.clock())
+
+        await self.db.write(mp_logins)
+        registry = Registry()
+        status = await self.run_to_end(self.backfill(concurrency=8, metrics=registry))
+        assert (status["state"], status["pages_done"], status["followers_done"]) == (
+            "done", 3, 25_000)
+        assert status["total"] == 25_000
+        assert status["calls"] == 4 + 250  # 4 user/get, 250 batchget (token fetches excluded)
+        await self.assert_all_stored(25_000)
+        assert await self.scalar("SELECT COUNT(DISTINCT unionid) FROM followers") == 25_000
+        for person in linked:
+            identity = await self.db.read(functools.partial(
+                followers.find_identity, unionid=person.unionid))
+            assert identity is not None and identity.linked
+            assert (identity.mp_openid, identity.oa_openid) == (person.mp_openid,
+                                                                person.oa_openid)
+            assert identity.subscribed and identity.linked_at is not None
+        assert await self.scalar("SELECT COUNT(*) FROM links") == 3
+        text = registry.render()
+        assert "wxd_backfill_followers_total 25000" in text
+        assert "wxd_backfill_pages_total 3" in text
+        assert 'wxd_backfill_state{state="done"} 1' in text
+        assert 'wxd_backfill_state{state="running"} 0' in text
+        assert 'wxd_backfill_calls_total{endpoint="batchget",outcome="ok"} 250' in text
+
+
+class TestResume(BackfillTestCase):
+    """A stop or a crash mid-run loses and repeats no page; a new process resumes the cursor."""
+
+    async def wait_for(self, predicate: Any) -> None:
+        for _ in range(20_000):
+            if predicate():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("condition not reached")
+
+    @gen_test(timeout=60)
+    async def test_stop_at_page_boundary_then_resume_in_a_new_instance(self) -> None:
+        fake = await self.setup_sandbox(20_500)
+        fake.script_fault(BATCHGET, "delay:0.3")  # a wide window to ask for the stop in page 1
+        first = self.backfill()
+        await first.begin()
+        await self.wait_for(lambda: len(self.calls(BATCHGET)) >= 1)
+        await first.stop()
+        assert self.db is not None
+        row = await self.db.read(backfillstore.load)
+        assert row.state == "running" and row.pages_done == 1  # page 1 finished, then halted
+        assert row.cursor == self.fake.follower_openids[row.pages_done * 10_000 - 1]
+        assert row.followers_done == row.pages_done * 10_000
+        stored_before = await self.scalar("SELECT COUNT(*) FROM followers")
+        assert stored_before >= row.followers_done
+        user_get_before = len(self.calls(USER_GET))
+
+        second = self.backfill()
+        await second.start()  # crash recovery: a run left running resumes by itself
+        status = await second.join()
+        assert (status["state"], status["pages_done"], status["followers_done"]) == (
+            "done", 3, 20_500)
+        assert status["run"] == 1
+        resumed = [c.query.get("next_openid", "") for c in self.calls(USER_GET)[user_get_before:]]
+        assert resumed[0] == row.cursor
+        assert "" not in resumed  # never restarted from the head of the list
+        seen = self.batchget_openids()
+        assert len(seen) == 20_500 and set(seen.values()) == {1}  # no page lost or repeated
+        await self.assert_all_stored(20_500)
+
+    @gen_test(timeout=60)
+    async def test_crash_mid_page_redoes_only_that_page(self) -> None:
+        await self.setup_sandbox(20_500)
+        first = self.backfill()
+        await first.begin()
+        await self.wait_for(lambda: first.status()["pages_done"] >= 1
+                            and 0 < first.status()["page_progress"] < 10_000)
+        task = first._task
+        assert task is not None
+        task.cancel()  # what a kill -9 leaves: no halt() write, the row still says running
+        await asyncio.gather(task, return_exceptions=True)
+        assert self.db is not None
+        await self.db.write(lambda conn: None)  # writes already queued have landed
+        row = await self.db.read(backfillstore.load)
+        assert row.state == "running"
+        done_pages = row.pages_done
+        assert 1 <= done_pages < 3
+        assert row.followers_done == done_pages * 10_000
+
+        second = self.backfill()
+        await second.start()
+        status = await second.join()
+        assert (status["pages_done"], status["followers_done"]) == (3, 20_500)
+        seen = self.batchget_openids()
+        assert len(seen) == 20_500
+        followers_list = self.fake.follower_openids
+        counted = followers_list[: done_pages * 10_000]
+        assert all(seen[openid] == 1 for openid in counted)  # counted pages never repeated
+        interrupted = followers_list[done_pages * 10_000:(done_pages + 1) * 10_000]
+        assert max(seen[openid] for openid in interrupted) == 2  # only that page was redone
+        await self.assert_all_stored(20_500)
+
+
+class TestFaults(BackfillTestCase):
+    @gen_test(timeout=60)
+    async def test_ten_percent_faults_complete_exactly(self) -> None:
+        await self.setup_sandbox(12_000, seed=11, fault_rate=0.1,
+                                 fault_kinds=("-1", "http500", "45011"))
+        status = await self.run_to_end(self.backfill(concurrency=4))
+        assert status["state"] == "done", status["last_error"]
+        assert (status["pages_done"], status["followers_done"]) == (2, 12_000)
+        faults = Counter(c.fault for c in self.fake.calls if c.fault is not None)
+        assert faults["-1"] > 0 and faults["http500"] > 0 and faults["45011"] > 0
+        batch_faults = sum(1 for c in self.calls(BATCHGET) if c.fault is not None)
+        assert len(self.calls(BATCHGET)) == 120 + batch_faults
+        assert status["calls"] == len(self.calls(BATCHGET)) + len(self.calls(USER_GET))
+        assert any(delay >= 1.0 for delay in self.sleeps)  # 45011 waits for the next minute
+        await self.assert_all_stored(12_000)
+
+    @gen_test(timeout=30)
+    async def test_daily_quota_pauses_then_resumes(self) -> None:
+        fake = await self.setup_sandbox(15_000)
+        fake.script_fault(BATCHGET, "45009")
+        instance = self.backfill()
+        status = await self.run_to_end(instance)
+        assert status["state"] == "paused"
+        assert "45009" in status["last_error"]
+        midnight = next_beijing_midnight(self.clock())
+        assert status["paused_until"] == midnight + 60
+        assert status["followers_done"] == 0 and status["pages_done"] == 0
+        assert status["next_run_at"] == status["paused_until"]
+        started, again = await instance.begin_run()
+        assert not started and again["state"] == "paused"  # not before paused_until
+        self.clock.now = status["paused_until"] + 1
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["followers_done"], status["run"]) == ("done", 15_000, 1)
+        assert status["last_error"] is None and status["paused_until"] is None
+        await self.assert_all_stored(15_000)
+
+    @gen_test(timeout=30)
+    async def test_force_resumes_a_paused_run(self) -> None:
+        fake = await self.setup_sandbox(500)
+        fake.script_fault(USER_GET, "45009")
+        instance = self.backfill()
+        assert (await self.run_to_end(instance))["state"] == "paused"
+        started, _ = await instance.begin_run(force=True)
+        assert started
+        assert (await instance.join())["followers_done"] == 500
+
+    @gen_test(timeout=30)
+    async def test_retries_are_bounded_then_failed_then_resumable(self) -> None:
+        fake = await self.setup_sandbox(12_000)
+        fake.script_fault(BATCHGET, "-1", times=10_000)
+        instance = self.backfill(max_attempts=3)
+        status = await self.run_to_end(instance)
+        assert status["state"] == "failed"
+        assert "errcode -1" in status["last_error"]
+        assert status["followers_done"] == 0
+        assert sum(1 for c in self.calls(BATCHGET) if c.fault == "-1") <= 3 * 4 + 4
+        fake.clear_faults()
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["followers_done"]) == ("done", 12_000)
+
+    @gen_test(timeout=30)
+    async def test_terminal_error_fails_at_once_and_resume_keeps_the_cursor(self) -> None:
+        fake = await self.setup_sandbox(12_000)
+        fake.script_fault(BATCHGET, "delay:0", times=100)  # page 1 answers normally...
+        fake.script_fault(BATCHGET, "48001")  # ...then a terminal error in page 2
+        instance = self.backfill(concurrency=1)
+        await instance.begin()
+        status = await instance.join()
+        assert status["state"] == "failed" and "48001" in status["last_error"]
+        assert sum(1 for c in self.calls(BATCHGET) if c.fault == "48001") == 1
+        assert status["pages_done"] == 1
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["pages_done"], status["followers_done"]) == (
+            "done", 2, 12_000)
+        assert set(self.batchget_openids().values()) == {1}
+
+
+class TestEvents(BackfillTestCase):
+    @gen_test(timeout=60)
+    async def test_events_win_and_unseen_followers_are_unsubscribed(self) -> None:
+        fake = await self.setup_sandbox(13_000, follow_ratio=0.9)
+        assert self.db is not None
+        listed = fake.follower_openids
+        never = [p for p in fake.people if not p.follows]
+        # Stale data from an earlier life: a follower row for someone who no longer follows.
+        gone = never[0]
+        await self.db.write(lambda conn: followers.record_subscribe(
+            conn, gone.oa_openid, self.clock() - 86400, self.clock() - 86400))
+        # The race: events created after WeChat answered the backfill's user/get or batchget
+        # (so newer than what the backfill observes) but stored before the backfill's batch.
+        later = self.clock() + 100
+        quitter = fake.by_oa_openid(listed[-1])  # WeChat still lists and describes them
+        assert quitter is not None
+        # A new follower whose follow came after user/get listed its position in the list.
+        newcomer: Person = never[1]
+
+        def events(conn: sqlite3.Connection) -> None:
+            followers.record_unsubscribe(conn, quitter.oa_openid, later, later)
+            followers.record_subscribe(conn, newcomer.oa_openid, later, later)
+
+        await self.db.write(events)
+        instance = self.backfill(concurrency=2)
+        await instance.begin()
+        status = await instance.join()
+        assert status["state"] == "done"
+        rows = {row["oa_openid"]: row for row in await self.query("SELECT * FROM followers")}
+        assert rows[quitter.oa_openid]["subscribed"] == 0  # the newer event won
+        assert rows[quitter.oa_openid]["unionid"] == quitter.unionid
+        assert rows[newcomer.oa_openid]["subscribed"] == 1  # not unseen: its event is newer
+        assert rows[gone.oa_openid]["subscribed"] == 0  # not in the list at the end
+        subscribed = sum(row["subscribed"] for row in rows.values())
+        assert subscribed == len(listed) - 1 + 1
+
+    @gen_test(timeout=60)
+    async def test_second_run_unsubscribes_who_left(self) -> None:
+        fake = await self.setup_sandbox(3_000)
+        instance = self.backfill()
+        assert (await self.run_to_end(instance))["run"] == 1
+        leavers = [fake.person(i) for i in (5, 50, 500)]
+        for person in leavers:
+            fake.unfollow(person)
+        self.clock.advance(3600)
+        status = await self.run_to_end(instance)
+        assert (status["run"], status["followers_done"], status["total"]) == (2, 2_997, 2_997)
+        for person in leavers:
+            row = (await self.query("SELECT subscribed, unsubscribed_at, unionid FROM followers"
+                                    " WHERE oa_openid = ?", (person.oa_openid,)))[0]
+            assert row["subscribed"] == 0 and row["unsubscribed_at"] == self.clock()
+            assert row["unionid"] == person.unionid
+        assert await self.scalar("SELECT SUM(subscribed) FROM followers") == 2_997
+
+
+class TestRateLimit(BackfillTestCase):
+    @gen_test(timeout=30)
+    async def test_calls_per_second_respected(self) -> None:
+        await self.setup_sandbox(3_000)
+        start = self.clock()
+        status = await self.run_to_end(self.backfill(rate_per_s=20, concurrency=4))
+        calls = status["calls"]
+        assert calls == 2 + 30
+        elapsed = self.clock() - start
+        # Burst of `concurrency` calls, then one every 1/20 s.
+        assert (calls - 4) / 20 - 1e-4 <= elapsed <= calls / 20 + 1e-4
+        at = sorted(c.at for c in self.fake.calls if c.path in (USER_GET, BATCHGET))
+        for i in range(len(at) - 20 - 4):
+            assert at[i + 20 + 4] - at[i] >= 1.0 - 1e-4  # no 1 s window holds more than 24
+
+    @gen_test(timeout=30)
+    async def test_unlimited_rate_never_sleeps(self) -> None:
+        await self.setup_sandbox(2_000)
+        status = await self.run_to_end(self.backfill(rate_per_s=0))
+        assert status["state"] == "done" and self.sleeps == []
+
+
+def test_rate_limiter_spacing() -> None:
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(10, 3, clock, virtual_sleep(clock))
+
+    async def go() -> list[float]:
+        times = []
+        for _ in range(8):
+            await limiter.acquire()
+            times.append(clock())
+        limiter.hold_until(clock() + 60)
+        await limiter.acquire()
+        times.append(clock())
+        return times
+
+    times = asyncio.run(go())
+    assert times[:3] == [0.0, 0.0, 0.0]  # the burst
+    assert times[3:8] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert times[8] == pytest.approx(60.5)
+
+
+def test_backoff_and_minute_wait() -> None:
+    delays = [backoff_s(attempt, 0.5, 30.0) for attempt in range(1, 10)]
+    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0 and delays[-1] <= 30.0
+    assert 15.0 <= delays[-1]
+    assert 40.0 <= until_next_minute_s(1_700_000_000.0) <= 41.0  # :20 past → 40 s + jitter
+    assert 0.0 < until_next_minute_s(1_700_000_039.9) <= 1.1
+
+
+def test_next_beijing_midnight() -> None:
+    # 2023-11-14 22:13:20 UTC is 2023-11-15 06:13:20 in Beijing; next midnight 11-16 00:00 +08.
+    assert next_beijing_midnight(1_700_000_000) == 1_700_064_000
+    assert next_beijing_midnight(1_700_064_000) == 1_700_064_000 + 86_400
+    assert math.isclose(next_beijing_midnight(1_700_063_999.5), 1_700_064_000)
+
+
+class TestAdmin(BackfillTestCase):
+    async def admin_server(self, instance: FollowerBackfill) -> str:
+        common = admin.common_kwargs(ADMIN_TOKEN, None)
+        app = admin.make_app(common, [backfill_admin.routes(common, instance)])
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets(sockets)
+        self.admin_http = server
+        return f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+
+    async def request(self, base: str, method: str, body: Any = None,
+                      token: str = ADMIN_TOKEN) -> tuple[int, dict[str, Any]]:
+        payload = None if method == "GET" else json.dumps(body or {}).encode()
+        response = await self.http.fetch(
+            base + "/v1/backfill", method=method, body=payload, raise_error=False,
+            headers={"Authorization": f"Bearer {token}"})
+        return response.code, json.loads(response.body)
+
+    @gen_test(timeout=30)
+    async def test_post_starts_get_reports(self) -> None:
+        fake = await self.setup_sandbox(5_000)
+        fake.latency_s = 0.002
+        instance = self.backfill()
+        base = await self.admin_server(instance)
+        try:
+            code, body = await self.request(base, "GET")
+            assert code == 200 and body["state"] == "idle" and body["run"] == 0
+            code, body = await self.request(base, "POST")
+            assert code == 202 and body["state"] == "running" and body["active"]
+            code, again = await self.request(base, "POST")
+            assert code == 200 and again["run"] == body["run"]  # idempotent: the running one
+            await instance.join()
+            code, body = await self.request(base, "GET")
+            assert code == 200
+            for key in ("state", "run", "pages_done", "followers_done", "total", "calls",
+                        "rate_per_s", "eta_s", "started_at", "updated_at", "finished_at",
+                        "paused_until", "last_error", "percent", "elapsed_s"):
+                assert key in body
+            assert (body["state"], body["followers_done"], body["percent"]) == (
+                "done", 5_000, 100.0)
+            assert "cursor" not in body
+            code, body = await self.request(base, "GET", token="wrong")
+            assert code == 401
+            code, body = await self.request(base, "POST", body={"force": "yes"})
+            assert code == 400 and body["error"]["code"] == "invalid_field"
+        finally:
+            self.admin_http.stop()
+            await self.admin_http.close_all_connections()
+
+    @gen_test(timeout=30)
+    async def test_post_while_paused_is_409_unless_forced(self) -> None:
+        fake = await self.setup_sandbox(300)
+        fake.script_fault(USER_GET, "45009")
+        instance = self.backfill()
+        base = await self.admin_server(instance)
+        try:
+            code, body = await self.request(base, "POST")
+            assert code == 202
+            await instance.join()
+            code, body = await self.request(base, "POST")
+            assert code == 409 and body["error"]["code"] == "backfill_paused"
+            assert body["error"]["backfill"]["state"] == "paused"
+            code, body = await self.request(base, "POST", body={"force": True})
+            assert code == 202
+            assert (await instance.join())["followers_done"] == 300
+        finally:
+            self.admin_http.stop()
+            await self.admin_http.close_all_connections()
+
+
+class TestTimers(BackfillTestCase):
+    async def until(self, predicate: Any) -> None:
+        for _ in range(5_000):
+            if predicate():
+                return
+            await asyncio.sleep(0.002)
+        raise AssertionError("condition not reached")
+
+    @gen_test(timeout=30)
+    async def test_periodic_resync(self) -> None:
+        await self.setup_sandbox(300)
+        instance = self.backfill(resync_interval_s=0.05)
+        await instance.start()  # never ran: with re-sync on, the first run starts at once
+        await self.until(lambda: instance.status()["state"] == "done")
+        status = instance.status()
+        assert status["run"] == 1 and status["next_run_at"] == status["finished_at"] + 0.05
+        self.clock.advance(0.06)
+        await self.until(lambda: instance.status()["run"] == 2
+                         and instance.status()["state"] == "done")
+        await instance.stop()
+        self.clock.advance(1)
+        await asyncio.sleep(0.1)
+        assert instance.status()["run"] == 2  # stopped: no more runs
+
+    @gen_test(timeout=30)
+    async def test_no_resync_by_default(self) -> None:
+        await self.setup_sandbox(100)
+        instance = self.backfill()
+        await instance.start()
+        assert instance.status()["state"] == "idle" and instance.status()["next_run_at"] is None
+        assert (await self.run_to_end(instance))["next_run_at"] is None
+
+    @gen_test(timeout=30)
+    async def test_start_resumes_a_pause_that_has_expired(self) -> None:
+        fake = await self.setup_sandbox(400)
+        fake.script_fault(USER_GET, "45009")
+        first = self.backfill()
+        paused = await self.run_to_end(first)
+        assert paused["state"] == "paused"
+        await first.stop()
+        self.clock.now = paused["paused_until"] + 5  # the process restarts the next day
+        second = self.backfill()
+        await second.start()
+        await self.until(lambda: second.status()["state"] == "done")
+        assert second.status()["followers_done"] == 400 and second.status()["run"] == 1
+
+    @gen_test(timeout=30)
+    async def test_start_keeps_a_failed_run_failed(self) -> None:
+        fake = await self.setup_sandbox(400)
+        fake.script_fault(USER_GET, "40003")
+        first = self.backfill()
+        assert (await self.run_to_end(first))["state"] == "failed"
+        await first.stop()
+        second = self.backfill()
+        await second.start()
+        await asyncio.sleep(0.05)
+        assert second.status()["state"] == "failed" and not second.running

@@ -1,0 +1,56 @@
+"""Backfill routes: POST /v1/backfill (start or resume, idempotent) and GET /v1/backfill (progress).
+
+Layer L4: translates FollowerBackfill's status into JSON; no storage or WeChat calls here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tornado.routing import URLSpec
+
+from wxd.admin.base import ApiError, JsonHandler
+from wxd.backfill import FollowerBackfill
+
+
+class BackfillHandler(JsonHandler):
+    """GET: the status document. POST: start a run.
+
+    POST answers 202 + status when a run started or resumed, 200 + status when one was already
+    running, and 409 `backfill_paused` (with the status) while a 45009 pause lasts; a body of
+    `{"force": true}` resumes a paused run at once (e.g. after clear_quota).
+    """
+
+    route_name = "backfill"
+
+    def initialize(self, backfill: FollowerBackfill, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self._backfill = backfill
+
+    def get(self) -> None:
+        self.send_json(self._backfill.status())
+
+    async def post(self) -> None:
+        force = False
+        if self.request.body.strip():
+            value = self.json_body().get("force", False)
+            if not isinstance(value, bool):
+                raise ApiError(400, "invalid_field", "'force' must be true or false",
+                               field="force")
+            force = value
+        started, status = await self._backfill.begin_run(force)
+        if started:
+            self.send_json(status, status=202)
+        elif status["state"] == "paused" and not status["active"]:
+            raise ApiError(409, "backfill_paused",
+                           "the daily quota is spent (45009); the backfill resumes by itself at "
+                           "paused_until, or send {\"force\": true} to resume now",
+                           backfill=status)
+        elif not status["active"]:
+            raise ApiError(503, "unavailable", "the backfill is shutting down", backfill=status)
+        else:
+            self.send_json(status)
+
+
+def routes(common: dict[str, Any], backfill: FollowerBackfill) -> list[URLSpec]:
+    return [URLSpec(r"/v1/backfill", BackfillHandler, {**common, "backfill": backfill})]

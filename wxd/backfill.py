@@ -1,0 +1,453 @@
+"""FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
+
+Layer L3: imports wxd L0–L2 only (db, followers, backfillstore, pacing, errors, metrics); the API
+arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from wxd import backfillstore, followers
+from wxd.backfillstore import STATES, BackfillState
+from wxd.db import Database
+from wxd.errors import StorageError, TransportError, WeChatAPIError
+from wxd.metrics import Registry
+from wxd.pacing import (
+    DAY_S,
+    RateLimiter,
+    backoff_s,
+    next_beijing_midnight,
+    until_next_minute_s,
+)
+
+log = logging.getLogger(__name__)
+Info = dict[str, Any]       # one user_info_list entry of batchget
+BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
+
+
+class FollowerSource(Protocol):
+    """The two OA endpoints the backfill needs (wechat.OfficialAccountAPI)."""
+
+    async def user_get(self, next_openid: str = "") -> dict[str, Any]: ...
+    async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]: ...
+
+
+class _Paused(Exception):
+    """45009: the daily quota is spent; the run pauses until `until`."""
+
+    def __init__(self, cause: WeChatAPIError, until: float) -> None:
+        super().__init__(str(cause))
+        self.until = until
+
+
+class _Stopping(Exception):
+    """stop() was requested (seen at a page boundary or before a retry)."""
+
+
+def _parse_page(answer: dict[str, Any]) -> tuple[list[str], str, int | None]:
+    """(openids, next_openid, total) of a user/get answer; no openids = the list is exhausted
+    (count 0 and no `data` after the last page or on an empty account, wechat-api.md §6.1)."""
+    data, total, nxt = answer.get("data"), answer.get("total"), answer.get("next_openid")
+    raw = data.get("openid") if isinstance(data, dict) else None
+    openids = [o for o in raw if isinstance(o, str) and o] if isinstance(raw, list) else []
+    return ([] if answer.get("count") == 0 else openids, nxt if isinstance(nxt, str) else "",
+            total if isinstance(total, int) and not isinstance(total, bool) else None)
+
+
+class FollowerBackfill:
+    """Pages /cgi-bin/user/get from the persisted cursor and stores every follower via batchget.
+
+    Per page (≤ 10,000 openids; only that page and the prefetched next one are in memory):
+    chunks of 100 go to batchget through `concurrency` workers and a calls/s limit
+    (`rate_per_s`, 0 = unlimited); infos are stored in db.write batches of `batch_size`; the
+    cursor and counters move in the same transaction as the page's last batch, so a crash never
+    loses or repeats a counted page. Page N commits while page N+1 is fetched.
+    Errors: transient (-1, 45011, HTTP/network) are retried with backoff, `max_attempts` per
+    call, then the run fails; 45009 pauses it until the next Beijing midnight (+ margin; it
+    resumes by itself then); terminal errors fail it. begin() resumes a failed or paused run
+    from its cursor. `clock` (unix s) and `sleep` (rate limit, backoff) are injectable.
+    """
+
+    def __init__(self, db: Database, oa_api: FollowerSource, *, concurrency: int = 4,
+                 rate_per_s: float = 100.0, resync_interval_s: float = 0.0,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                 metrics: Registry | None = None, batch_size: int = 5000, max_attempts: int = 8,
+                 backoff_s: float = 0.5, backoff_max_s: float = 30.0,
+                 stop_timeout_s: float = 5.0, pause_margin_s: float = 60.0) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self._db, self._api, self._clock, self._sleep = db, oa_api, clock, sleep
+        self._concurrency = concurrency
+        self._resync_s = resync_interval_s
+        self._limiter = RateLimiter(rate_per_s, concurrency, clock, sleep)
+        self._batch_size = max(batch_size, BATCHGET_MAX)
+        self._max_attempts = max(max_attempts, 1)
+        self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
+        self._stop_timeout_s = stop_timeout_s
+        self._pause_margin_s = pause_margin_s
+        self._row = BackfillState()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_task: asyncio.Task[dict[str, Any]] | None = None
+        self._begin_lock = asyncio.Lock()
+        self._stop_requested = self._closed = False
+        self._unsaved_calls = 0      # calls made since the row last recorded them
+        self._page_progress = 0      # followers fetched so far in the page being fetched
+        self._session = (0.0, 0)     # (clock, followers_done) when this process (re)started it
+        self._rate = 0.0
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.counter("wxd_backfill_followers_total", "Followers stored by the backfill.")
+            metrics.counter("wxd_backfill_pages_total", "user/get pages fully stored.")
+            metrics.counter("wxd_backfill_calls_total", "Upstream calls made by the backfill.",
+                            ("endpoint", "outcome"))
+            self._set_row(self._row)
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the row; resume a run a previous process left running (crash recovery); arm the
+        auto-resume of a 45009 pause and, when configured, the periodic re-sync. Idempotent."""
+        self._closed = False
+        self._set_row(await self._db.read(backfillstore.load))
+        if self._row.state == "running" and not self.running:
+            log.info("resuming backfill run %d (%d followers done)", self._row.run,
+                     self._row.followers_done)
+            await self.begin()
+        else:
+            self._arm_timer()
+
+    async def stop(self) -> None:
+        """Halt at a page boundary (cursor and state kept: start() resumes); a page still busy
+        after `stop_timeout_s` is abandoned and redone on resume. Idempotent."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._task
+        if task is None or task.done():
+            return
+        self._stop_requested = True
+        done, _ = await asyncio.wait({task}, timeout=self._stop_timeout_s)
+        if not done:
+            log.warning("backfill page busy after %.1f s; abandoning it", self._stop_timeout_s)
+            await _discard(task)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def begin(self, force: bool = False) -> dict[str, Any]:
+        """Start or resume a run; return the status (the running one's if a run is active)."""
+        return (await self.begin_run(force))[1]
+
+    async def begin_run(self, force: bool = False) -> tuple[bool, dict[str, Any]]:
+        """(started, status). Resumes a running/paused/failed run from its cursor, else starts
+        a new run. A 45009 pause is not resumed before `paused_until` unless `force` (after an
+        operator reset the quota). Nothing starts after stop()."""
+        async with self._begin_lock:
+            row = self._row
+            if self.running or self._closed or (
+                    row.state == "paused" and not force and row.paused_until is not None
+                    and self._clock() < row.paused_until):
+                return False, self.status()
+            self._set_row(await self._db.write(
+                lambda conn: backfillstore.begin_run(conn, self._clock())))
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._stop_requested = False
+            self._session, self._rate = (self._clock(), self._row.followers_done), 0.0
+            self._task = asyncio.create_task(self._run(self._row), name="wxd-backfill")
+            self._task.add_done_callback(_log_crash)
+            log.info("backfill run %d started at cursor %r", self._row.run, self._row.cursor or "")
+            return True, self.status()
+
+    async def join(self) -> dict[str, Any]:
+        """Wait until the current run (if any) ends; return the status."""
+        if self._task is not None:
+            await asyncio.gather(asyncio.shield(self._task), return_exceptions=True)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        """The progress document of GET /v1/backfill: backfillstore.status_document, with
+        rate_per_s = followers/s since this process (re)started the run, plus next_run_at
+        (auto-resume or re-sync time) and the settings."""
+        row, now = self._row, self._clock()
+        active = row.state == "running" and self.running
+        if active and now > self._session[0]:
+            self._rate = (row.followers_done - self._session[1]) / (now - self._session[0])
+        return backfillstore.status_document(
+            row, now, active=active, rate_per_s=self._rate, unsaved_calls=self._unsaved_calls,
+            page_progress=self._page_progress if active else 0,
+        ) | {"next_run_at": self._next_due(), "concurrency": self._concurrency,
+             "call_rate_limit_per_s": self._limiter.rate_per_s,
+             "resync_interval_s": self._resync_s}
+
+    def _set_row(self, row: BackfillState) -> None:
+        self._row = row
+        if self._metrics is not None:
+            gauge = self._metrics.gauge("wxd_backfill_state", "1 for the backfill's state.",
+                                        ("state",))
+            for name in STATES:
+                gauge.set(1.0 if name == row.state else 0.0, state=name)
+
+    def _count(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        if self._metrics is not None:
+            self._metrics.counter(name, "").inc(amount, **labels)
+
+    # Timers: auto-resume after a 45009 pause, periodic re-sync --------------------------------
+
+    def _next_due(self) -> float | None:
+        row = self._row
+        if row.state == "paused":
+            return row.paused_until
+        if self._resync_s > 0 and row.state in ("idle", "done"):
+            # Never ran: the first sync is due now.
+            return self._clock() if row.finished_at is None else row.finished_at + self._resync_s
+        return None
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        due = self._next_due()
+        if due is not None and not self._closed:
+            # Loop time, not the injected sleep: an hours-long wait must not spin a fake clock.
+            delay = min(max(due - self._clock(), 0.0), DAY_S)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        due = self._next_due()
+        if due is None or self._closed:
+            return
+        if self._clock() < due:
+            self._arm_timer()
+        else:
+            self._timer_task = asyncio.create_task(self.begin(), name="wxd-backfill-timer")
+            self._timer_task.add_done_callback(_log_crash)
+
+    # The run ------------------------------------------------------------------------------
+
+    async def _run(self, row: BackfillState) -> None:
+        run, cursor, total = row.run, row.cursor or "", row.total
+        # Pipeline: page N commits (task `commit`) while page N+1's batchgets run and the
+        # user/get of page N+2 is prefetched; at most one page waits for its commit.
+        commit: asyncio.Task[None] | None = None
+        try:
+            openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
+            while openids:
+                total = page_total if page_total is not None else total
+                # The last page carries next_openid = its last openid (sandbox, wechatpy's
+                # comment) or nothing; either way its last openid is a valid resume position.
+                after = nxt or openids[-1]
+                prefetch = (asyncio.create_task(self._call("user_get", after))
+                            if nxt and nxt != cursor else None)
+                try:
+                    writes, tail = await self._fetch_page(run, openids)
+                    if commit is not None:
+                        await commit
+                    commit = asyncio.create_task(self._commit_page(
+                        run, cursor, after, len(openids), total, writes, tail))
+                    commit.add_done_callback(_retrieve)  # failures surface via _halt
+                    cursor = after
+                    if prefetch is None:
+                        break
+                    if self._stop_requested:
+                        raise _Stopping
+                    openids, nxt, page_total = _parse_page(await prefetch)
+                finally:
+                    await _discard(prefetch)
+            if commit is not None:
+                await commit
+            await self._finish(run, page_total if page_total is not None else total)
+        except _Stopping:
+            await self._halt(run, commit, "running")
+            log.info("backfill stopped at a page boundary (run %d, %d followers done)", run,
+                     self._row.followers_done)
+        except _Paused as exc:
+            await self._halt(run, commit, "paused", last_error=str(exc), paused_until=exc.until)
+            log.warning("backfill paused until %.0f: %s", exc.until, exc)
+        except (WeChatAPIError, TransportError, StorageError, sqlite3.Error) as exc:
+            await self._halt(run, commit, "failed", last_error=str(exc))
+            log.error("backfill run %d failed: %s", run, exc)
+        except Exception as exc:  # the top of a long-running job: record, never crash the daemon
+            log.exception("backfill run %d failed unexpectedly", run)
+            await self._halt(run, commit, "failed",
+                             last_error=f"internal error: {type(exc).__name__}")
+        finally:
+            if commit is not None and not commit.done():  # cancelled (crash, stop timeout)
+                commit.cancel()
+            self._page_progress = 0
+            self._arm_timer()
+
+    async def _fetch_page(self, run: int, openids: list[str]
+                          ) -> tuple[list[asyncio.Task[list[str]]], tuple[list[Info], float]]:
+        """batchget the page through the workers; each full batch goes to db.write at once.
+        Returns those writes and the leftover infos with their observation time."""
+        chunks = iter(range(0, len(openids), BATCHGET_MAX))
+        buffer: list[Info] = []
+        observed = [math.inf]        # earliest request time of the infos in `buffer`
+        writes: list[asyncio.Task[list[str]]] = []
+        self._page_progress = 0
+
+        def take() -> tuple[list[Info], float]:
+            infos, at = buffer[:], observed[0]
+            buffer.clear()
+            observed[0] = math.inf
+            return infos, at
+
+        def store(infos: list[Info], at: float) -> Callable[[sqlite3.Connection], list[str]]:
+            return lambda conn: followers.apply_user_infos(conn, infos, at, self._clock(), run=run)
+
+        async def worker() -> None:
+            for start in chunks:     # one shared iterator: each worker takes the next chunk
+                # "Events win" compares event times with when WeChat was asked.
+                asked_at = self._clock()
+                infos = await self._call("batchget", openids[start:start + BATCHGET_MAX])
+                buffer.extend(infos)
+                observed[0] = min(observed[0], asked_at)
+                self._page_progress += min(BATCHGET_MAX, len(openids) - start)
+                if len(buffer) >= self._batch_size:
+                    writes.append(asyncio.create_task(self._db.write(store(*take()))))
+
+        try:
+            await _all_or_nothing([worker() for _ in range(self._concurrency)])
+        except BaseException:
+            for task in writes:   # drops the awaits only: a queued write still commits
+                await _discard(task)
+            raise
+        return writes, take()
+
+    async def _commit_page(self, run: int, cursor: str, after: str, count: int,
+                           total: int | None, writes: list[asyncio.Task[list[str]]],
+                           tail: tuple[list[Info], float]) -> None:
+        """After the page's batches commit: store the rest and count the page (cursor `cursor`
+        → `after`) in one transaction."""
+        await _all_or_nothing(writes)
+        calls, (batch, at) = self._unsaved_calls, tail
+
+        def last(conn: sqlite3.Connection) -> BackfillState:
+            now = self._clock()
+            if batch:
+                followers.apply_user_infos(conn, batch, at, now, run=run)
+            return backfillstore.advance(conn, run, cursor, after, count, calls, total, now)
+
+        self._set_row(await self._db.write(last))
+        self._unsaved_calls -= calls
+        self._count("wxd_backfill_followers_total", count)
+        self._count("wxd_backfill_pages_total")
+
+    async def _finish(self, run: int, total: int | None) -> None:
+        calls, since = self._unsaved_calls, self._row.started_at
+
+        def finish(conn: sqlite3.Connection) -> tuple[BackfillState, int]:
+            now = self._clock()
+            # Only a complete pass may judge who left; events since the run began still win.
+            gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
+            return backfillstore.finish(conn, run, calls, total, now), gone
+
+        row, gone = await self._db.write(finish)
+        self._unsaved_calls -= calls
+        self._set_row(row)
+        log.info("backfill run %d done: %d followers, %d pages, %d calls; %d no longer follow",
+                 run, row.followers_done, row.pages_done, row.calls, gone)
+
+    async def _halt(self, run: int, commit: asyncio.Task[None] | None, state: str, *,
+                    last_error: str | None = None, paused_until: float | None = None) -> None:
+        if commit is not None:   # let a page commit in flight land (or fail) first
+            await asyncio.gather(commit, return_exceptions=True)
+        calls = self._unsaved_calls
+        try:
+            row = await self._db.write(lambda conn: backfillstore.halt(
+                conn, run, state, calls, self._clock(), last_error=last_error,
+                paused_until=paused_until))
+        except (StorageError, sqlite3.Error) as exc:
+            log.error("cannot record backfill state %s: %s", state, exc)
+            row = replace(self._row, state=state, last_error=last_error, paused_until=paused_until)
+        else:
+            self._unsaved_calls -= calls
+        self._set_row(row)
+
+    async def _call(self, endpoint: str, arg: Any) -> Any:
+        """user_get(arg) or batchget(arg) through the rate limit, retried while transient."""
+        fn = self._api.user_get if endpoint == "user_get" else self._api.batchget
+        attempt = 0
+        while True:
+            await self._limiter.acquire()
+            self._unsaved_calls += 1
+            try:
+                result = await fn(arg)
+            except WeChatAPIError as exc:
+                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome=exc.kind)
+                if exc.quota:
+                    until = next_beijing_midnight(self._clock()) + self._pause_margin_s
+                    raise _Paused(exc, until) from exc
+                if not (exc.retryable or exc.token_invalid):
+                    raise
+                error: Exception = exc
+            except TransportError as exc:
+                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome="transport")
+                error = exc
+            else:
+                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome="ok")
+                return result
+            attempt += 1
+            if self._stop_requested:
+                raise _Stopping from error
+            if attempt >= self._max_attempts:
+                raise error
+            delay = backoff_s(attempt, self._backoff_s, self._backoff_max_s)
+            if isinstance(error, WeChatAPIError) and error.errcode == 45011:
+                # Per-minute quota: nothing passes before the next minute; hold every caller.
+                now = self._clock()
+                delay = max(delay, until_next_minute_s(now))
+                self._limiter.hold_until(now + delay)
+            log.info("backfill %s failed (%s); retry %d of %d in %.1f s", endpoint, error,
+                     attempt, self._max_attempts - 1, delay)
+            await self._sleep(delay)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("backfill task ended unexpectedly", exc_info=task.exception())
+
+
+async def _discard(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` if still pending and collect its outcome (no "never retrieved" noise)."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _all_or_nothing(aws: Sequence[Coroutine[Any, Any, Any] | asyncio.Task[Any]]) -> None:
+    """Await all; on the first failure cancel the rest and raise that failure."""
+    tasks = [aw if isinstance(aw, asyncio.Task) else asyncio.ensure_future(aw) for aw in aws]
+    if not tasks:
+        return
+    try:
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for task in tasks:
+            await _discard(task)
+        raise
+    for task in pending:
+        await _discard(task)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
