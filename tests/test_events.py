@@ -1,0 +1,411 @@
+"""EventRouter and EventWorkers: unit tests on a real SQLite file with a refresh double, then the
+whole path (sandbox → webhook → inbox → job → real Linking → user/info → follower) end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from typing import Any
+
+import tornado.httpclient
+from tornado.httpserver import HTTPServer
+from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
+
+from wxd import followers, inbox, pushqueue
+from wxd.crypto import MessageCrypto
+from wxd.db import Database
+from wxd.errors import TransportError, WeChatAPIError
+from wxd.events import EventRouter, EventWorkers, backoff_s, is_retryable
+from wxd.linking import Linking
+from wxd.messages import Message, parse_message
+from wxd.metrics import Registry
+from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
+from wxd.tokens import TokenManager
+from wxd.webhook import Webhook, make_app
+from wxd.wechat import OfficialAccountAPI, WeChatClient
+
+T0 = 1_700_000_000.0
+
+
+def event(openid: str, name: str, create_time: int = int(T0), **extra: str) -> Message:
+    return parse_message({"ToUserName": "gh_0123456789ab", "FromUserName": openid,
+                          "CreateTime": str(create_time), "MsgType": "event", "Event": name,
+                          **extra})
+
+
+class FakeRefresher:
+    """Test double of Linking.refresh_follower: stores a user/info answer, or raises."""
+
+    def __init__(self, db: Database, clock: Any) -> None:
+        self.db = db
+        self.clock = clock
+        self.calls: list[str] = []
+        self.errors: list[BaseException] = []
+        self.gate: asyncio.Event | None = None
+
+    async def refresh_follower(self, oa_openid: str) -> None:
+        self.calls.append(oa_openid)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.errors:
+            raise self.errors.pop(0)
+        info = {"subscribe": 1, "openid": oa_openid, "unionid": f"u-{oa_openid}",
+                "subscribe_time": int(T0)}
+        now = self.clock()
+        await self.db.write(lambda conn: followers.apply_user_infos(conn, [info], now, now))
+
+
+class EventsCase(AsyncTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.tmp = tempfile.TemporaryDirectory()
+        self.now = T0
+        self.metrics = Registry()
+        self.db = self.io_loop.run_sync(
+            lambda: Database.open(os.path.join(self.tmp.name, "wxd.db")))
+        self.refresher = FakeRefresher(self.db, lambda: self.now)
+        self.router = EventRouter(self.db, self.refresher, clock=lambda: self.now,
+                                  metrics=self.metrics)
+        self.workers = EventWorkers(self.db, self.router, workers=2, max_attempts=3,
+                                    clock=lambda: self.now, metrics=self.metrics)
+
+    def tearDown(self) -> None:
+        self.io_loop.run_sync(self.workers.stop)
+        self.io_loop.run_sync(self.db.close)
+        super().tearDown()
+        self.tmp.cleanup()
+
+    async def follower(self, openid: str) -> dict[str, Any] | None:
+        row = await self.db.fetchone("SELECT * FROM followers WHERE oa_openid = ?", (openid,))
+        return dict(row) if row is not None else None
+
+    async def store(self, msg: Message) -> bool:
+        stored: bool = await self.db.write(lambda conn: inbox.store_message(conn, msg, self.now))
+        return stored
+
+    async def jobs(self) -> dict[str, int]:
+        counts: dict[str, int] = await self.db.read(inbox.job_counts)
+        return counts
+
+
+class RouterTest(EventsCase):
+    @gen_test
+    async def test_subscribe_records_scene_then_refreshes(self) -> None:
+        msg = event("oA", "subscribe", EventKey="qrscene_bind_ab12", Ticket="gQ1")
+        assert await self.router.handle(msg) == "subscribe"
+        row = await self.follower("oA")
+        assert row is not None
+        assert (row["subscribed"], row["subscribed_at"], row["qr_scene_str"], row["event_key"],
+                row["ticket"], row["unionid"]) == (1, T0, "bind_ab12", "qrscene_bind_ab12",
+                                                   "gQ1", "u-oA")
+        assert self.refresher.calls == ["oA"]
+        plain = event("oB", "subscribe", EventKey="")
+        await self.router.handle(plain)
+        row = await self.follower("oB")
+        assert row is not None and row["event_key"] is None and row["qr_scene"] is None
+
+    @gen_test
+    async def test_unsubscribe_keeps_unionid_and_purges_when_asked(self) -> None:
+        await self.router.handle(event("oA", "subscribe", EventKey="qrscene_5", Ticket="t"))
+        await self.router.handle(event("oA", "unsubscribe", create_time=int(T0) + 10))
+        row = await self.follower("oA")
+        assert row is not None
+        assert (row["subscribed"], row["unsubscribed_at"], row["unionid"], row["qr_scene"]) == \
+            (0, T0 + 10, "u-oA", 5)
+        purging = EventRouter(self.db, self.refresher, purge_on_unsubscribe=True,
+                              clock=lambda: self.now)
+        await self.router.handle(event("oB", "subscribe", EventKey="qrscene_6", Ticket="t"))
+        await purging.handle(event("oB", "unsubscribe", create_time=int(T0) + 10))
+        row = await self.follower("oB")
+        assert row is not None
+        assert (row["subscribed"], row["unionid"], row["qr_scene"], row["ticket"]) == \
+            (0, "u-oB", None, None)
+        assert self.refresher.calls == ["oA", "oB"]  # unsubscribe asks WeChat nothing
+
+    @gen_test
+    async def test_scan_keeps_event_key_for_known_and_unknown_followers(self) -> None:
+        await self.router.handle(event("oA", "subscribe"))
+        assert await self.router.handle(
+            event("oA", "SCAN", create_time=int(T0) + 5, EventKey="bind_cd34", Ticket="gQ2")
+        ) == "scan"
+        row = await self.follower("oA")
+        assert row is not None
+        assert (row["event_key"], row["ticket"], row["subscribed"]) == ("bind_cd34", "gQ2", 1)
+        assert self.refresher.calls == ["oA"]
+        await self.router.handle(event("oNew", "SCAN", EventKey="42", Ticket="gQ3"))
+        row = await self.follower("oNew")
+        assert row is not None
+        assert (row["event_key"], row["unionid"], row["subscribed"]) == ("42", "u-oNew", 1)
+        assert self.refresher.calls == ["oA", "oNew"]
+
+    @gen_test
+    async def test_template_report_matches_a_push_or_is_kept(self) -> None:
+        report = event("oA", "TEMPLATESENDJOBFINISH", MsgID="3487542469355618313",
+                       Status="failed: system failed")
+        assert await self.router.handle(report) == "delivery_stored"
+        row = await self.db.fetchone("SELECT msgid, status, oa_openid FROM delivery_reports")
+        assert row is not None
+        assert tuple(row) == ("3487542469355618313", "failed: system failed", "oA")
+
+        def sent_push(conn: Any) -> str:
+            push = pushqueue.NewPush(pushqueue.new_push_id(), None, {"oa_openid": "oB"}, "oB",
+                                     "tpl", {"touser": "oB", "template_id": "tpl", "data": {}})
+            pushqueue.insert(conn, push, T0)
+            pushqueue.lease(conn, T0, 1, 60)
+            pushqueue.mark_sent(conn, push.id, "777", T0)
+            return push.id
+
+        push_id = await self.db.write(sent_push)
+        delivered = event("oB", "TEMPLATESENDJOBFINISH", MsgID="777", Status="success")
+        assert await self.router.handle(delivered) == "delivery_matched"
+        push = await self.db.read(lambda conn: pushqueue.get(conn, push_id))
+        assert push is not None and push["status"] == "delivered"
+
+    @gen_test
+    async def test_anything_else_is_ignored(self) -> None:
+        assert await self.router.handle(event("oA", "CLICK", EventKey="menu")) == "ignored"
+        assert await self.follower("oA") is None
+        assert self.refresher.calls == []
+
+
+class WorkersTest(EventsCase):
+    @gen_test
+    async def test_jobs_run_once_and_finish(self) -> None:
+        assert await self.store(event("oA", "subscribe"))
+        assert not await self.store(event("oA", "subscribe"))  # WeChat's retry
+        assert await self.workers.run_once() == 1
+        assert await self.workers.run_once() == 0
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        assert self.refresher.calls == ["oA"]
+
+    @gen_test
+    async def test_transient_errors_retry_with_backoff_then_fail(self) -> None:
+        await self.store(event("oA", "subscribe"))
+        self.refresher.errors = [TransportError("timeout", "/cgi-bin/user/info"),
+                                 WeChatAPIError(-1, "system error", "/cgi-bin/user/info",
+                                                kind="transient")]
+        assert await self.workers.run_once() == 1
+        row = await self.db.fetchone("SELECT state, attempts, not_before, last_error FROM jobs")
+        assert row is not None and row["state"] == "queued" and row["attempts"] == 1
+        assert T0 + 1.5 <= row["not_before"] <= T0 + 2.5
+        assert "TransportError" in row["last_error"]
+        assert await self.workers.run_once() == 0  # not due yet
+        self.now = row["not_before"]
+        assert await self.workers.run_once() == 1
+        row = await self.db.fetchone("SELECT state, attempts, not_before FROM jobs")
+        assert row is not None and (row["state"], row["attempts"]) == ("queued", 2)
+        self.now = row["not_before"]
+        assert await self.workers.run_once() == 1
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        row = await self.follower("oA")
+        assert row is not None and row["unionid"] == "u-oA"
+        # Exhausting max_attempts (3) fails the job with the last error kept.
+        await self.store(event("oB", "subscribe"))
+        self.refresher.errors = [TransportError("reset", "/x") for _ in range(3)]
+        for _ in range(3):
+            self.now += 10_000
+            assert await self.workers.run_once() == 1
+        row = await self.db.fetchone("SELECT state, last_error FROM jobs WHERE state = 'failed'")
+        assert row is not None and "reset" in row["last_error"]
+        counter = self.metrics.counter("wxd_events_jobs_total", "", ("outcome",))
+        assert (counter.get(outcome="retried"), counter.get(outcome="failed")) == (4, 1)
+
+    @gen_test
+    async def test_terminal_error_fails_at_once_unexpected_error_retries(self) -> None:
+        await self.store(event("oA", "subscribe"))
+        self.refresher.errors = [WeChatAPIError(40003, "invalid openid", "/cgi-bin/user/info")]
+        await self.workers.run_once()
+        assert (await self.jobs())["failed"] == 1
+        await self.store(event("oB", "subscribe"))
+        self.refresher.errors = [RuntimeError("bug")]
+        await self.workers.run_once()
+        assert (await self.jobs())["queued"] == 1
+
+    def test_classification_and_backoff(self) -> None:
+        assert is_retryable(TransportError("x", "/p"))
+        assert is_retryable(WeChatAPIError(45009, "quota", "/p", kind="quota"))
+        assert not is_retryable(WeChatAPIError(40003, "openid", "/p", kind="terminal"))
+        assert 1.6 <= backoff_s(1) <= 2.4 and 6.4 <= backoff_s(3) <= 9.6
+        assert backoff_s(40) <= 600 * 1.2
+
+    @gen_test
+    async def test_doorbell_wakes_workers_and_stop_drains(self) -> None:
+        await self.workers.start()
+        await self.workers.start()  # idempotent
+        await asyncio.sleep(0.3)  # the idle wait has backed off by now
+        await self.store(event("oA", "subscribe"))
+        self.workers.ring()
+        for _ in range(100):
+            if (await self.jobs())["done"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert (await self.jobs())["done"] == 1
+        # A job in flight at stop() is allowed to finish within the bound.
+        gate = self.refresher.gate = asyncio.Event()
+        await self.store(event("oB", "subscribe"))
+        self.workers.ring()
+        while self.refresher.calls != ["oA", "oB"]:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(self.workers.stop(timeout_s=5))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await stopping
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 2, "failed": 0}
+        assert self.workers.state == "stopped"
+
+    @gen_test
+    async def test_stop_bound_cancels_and_start_recovers(self) -> None:
+        self.refresher.gate = asyncio.Event()  # never set: the job hangs
+        await self.store(event("oA", "subscribe"))
+        await self.workers.start()
+        while not self.refresher.calls:
+            await asyncio.sleep(0.01)
+        await self.workers.stop(timeout_s=0.05)
+        assert (await self.jobs())["leased"] == 1
+        self.refresher.gate = None
+        again = EventWorkers(self.db, self.router, clock=lambda: self.now)
+        await again.start()  # requeues the orphaned lease, due at once
+        try:
+            for _ in range(100):
+                if (await self.jobs())["done"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await again.stop()
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+
+    @gen_test
+    async def test_metrics_collector_reports_queue_depth(self) -> None:
+        await self.store(event("oA", "subscribe"))
+        await self.metrics.collect()
+        assert 'wxd_events_jobs{state="queued"} 1' in self.metrics.render()
+
+
+class EndToEndTest(AsyncHTTPTestCase):
+    """Sandbox fires events at the webhook; real workers, Linking, TokenManager, sandbox API."""
+
+    def get_app(self) -> Any:
+        self.now = T0
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.tmp.name, "wxd.db")
+        self.fake = FakeWeChat(users=20, seed=3, clock=lambda: self.now, follow_ratio=0.0)
+        self.io_loop.run_sync(self._start)
+        return make_app("/wechat", self.webhook)
+
+    async def _start(self) -> None:
+        self.sandbox = SandboxServer(self.fake)
+        await self.sandbox.start()
+        self.upstream = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        await self._open()
+
+    async def _open(self) -> None:
+        creds = self.fake.credentials
+        self.db = await Database.open(self.path)
+        client = WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0)
+        self.tokens = TokenManager("oa", creds.oa_appid, creds.oa_secret, client, self.db,
+                                   clock=lambda: self.now)
+        self.linking = Linking(self.db, None, OfficialAccountAPI(client, self.tokens),
+                               mp_appid=None, clock=lambda: self.now)
+        router = EventRouter(self.db, self.linking, clock=lambda: self.now)
+        self.workers = EventWorkers(self.db, router, clock=lambda: self.now)
+        await self.workers.start()
+        crypto = MessageCrypto(creds.webhook_token, creds.encoding_aes_key, creds.oa_appid)
+        self.webhook = Webhook(creds.webhook_token, crypto, self.db, clock=lambda: self.now,
+                               on_stored=self.workers.ring)
+
+    async def _close(self) -> None:
+        await self.workers.stop()
+        await self.tokens.stop()
+        await self.db.close()
+
+    async def _stop(self) -> None:
+        await self._close()
+        await self.sandbox.stop()
+        self.upstream.close()
+
+    def tearDown(self) -> None:
+        self.io_loop.run_sync(self._stop)
+        super().tearDown()
+        self.tmp.cleanup()
+
+    async def settled(self) -> dict[str, int]:
+        for _ in range(300):
+            counts = await self.db.read(inbox.job_counts)
+            if counts["queued"] == counts["leased"] == 0:
+                return counts
+            await asyncio.sleep(0.01)
+        raise AssertionError("jobs did not settle")
+
+    @gen_test
+    async def test_subscribe_to_linked_follower_once_across_retries_and_restart(self) -> None:
+        person = self.fake.person(4)
+        self.fake.follow(person, scene="ADD_SCENE_QR_CODE", qr_scene_str="bind_ab12")
+        sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "safe",
+                               clock=lambda: self.now, http_client=self.http_client)
+        request = sender.build(sender.subscribe_fields(person.oa_openid, scene="bind_ab12"))
+        for _ in range(2):  # WeChat's retry: same URL, same body
+            delivery = await sender.send(request)
+            assert (delivery.status, delivery.body) == (200, b"success")
+        assert await self.settled() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        identity = await self.db.read(
+            lambda conn: followers.find_identity(conn, oa_openid=person.oa_openid))
+        assert identity is not None
+        assert (identity.unionid, identity.subscribed, identity.qr_scene_str) == \
+            (person.unionid, True, "bind_ab12")
+        assert self.fake.count_calls("/cgi-bin/user/info") == 1
+        # Restart: everything closed and rebuilt on the same file; the resend is a no-op.
+        await self._close()
+        await self._open()
+        server_socket, port = bind_unused_port()
+        server = HTTPServer(make_app("/wechat", self.webhook))
+        server.add_sockets([server_socket])
+        try:
+            url = f"http://127.0.0.1:{port}/wechat"
+            delivery = await sender.send(SignedRequest(
+                url + request.url[request.url.index("?"):], request.query, request.body,
+                request.xml))
+        finally:
+            server.stop()
+        assert (delivery.status, delivery.body) == (200, b"success")
+        assert await self.settled() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        assert self.fake.count_calls("/cgi-bin/user/info") == 1
+        assert self.webhook.requests.get(result="duplicate") == 1
+
+    @gen_test
+    async def test_unsubscribe_and_template_report_through_the_webhook(self) -> None:
+        person = self.fake.person(2)
+        self.fake.follow(person)
+        sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "compat",
+                               clock=lambda: self.now, http_client=self.http_client, seed=1)
+        assert (await sender.subscribe(person.oa_openid)).body == b"success"
+        await self.settled()
+        self.now += 60
+        self.fake.unfollow(person)
+        assert (await sender.unsubscribe(person.oa_openid)).body == b"success"
+        assert (await sender.template_finished(person.oa_openid, 99, "failed:user block")
+                ).body == b"success"
+        assert await self.settled() == {"queued": 0, "leased": 0, "done": 3, "failed": 0}
+        identity = await self.db.read(
+            lambda conn: followers.find_identity(conn, oa_openid=person.oa_openid))
+        assert identity is not None
+        assert (identity.subscribed, identity.unsubscribed_at, identity.unionid) == \
+            (False, T0 + 60, person.unionid)
+        report = await self.db.fetchone("SELECT status FROM delivery_reports WHERE msgid = '99'")
+        assert report is not None and report[0] == "failed:user block"
+
+
+class PruneTest(EventsCase):
+    @gen_test
+    async def test_prune_runs_hourly_and_keeps_recent_and_pending(self) -> None:
+        await self.store(event("oOld", "subscribe"))
+        await self.workers.run_once()
+        await self.store(event("oPending", "subscribe"))
+        self.now = T0 + 31 * 86400
+        await self.store(event("oNew", "subscribe"))
+        assert await self.workers.prune_if_due() == (1, 1)  # the old done job and its row
+        rows = await self.db.fetchall("SELECT from_user FROM inbox ORDER BY id")
+        assert [r[0] for r in rows] == ["oPending", "oNew"]
+        self.now += 60
+        assert await self.workers.prune_if_due() == (0, 0)  # not due again within the hour
+        assert await self.jobs() == {"queued": 2, "leased": 0, "done": 0, "failed": 0}

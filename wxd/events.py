@@ -1,0 +1,311 @@
+"""Event handling: EventRouter turns a stored webhook message into follower/push state;
+EventWorkers drain the durable job queue (inbox.py) through it, with retries.
+
+Layer L3: imports L0-L2 only; linking (refresh_follower) is injected through a Protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from wxd import followers, inbox, pushqueue
+from wxd.db import Database
+from wxd.errors import MessageError, StorageError, TransportError, WeChatAPIError
+from wxd.messages import (
+    Message,
+    ScanEvent,
+    SubscribeEvent,
+    TemplateSendJobFinish,
+    UnsubscribeEvent,
+)
+from wxd.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 120.0          # a job's lease; a job running longer than JOB_TIMEOUT_S is abandoned
+JOB_TIMEOUT_S = 60.0
+BACKOFF_BASE_S = 2.0
+BACKOFF_MAX_S = 600.0
+IDLE_MIN_S = 0.05        # idle polling backs off between these; the doorbell wakes at once
+IDLE_MAX_S = 2.0
+PRUNE_EVERY_S = 3600.0
+JOBS_RETENTION_S = 7 * 86400.0     # finished jobs kept for inspection
+INBOX_RETENTION_S = 30 * 86400.0   # far beyond WeChat's retries (seconds) and the replay window
+# WeChat error kinds worth retrying: transient (-1, 45011, 5xx), token (the client already
+# refreshed and retried once), quota (45009; user/info has a large daily quota).
+_RETRY_KINDS = frozenset({"transient", "token", "quota"})
+
+
+class FollowerRefresher(Protocol):
+    """Satisfied by linking.Linking: user/info for one follower, stored and linked."""
+
+    async def refresh_follower(self, oa_openid: str) -> None: ...
+
+
+def _record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
+                 event_key: str, ticket: str) -> bool:
+    """Keep the scanned QR's EventKey/Ticket on the follower row; False if the row is unknown.
+
+    followers.py has no SCAN function; this only sets the event_key/ticket columns (not the
+    subscription state or event_at, which SCAN does not change) unless a newer event applied.
+    """
+    cur = conn.execute(
+        "UPDATE followers SET event_key = ?, ticket = ?, updated_at = ?"
+        " WHERE oa_openid = ? AND (event_at IS NULL OR event_at <= ?)",
+        (event_key or None, ticket or None, now, oa_openid, at),
+    )
+    if cur.rowcount:
+        return True
+    return bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM followers WHERE oa_openid = ?)", (oa_openid,)
+    ).fetchone()[0])
+
+
+class EventRouter:
+    """Applies one message. Idempotent: a job may run again after a crash or a retry.
+
+    subscribe → followers.record_subscribe (scene/EventKey/Ticket kept), then
+    refresher.refresh_follower (user/info → unionid → link); unsubscribe →
+    followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
+    SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
+    TEMPLATESENDJOBFINISH → pushqueue.report_delivery (an unknown MsgID is stored for late
+    matching there); anything else → nothing (it is in the inbox).
+    Upstream errors propagate to the caller (EventWorkers retries them).
+    """
+
+    def __init__(self, db: Database, refresher: FollowerRefresher, *,
+                 purge_on_unsubscribe: bool = False,
+                 clock: Callable[[], float] = time.time,
+                 metrics: Registry | None = None) -> None:
+        self._db = db
+        self._refresher = refresher
+        self._purge = purge_on_unsubscribe
+        self._clock = clock
+        self._actions = (metrics or Registry()).counter(
+            "wxd_events_actions_total", "Webhook messages applied, by action.", ("action",)
+        )
+
+    async def handle(self, message: Message) -> str:
+        """Apply `message`; returns the action taken (a metrics label)."""
+        action = await self._apply(message)
+        self._actions.inc(action=action)
+        return action
+
+    async def _apply(self, msg: Message) -> str:
+        openid, at, now = msg.from_user, float(msg.create_time), self._clock()
+        if isinstance(msg, SubscribeEvent):
+            await self._db.write(lambda conn: followers.record_subscribe(
+                conn, openid, at, now, scene=msg.scene, event_key=msg.event_key or None,
+                ticket=msg.ticket or None))
+            await self._refresher.refresh_follower(openid)
+            return "subscribe"
+        if isinstance(msg, UnsubscribeEvent):
+            await self._db.write(lambda conn: followers.record_unsubscribe(
+                conn, openid, at, now, purge=self._purge))
+            return "unsubscribe"
+        if isinstance(msg, ScanEvent):
+            known = await self._db.write(
+                lambda conn: _record_scan(conn, openid, at, now, msg.event_key, msg.ticket))
+            if not known:
+                # Only followers can scan into a SCAN event: learn who this is, then keep it.
+                await self._refresher.refresh_follower(openid)
+                await self._db.write(
+                    lambda conn: _record_scan(conn, openid, at, self._clock(), msg.event_key,
+                                              msg.ticket))
+            return "scan"
+        if isinstance(msg, TemplateSendJobFinish):
+            matched = await self._db.write(lambda conn: pushqueue.report_delivery(
+                conn, msg.msgid, msg.status, openid, now))
+            return "delivery_matched" if matched else "delivery_stored"
+        return "ignored"
+
+
+def backoff_s(attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential backoff with ±20 % jitter after `attempts` failed tries (1 → ~2 s)."""
+    base = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** min(max(0, attempts - 1), 30))
+    draw = rng.random() if rng is not None else random.random()
+    return base * (0.8 + 0.4 * draw)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transport failures, WeChat's transient/token/quota errors and storage errors retry."""
+    if isinstance(exc, WeChatAPIError):
+        return exc.kind in _RETRY_KINDS
+    return isinstance(exc, (TransportError, StorageError, asyncio.TimeoutError))
+
+
+class EventWorkers:
+    """N named asyncio tasks that lease event jobs and run them through the router.
+
+    `ring()` (the webhook's on_stored) wakes idle workers at once; idle polling backs off
+    between IDLE_MIN_S and IDLE_MAX_S otherwise. Retryable failures go back to the queue with
+    backoff until `max_attempts` leases, then the job fails with the error kept; terminal
+    failures (e.g. 40003 invalid openid) fail at once. `start()` first requeues leases left
+    by a previous process. `stop(timeout_s)` lets running jobs finish within the bound, then
+    cancels them (their lease is recovered at the next start). Both are idempotent.
+    """
+
+    def __init__(self, db: Database, router: EventRouter, *, workers: int = 2,
+                 max_attempts: int = 10, clock: Callable[[], float] = time.time,
+                 metrics: Registry | None = None, lease_s: float = LEASE_S,
+                 job_timeout_s: float = JOB_TIMEOUT_S,
+                 jobs_retention_s: float = JOBS_RETENTION_S,
+                 inbox_retention_s: float = INBOX_RETENTION_S) -> None:
+        self._db = db
+        self._router = router
+        self._workers = workers
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self._lease_s = lease_s
+        self._job_timeout_s = min(job_timeout_s, lease_s)
+        self._jobs_retention_s = jobs_retention_s
+        self._inbox_retention_s = inbox_retention_s
+        self._next_prune = 0.0
+        self._doorbell = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.state = "new"
+        registry = metrics or Registry()
+        self._outcomes = registry.counter(
+            "wxd_events_jobs_total", "Event jobs run, by outcome (done, retried, failed).",
+            ("outcome",),
+        )
+        self._depth = registry.gauge("wxd_events_jobs", "Event jobs by state.", ("state",))
+        if metrics is not None:
+            metrics.add_collector(self._collect)
+
+    async def _collect(self) -> None:
+        for state, count in (await self._db.read(inbox.job_counts)).items():
+            self._depth.set(count, state=state)
+
+    def ring(self) -> None:
+        """Wake idle workers (new work was committed)."""
+        self._doorbell.set()
+
+    async def start(self) -> None:
+        if self.state != "new":
+            return
+        self.state = "running"
+        recovered = await self._db.write(lambda conn: inbox.recover_jobs(conn, self._clock()))
+        if recovered:
+            log.info("requeued %d event jobs left leased by a previous run", recovered)
+        for index in range(self._workers):
+            task = asyncio.create_task(self._loop(), name=f"wxd-event-worker-{index}")
+            task.add_done_callback(self._task_done)
+            self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s exited: %r", task.get_name(), task.exception())
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        if self.state != "running":
+            self.state = "stopped"
+            return
+        self.state = "stopping"
+        self._stopping = True
+        self._doorbell.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled %d event jobs still running at stop", len(pending))
+                await asyncio.wait(pending)
+        self._tasks.clear()
+        self.state = "stopped"
+
+    async def _loop(self) -> None:
+        idle = IDLE_MIN_S
+        while not self._stopping:
+            self._doorbell.clear()
+            try:
+                ran = await self.run_once(limit=1)
+            except Exception:
+                log.exception("event worker loop error; continuing")
+                ran = 0
+            if ran:
+                idle = IDLE_MIN_S
+                continue
+            if self._stopping:
+                break
+            try:
+                await self.prune_if_due()
+            except Exception:
+                log.exception("pruning the inbox and finished jobs failed; continuing")
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), timeout=idle)
+                idle = IDLE_MIN_S
+            except asyncio.TimeoutError:
+                idle = min(idle * 2, IDLE_MAX_S)
+
+    async def prune_if_due(self) -> tuple[int, int]:
+        """At most every PRUNE_EVERY_S (when idle): delete done jobs older than the jobs
+        retention and inbox rows older than the inbox retention (pending work is kept).
+        Returns (jobs, inbox rows) deleted."""
+        now = self._clock()
+        if now < self._next_prune:
+            return 0, 0
+        self._next_prune = now + PRUNE_EVERY_S
+        jobs, rows = await self._db.write(lambda conn: (
+            inbox.prune_jobs(conn, now - self._jobs_retention_s),
+            inbox.prune_inbox(conn, now - self._inbox_retention_s)))
+        if jobs or rows:
+            log.info("pruned %d finished event jobs and %d inbox rows", jobs, rows)
+        return jobs, rows
+
+    async def run_once(self, limit: int = 100) -> int:
+        """Lease up to `limit` due jobs and run them one by one; returns how many ran.
+
+        What the worker tasks do; tests call it directly with an injected clock.
+        """
+        now = self._clock()
+        jobs = await self._db.write(
+            lambda conn: inbox.lease_jobs(conn, now, limit, self._lease_s))
+        for job in jobs:
+            await self._run_job(job)
+        return len(jobs)
+
+    async def _run_job(self, job: inbox.Job) -> None:
+        try:
+            if job.kind != inbox.EVENT_JOB:
+                raise MessageError(f"unknown job kind {job.kind!r}")
+            inbox_id = job.payload_json().get("inbox_id")
+            if not isinstance(inbox_id, int):
+                raise MessageError("job payload has no inbox_id")
+            message = await self._db.read(lambda conn: inbox.load_message(conn, inbox_id))
+            if message is None:
+                raise MessageError(f"inbox row {inbox_id} is gone")
+            action = await asyncio.wait_for(self._router.handle(message), self._job_timeout_s)
+        except Exception as exc:
+            await self._failed(job, exc)
+            return
+        await self._db.write(lambda conn: inbox.finish_job(conn, job.id, self._clock()))
+        self._outcomes.inc(outcome="done")
+        log.debug("event job %d done: %s", job.id, action)
+
+    async def _failed(self, job: inbox.Job, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        now = self._clock()
+        retry = is_retryable(exc) or not isinstance(exc, (WeChatAPIError, MessageError))
+        if retry and job.attempts < self._max_attempts:
+            delay = backoff_s(job.attempts)
+            if not is_retryable(exc):
+                log.error("event job %d raised unexpectedly (attempt %d); retrying in %.0f s",
+                          job.id, job.attempts, delay, exc_info=exc)
+            else:
+                log.warning("event job %d attempt %d failed (%s); retrying in %.0f s",
+                            job.id, job.attempts, error, delay)
+            await self._db.write(lambda conn: inbox.retry_job(conn, job.id, error, now + delay))
+            self._outcomes.inc(outcome="retried")
+            return
+        log.error("event job %d failed for good after %d attempts: %s", job.id, job.attempts,
+                  error)
+        await self._db.write(lambda conn: inbox.fail_job(conn, job.id, error, now))
+        self._outcomes.inc(outcome="failed")

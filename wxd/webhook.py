@@ -1,0 +1,386 @@
+"""The OA webhook (WeChat's callback URL): verify, decrypt, parse, deduplicate, store, answer.
+
+Layer L4: tornado.web handlers over wxd.crypto/messages/inbox/db. Imports nothing above L3 and
+does no event work itself: jobs in the inbox do it later (events.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import tornado.web
+from tornado.routing import URLSpec
+
+from wxd import inbox
+from wxd.crypto import MessageCrypto, check_signature
+from wxd.db import Database
+from wxd.errors import DecryptError, MessageError, StorageError
+from wxd.messages import Message, parse_message, parse_xml
+from wxd.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_]{1,40}")
+_SUCCESS = b"success"
+
+# Fast path for the flat documents WeChat sends: <xml>, then children that are each
+# <Name><![CDATA[text]]></Name> or <Name>plain-token</Name>, separated by spaces/tabs/newlines,
+# no attributes, no repeats, no declarations. For such input it returns exactly what
+# messages.parse_xml returns (tests/test_webhook.py checks this on generated documents); for
+# anything else it returns None and parse_xml decides (and refuses what must be refused).
+# Skipping xmltodict for the envelope and the inner message is most of the webhook's CPU.
+_CDATA_CHAR = "[^\\]\x00-\x08\x0b-\x1f]"  # no "]", no CR, no C0 controls but TAB/LF
+_CDATA_TEXT = _CDATA_CHAR + "*(?:\\](?!\\]>)" + _CDATA_CHAR + "*)*"  # never contains "]]>"
+_FLAT_CHILD_RE = re.compile(
+    rf"([ \t\n]*<([A-Za-z_][A-Za-z0-9_.-]{{0,63}})>"
+    rf"(?:<!\[CDATA\[({_CDATA_TEXT})\]\]>|([A-Za-z0-9_.:@+/=-]*))</\2>)"
+)
+
+
+def flat_fields(data: bytes, max_bytes: int) -> dict[str, str] | None:
+    """messages.parse_xml(data) for a flat WeChat document, or None to fall back to it."""
+    if len(data) > max_bytes or not data.startswith(b"<xml>"):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\ufffe" in text or "\uffff" in text:  # not XML characters
+        return None
+    body = text.rstrip(" \t\n")
+    if not body.endswith("</xml>"):
+        return None
+    end = len(body[:-6].rstrip(" \t\n"))
+    children = _FLAT_CHILD_RE.findall(text, 5, end)
+    # findall skips what does not match: the children must tile <xml>...</xml> exactly.
+    if sum(len(child[0]) for child in children) != end - 5:
+        return None
+    fields = {name: cdata or plain for _, name, cdata, plain in children}
+    if len(fields) != len(children):
+        return None  # a repeated child becomes JSON text in parse_xml
+    return fields
+
+
+class NonceMemory:
+    """Remembers each signed request's (timestamp, nonce, signature) until its timestamp leaves
+    the replay window, with a digest of the body that came with it.
+
+    Why not refuse every repeat: WeChat retries a request it got no answer to within 5 s with
+    the same URL and body (the sandbox's WebhookSender does the same), possibly while the first
+    attempt is still running; that retry must get `success`. So an identical repeat goes through
+    and ends as a duplicate of the stored message (the dedupe key makes it a no-op), while the
+    same signed query with another body (plain mode's signature does not cover the body) is a
+    replay and gets 403. Only requests whose signature verified are remembered, so without the
+    token nobody can fill it; `capacity` still bounds it (the oldest entries go first).
+    """
+
+    def __init__(self, window_s: float, capacity: int = 200_000) -> None:
+        self._window_s = window_s
+        self._capacity = capacity
+        self._seen: dict[tuple[str, str, str], bytes] = {}
+        self._expiry: deque[tuple[float, tuple[str, str, str]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, key: tuple[str, str, str], digest: bytes, timestamp: int,
+              now: float) -> bool | None:
+        """None: first sighting (now remembered). True: the identical request again (WeChat's
+        retry, or a replay that can only hit the dedupe key). False: the same signed query with
+        a different body, i.e. a captured signature reused for forged content."""
+        self._expire(now)
+        known = self._seen.get(key)
+        if known is not None:
+            return known == digest
+        if len(self._seen) >= self._capacity:
+            _, oldest = self._expiry.popleft()
+            self._seen.pop(oldest, None)
+        self._seen[key] = digest
+        self._expiry.append((timestamp + self._window_s, key))
+        return None
+
+    def _expire(self, now: float) -> None:
+        # Arrival order is close to timestamp order; an entry stuck behind a later one only
+        # lives a little longer than needed.
+        while self._expiry and self._expiry[0][0] < now:
+            _, key = self._expiry.popleft()
+            self._seen.pop(key, None)
+
+
+class Rejected(tornado.web.HTTPError):
+    """A refused webhook request: `result` is the metrics label, the message is safe to log."""
+
+    def __init__(self, status: int, result: str, detail: str) -> None:
+        super().__init__(status, log_message=detail)
+        self.result = result
+        self.detail = detail
+
+
+class Webhook:
+    """Everything the handler needs: checks, the store, the doorbell and the metrics.
+
+    `token` is the webhook Token; `crypto` is None when no EncodingAESKey is configured (then an
+    `encrypt_type=aes` request is refused with 400). With a key, plaintext requests are still
+    accepted unless `require_encryption`: the console's mode switch (plain → compatible → safe)
+    is not known here. Plain mode's signature does not cover the body, so with a key configured
+    `require_encryption=True` also closes a downgrade by an active man in the middle.
+    `replay_window_s` bounds |now - timestamp|; `max_body_bytes` bounds the body (413).
+    `on_stored()` is called after a new message is committed (the event workers' doorbell).
+    """
+
+    def __init__(
+        self,
+        token: str,
+        crypto: MessageCrypto | None,
+        db: Database,
+        *,
+        replay_window_s: float = 300.0,
+        max_body_bytes: int = 65536,
+        clock: Callable[[], float] = time.time,
+        metrics: Registry | None = None,
+        on_stored: Callable[[], None] | None = None,
+        require_encryption: bool = False,
+        nonce_capacity: int = 200_000,
+    ) -> None:
+        self.token = token
+        self.crypto = crypto
+        self.db = db
+        self.replay_window_s = replay_window_s
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+        self.on_stored = on_stored
+        self.require_encryption = require_encryption and crypto is not None
+        self.nonces = NonceMemory(replay_window_s, nonce_capacity)
+        self._pending: list[tuple[inbox.Prepared, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        registry = metrics if metrics is not None else Registry()
+        self.requests = registry.counter(
+            "wxd_webhook_requests_total",
+            "Webhook requests by result (accepted, duplicate, echo, or the rejection reason).",
+            ("result",),
+        )
+        self.events = registry.counter(
+            "wxd_webhook_events_total", "Newly stored webhook messages by Event or MsgType.",
+            ("type",),
+        )
+
+    def __repr__(self) -> str:
+        mode = "aes" if self.crypto is not None else "plain"
+        return f"Webhook(mode={mode}, window={self.replay_window_s}s)"
+
+    # Checks, in the order they run. Each raises Rejected; none keeps state for a rejection
+    # except the nonce memory, which only ever holds requests with a valid signature.
+
+    def check_query(self, signature: str, timestamp: str, nonce: str) -> int:
+        """URL signature over (token, timestamp, nonce), then the replay window. Returns the
+        timestamp as int."""
+        if not check_signature(signature, self.token, timestamp, nonce):
+            raise Rejected(403, "bad_signature", "signature mismatch")
+        if not _TIMESTAMP_RE.fullmatch(timestamp):
+            raise Rejected(403, "bad_timestamp", "timestamp is not a number")
+        ts = int(timestamp)
+        if abs(self.clock() - ts) > self.replay_window_s:
+            raise Rejected(403, "stale_timestamp", "timestamp outside the replay window")
+        return ts
+
+    def check_size(self, content_length: str | None, body: bytes) -> None:
+        declared = content_length.strip() if content_length else ""
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise Rejected(413, "too_large", f"Content-Length {declared} over the limit")
+        if len(body) > self.max_body_bytes:
+            raise Rejected(413, "too_large", f"body of {len(body)} bytes over the limit")
+
+    def check_nonce(self, signature: str, timestamp: str, nonce: str, ts: int,
+                    body: bytes) -> bool:
+        """True when this exact request was seen before (WeChat's retry of it)."""
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        seen = self.nonces.check((timestamp, nonce, signature), digest, ts, self.clock())
+        if seen is False:
+            raise Rejected(403, "replayed_nonce", "nonce reused with a different body")
+        return bool(seen)
+
+    def read_message(self, body: bytes, encrypt_type: str, msg_signature: str,
+                     timestamp: str, nonce: str) -> Message:
+        """The typed message of a POST body in plain, compatible or safe mode.
+
+        With encrypt_type=aes the inner message is used (compatible mode's plaintext copy is
+        ignored): msg_signature over Encrypt is checked before anything is decrypted.
+        """
+        fields = self._fields(body, "")
+        if encrypt_type == "aes":
+            if self.crypto is None:
+                raise Rejected(400, "not_configured", "encrypted message but no EncodingAESKey")
+            encrypt = fields.get("Encrypt", "")
+            if not encrypt:
+                raise Rejected(400, "bad_message", "no Encrypt element")
+            if not self.crypto.check_msg_signature(msg_signature, timestamp, nonce, encrypt):
+                raise Rejected(403, "bad_msg_signature", "msg_signature mismatch")
+            try:
+                inner = self.crypto.decrypt(encrypt)
+            except DecryptError as exc:
+                raise Rejected(400, "decrypt_error", str(exc)) from None
+            fields = self._fields(inner.encode("utf-8"), "inner message: ")
+        elif encrypt_type not in ("", "raw"):
+            raise Rejected(400, "bad_encrypt_type", "unknown encrypt_type")
+        elif self.require_encryption:
+            raise Rejected(400, "not_encrypted", "plaintext message but encryption is required")
+        try:
+            return parse_message(fields)
+        except MessageError as exc:
+            raise Rejected(400, "bad_message", str(exc)) from None
+
+    def _fields(self, data: bytes, what: str) -> dict[str, str]:
+        fields = flat_fields(data, self.max_body_bytes)
+        if fields is not None:
+            return fields
+        try:
+            return parse_xml(data, self.max_body_bytes)
+        except MessageError as exc:
+            raise Rejected(400, "bad_message", f"{what}{exc}") from None
+
+    async def store(self, message: Message) -> bool:
+        """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell.
+
+        Messages arriving together share one write function (one multi-row INSERT) inside
+        the database's group commit, so the per-message cost on the database thread is small.
+        """
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((inbox.prepare(message), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="wxd-webhook-store")
+        try:
+            stored = await future
+        except StorageError as exc:
+            self.requests.inc(result="storage_error")
+            # 503 without `success`: WeChat retries, and the dedupe key keeps that harmless.
+            raise Rejected(503, "storage_error", f"not stored: {exc}") from None
+        if stored:
+            self.requests.inc(result="accepted")
+            kind = message.event or message.msg_type
+            self.events.inc(type=kind if _LABEL_RE.fullmatch(kind) else "other")
+            if self.on_stored is not None:
+                self.on_stored()
+        else:
+            self.requests.inc(result="duplicate")
+        return stored
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            prepared = [item for item, _ in batch]
+            now = self.clock()
+            try:
+                results = await self.db.write(
+                    functools.partial(inbox.store_prepared, batch=prepared, now=now))
+            except Exception as exc:  # every waiter must get an answer
+                error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), stored in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(stored)
+
+
+class WebhookHandler(tornado.web.RequestHandler):
+    """GET: URL verification (echostr). POST: a message or event; answers `success` once stored.
+
+    Every check runs in prepare() and raises (never writes then returns), so a refused request
+    never reaches get()/post().
+    """
+
+    SUPPORTED_METHODS = ("GET", "POST")
+
+    def initialize(self, webhook: Webhook) -> None:
+        self.webhook = webhook
+        self.message: Message | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+
+    def check_xsrf_cookie(self) -> None:
+        """WeChat's POSTs carry no cookies; the signature is the authentication."""
+
+    def _arg(self, name: str) -> str:
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return ""
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected(400, "bad_query", f"{name} is not UTF-8") from None
+
+    def prepare(self) -> None:
+        hook = self.webhook
+        request = self.request
+        try:
+            if request.method == "POST":
+                hook.check_size(request.headers.get("Content-Length"), request.body)
+            signature, timestamp, nonce = self._arg("signature"), self._arg("timestamp"), \
+                self._arg("nonce")
+            ts = hook.check_query(signature, timestamp, nonce)
+            if request.method == "POST":
+                hook.check_nonce(signature, timestamp, nonce, ts, request.body)
+                self.message = hook.read_message(
+                    request.body, self._arg("encrypt_type").lower(), self._arg("msg_signature"),
+                    timestamp, nonce,
+                )
+        except Rejected as exc:
+            hook.requests.inc(result=exc.result)
+            raise
+
+    def get(self) -> None:
+        self.webhook.requests.inc(result="echo")
+        # For the OA the echostr is plaintext in every mode (wechat-api.md §4.2).
+        self.finish(self._arg("echostr"))
+
+    async def post(self) -> None:
+        if self.message is None:  # prepare() sets it or raises
+            raise tornado.web.HTTPError(500, "no message after prepare()")
+        await self.webhook.store(self.message)
+        self.finish(_SUCCESS)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish(f"{status_code} {self._reason}\n")
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        if isinstance(value, Rejected):
+            # One line; never the body or the query string (openid, signatures).
+            log.warning("webhook %s %s from %s refused: %d %s: %s", self.request.method,
+                        self.request.path, self.request.remote_ip, value.status_code,
+                        value.result, value.detail)
+            return
+        super().log_exception(typ, value, tb)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without query strings; refusals are already logged once by the handler."""
+    status = handler.get_status()
+    level = logging.ERROR if status >= 500 else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "%d %s %s (%s) %.1fms", status, handler.request.method,
+                handler.request.path, handler.request.remote_ip,
+                1000.0 * handler.request.request_time())
+
+
+def routes(path: str, webhook: Webhook) -> list[URLSpec]:
+    """The webhook's single route; `path` is [webhook] path (e.g. /wechat)."""
+    return [tornado.web.url(re.escape(path), WebhookHandler, {"webhook": webhook})]
+
+
+def make_app(path: str, webhook: Webhook) -> tornado.web.Application:
+    """A tornado Application serving only the webhook (the public listener)."""
+    return tornado.web.Application(
+        routes(path, webhook), log_function=log_request, compress_response=False,
+        xheaders=False,
+    )
