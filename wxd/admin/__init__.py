@@ -18,9 +18,10 @@ from wxd.metrics import Registry
 Route = URLSpec
 
 
-def common_kwargs(admin_token: str, metrics: Registry | None) -> dict[str, Any]:
+def common_kwargs(admin_token: str, metrics: Registry | None,
+                  max_body_bytes: int | None = None) -> dict[str, Any]:
     """The initialize() kwargs every admin handler takes."""
-    return {"admin_token": admin_token, "metrics": metrics}
+    return {"admin_token": admin_token, "metrics": metrics, "max_body_bytes": max_body_bytes}
 
 
 def make_app(common: dict[str, Any], groups: Iterable[list[Route]]) -> tornado.web.Application:

@@ -50,9 +50,11 @@ class JsonHandler(tornado.web.RequestHandler):
     auth_required = True
     route_name = "unknown"
 
-    def initialize(self, admin_token: str, metrics: Registry | None = None, **_: Any) -> None:
+    def initialize(self, admin_token: str, metrics: Registry | None = None,
+                   max_body_bytes: int | None = None, **_: Any) -> None:
         self._admin_token = admin_token.encode()
         self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -62,6 +64,10 @@ class JsonHandler(tornado.web.RequestHandler):
         """Bearer-token API: no cookies, no XSRF."""
 
     def prepare(self) -> None:
+        # The HTTP server's own cap is looser, so that an oversized body gets a JSON 413 here.
+        if self._max_body_bytes is not None and len(self.request.body) > self._max_body_bytes:
+            raise ApiError(413, "body_too_large",
+                           f"the request body is larger than {self._max_body_bytes} bytes")
         if not self.auth_required:
             return
         header = self.request.headers.get("Authorization", "")
@@ -76,7 +82,7 @@ class JsonHandler(tornado.web.RequestHandler):
         """The request body as a JSON object, or a 400 `invalid_json` / `invalid_body`."""
         try:
             value = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "invalid_body", "the request body must be a JSON object")
