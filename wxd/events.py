@@ -33,7 +33,7 @@ JOB_TIMEOUT_S = 60.0
 BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 600.0
 IDLE_MIN_S = 0.05        # idle polling backs off between these; the doorbell wakes at once
-IDLE_MAX_S = 2.0
+IDLE_MAX_S = 30.0  # a safety net: the webhook rings the doorbell, retries wake at next_due
 PRUNE_EVERY_S = 3600.0
 JOBS_RETENTION_S = 7 * 86400.0     # finished jobs kept for inspection
 INBOX_RETENTION_S = 30 * 86400.0   # far beyond WeChat's retries (seconds) and the replay window
@@ -239,8 +239,16 @@ class EventWorkers:
                 await self.prune_if_due()
             except Exception:
                 log.exception("pruning the inbox and finished jobs failed; continuing")
+            timeout = idle
             try:
-                await asyncio.wait_for(self._doorbell.wait(), timeout=idle)
+                due = await self._db.read(inbox.next_due)
+            except Exception:
+                log.exception("reading the next due job failed; continuing")
+                due = None
+            if due is not None:
+                timeout = min(idle, max(due - self._clock(), IDLE_MIN_S))
+            try:
+                await asyncio.wait_for(self._doorbell.wait(), timeout=timeout)
                 idle = IDLE_MIN_S
             except asyncio.TimeoutError:
                 idle = min(idle * 2, IDLE_MAX_S)
