@@ -156,9 +156,11 @@ class EventWorkers:
                  metrics: Registry | None = None, lease_s: float = LEASE_S,
                  job_timeout_s: float = JOB_TIMEOUT_S,
                  jobs_retention_s: float = JOBS_RETENTION_S,
-                 inbox_retention_s: float = INBOX_RETENTION_S) -> None:
+                 inbox_retention_s: float = INBOX_RETENTION_S,
+                 stop_timeout_s: float = 5.0) -> None:
         self._db = db
         self._router = router
+        self._stop_timeout_s = stop_timeout_s
         self._workers = workers
         self._max_attempts = max_attempts
         self._clock = clock
@@ -204,7 +206,9 @@ class EventWorkers:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s exited: %r", task.get_name(), task.exception())
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop leasing; jobs in flight get `timeout_s` (default: the constructor's stop_timeout_s)
+        to finish, then are cancelled (their lease expires and they run again after a restart)."""
         if self.state != "running":
             self.state = "stopped"
             return
@@ -212,7 +216,8 @@ class EventWorkers:
         self._stopping = True
         self._doorbell.set()
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+            bound = self._stop_timeout_s if timeout_s is None else timeout_s
+            _, pending = await asyncio.wait(self._tasks, timeout=bound)
             for task in pending:
                 task.cancel()
             if pending:

@@ -165,12 +165,12 @@ _UPSERT_INFO = (
     "  CASE WHEN :subscribe = 1 THEN :qr_scene_str END, :run, :observed, :now)"
     " ON CONFLICT (oa_openid) DO UPDATE SET"
     " unionid = COALESCE(excluded.unionid, followers.unionid),"
-    " subscribed = CASE WHEN followers.event_at IS NULL OR followers.event_at <= :observed"
+    " subscribed = CASE WHEN followers.event_at IS NULL OR followers.event_at + 1 <= :observed"
     "   THEN :subscribe ELSE followers.subscribed END,"
-    " subscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at <= :observed)"
+    " subscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at + 1 <= :observed)"
     "   AND :subscribe = 1 THEN COALESCE(:subscribe_time, followers.subscribed_at, :observed)"
     "   ELSE followers.subscribed_at END,"
-    " unsubscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at <= :observed)"
+    " unsubscribed_at = CASE WHEN (followers.event_at IS NULL OR followers.event_at + 1 <= :observed)"
     "   AND :subscribe = 0 AND followers.subscribed = 1 THEN :observed"
     "   ELSE followers.unsubscribed_at END,"
     " subscribe_scene = CASE WHEN :subscribe = 1 THEN COALESCE(:scene, followers.subscribe_scene)"
@@ -195,7 +195,8 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
 
     Never overwrites a known unionid with an empty one (WeChat drops unionid once a user
     unfollows). "Events win": `subscribed` is only changed when no event newer than
-    `observed_at` was applied. `run` marks the rows seen by a backfill run.
+    `observed_at` was applied (CreateTime has whole seconds: an event is taken to happen at the
+    end of its second, so a user/info answer from the same second never overrides it). `run` marks the rows seen by a backfill run.
     Entries without an openid (or error entries) are skipped. Set-based: one executemany
     upsert for the batch and one statement for the links (the backfill stores 1M rows with it).
     """
