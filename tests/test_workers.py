@@ -1,0 +1,424 @@
+"""PushWorkers against the sandbox over real HTTP: the body WeChat receives, every error class,
+the quota pause, delivery reports in both orders, graceful stop and crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import random
+from typing import Any
+
+import pytest
+from tornado.testing import gen_test
+
+from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
+from wxd import pushqueue
+from wxd.sandbox import NOTICE_TEMPLATE_ID, ORDER_TEMPLATE_ID, Person
+from wxd.workers import BEIJING, PushWorkers, TokenBucket, next_resume, parse_resume_time
+
+
+def sends(case: PushCase) -> list[Any]:
+    return [c for c in case.fake.calls if c.path == SEND_PATH]
+
+
+class DeliveryTest(PushCase):
+    @gen_test
+    async def test_body_wechat_receives(self) -> None:
+        person = self.person(used_mp=True)
+        workers = self.make_workers()
+        await workers.start()
+        push = await self.push({"to": {"mp_openid": person.mp_openid},
+                                "template_id": NOTICE_TEMPLATE_ID,
+                                "data": {k: {"value": v} for k, v in NOTICE_DATA.items()},
+                                "url": "https://example.com/o/1",
+                                "miniprogram": {"pagepath": "pages/order?id=1"}})
+        done = await self.until_status(push["id"], "sent")
+        self.assertEqual(done["attempts"], 1)
+        [call] = sends(self)
+        body = call.body
+        self.assertEqual(body["touser"], person.oa_openid)
+        self.assertEqual(body["client_msg_id"], push["id"])
+        self.assertEqual(body["miniprogram"], {"appid": self.creds.mp_appid,
+                                               "pagepath": "pages/order?id=1"})
+        self.assertNotIn("miniprogram", body["data"])
+        self.assertEqual(body["data"], {k: {"value": v} for k, v in NOTICE_DATA.items()})
+        [message] = self.fake.inbox(person.oa_openid)
+        self.assertEqual(str(message["msgid"]), done["msgid"])
+        self.assertEqual(message["client_msg_id"], push["id"])
+        counter = self.metrics.counter("wxd_pushes_total", "", ("status",))
+
+        async def counted() -> bool:  # counted when the background write's callback runs
+            return counter.get(status="sent") == 1
+
+        await self.eventually(counted, "the sent transition metric")
+        self.assertEqual(counter.get(status="sending"), 1)
+        await self.metrics.collect()
+        self.assertIn("wxd_push_queue_depth 0", self.metrics.render())
+        self.assertIn("wxd_push_send_seconds_count 1", self.metrics.render())
+
+    @gen_test
+    async def test_many_pushes_each_delivered_once(self) -> None:
+        people = [self.person(skip=i) for i in range(5)]
+        workers = self.make_workers(workers=3)
+        await workers.start()
+        status, answer = await self.call("POST", "/v1/pushes/batch", {"pushes": [
+            {"to": {"unionid": p.unionid}, "template_id": NOTICE_TEMPLATE_ID,
+             "data": NOTICE_DATA} for p in people for _ in range(4)]})
+        self.assertEqual(status, 202)
+        for result in answer["results"]:
+            await self.until_status(result["id"], "sent")
+        self.assertEqual(len(sends(self)), 20)
+        for person in people:
+            self.assertEqual(len(self.fake.inbox(person.oa_openid)), 4)
+
+
+class ErrorClassTest(PushCase):
+    request_timeout_s = 0.5
+
+    async def failing_once(self, fault: str) -> dict[str, Any]:
+        """One push whose first send answers `fault`; returns the row after that attempt."""
+        workers = self.make_workers()
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, fault)
+        push = await self.push(self.order(self.person()))
+        await self.eventually(lambda: self._attempted(push["id"]), "the first attempt")
+        row = await self.until_status(push["id"], "queued")
+        self.assertEqual(row["attempts"], 1)
+        self.assertGreater(row["next_attempt_at"], self.clock())
+        self.assertEqual(self.fake.inbox(self.person().oa_openid), [])
+        # Time passes; the retry succeeds with the same client_msg_id.
+        self.clock.advance(row["next_attempt_at"] - self.clock())
+        workers.wake()
+        done = await self.until_status(push["id"], "sent")
+        self.assertEqual(done["attempts"], 2)
+        self.assertEqual([c.body["client_msg_id"] for c in sends(self)], [push["id"]] * 2)
+        self.assertEqual(len(self.fake.inbox(self.person().oa_openid)), 1)
+        return row
+
+    async def _attempted(self, push_id: str) -> bool:
+        row = await self.db.read(lambda c: pushqueue.get(c, push_id))
+        return row is not None and row["attempts"] >= 1 and row["status"] == "queued"
+
+    @gen_test
+    async def test_system_error_then_success(self) -> None:
+        row = await self.failing_once("-1")
+        self.assertEqual((row["errcode"], row["error_code"]), (-1, "wechat_error"))
+
+    @gen_test
+    async def test_minute_quota_waits_a_minute(self) -> None:
+        row = await self.failing_once("45011")
+        self.assertEqual(row["errcode"], 45011)
+        self.assertGreaterEqual(row["next_attempt_at"] - row["last_attempt_at"], 60)
+
+    @gen_test
+    async def test_http_500(self) -> None:
+        row = await self.failing_once("http500")
+        self.assertEqual((row["errcode"], row["error_code"]), (None, "transport_error"))
+        self.assertIn("500", row["error"])
+
+    @gen_test(timeout=10)
+    async def test_hang_times_out(self) -> None:
+        row = await self.failing_once("hang")
+        self.assertEqual(row["error_code"], "transport_error")
+
+    @gen_test
+    async def test_reset(self) -> None:
+        await self.failing_once("reset")
+
+    @gen_test
+    async def test_token_error_refreshes_and_retries_within_one_attempt(self) -> None:
+        workers = self.make_workers()
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "40001")
+        push = await self.push(self.order(self.person()))
+        done = await self.until_status(push["id"], "sent")
+        self.assertEqual(done["attempts"], 1)
+        self.assertEqual(len(sends(self)), 2)
+
+    @gen_test
+    async def test_attempts_exhausted_keeps_last_error(self) -> None:
+        workers = self.make_workers(max_attempts=2, backoff_base_s=0.001)
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "-1")
+        self.fake.script_fault(SEND_PATH, "45011")
+        push = await self.push(self.order(self.person()))
+        await self.eventually(lambda: self._attempted(push["id"]), "the first attempt")
+        self.clock.advance(120)
+        workers.wake()
+        row = await self.until_status(push["id"], "failed")
+        self.assertEqual((row["attempts"], row["errcode"], row["error_code"]),
+                         (2, 45011, "attempts_exhausted"))
+        self.assertIn("minute-quota", row["error"])
+
+    async def terminal(self, prepare: Any, errcode: int, person: Person | None = None
+                       ) -> dict[str, Any]:
+        person = person or self.person()
+        before = len(sends(self))
+        push = await self.push(self.order(person))
+        prepare(person)  # after wxd's checks: WeChat's state changed meanwhile
+        workers = self.make_workers()
+        await workers.start()
+        row = await self.until_status(push["id"], "failed")
+        self.assertEqual((row["attempts"], row["errcode"], row["error_code"]),
+                         (1, errcode, "rejected"))
+        self.assertTrue(row["error"])
+        self.assertEqual(len(sends(self)) - before, 1)
+        await workers.stop()
+        return row
+
+    @gen_test
+    async def test_unsubscribed_43004(self) -> None:
+        workers = self.make_workers()
+        person = self.person()
+        push = await self.push(self.order(person))
+        self.fake.unfollow(person)  # after wxd checked: WeChat knows better
+        await workers.start()
+        row = await self.until_status(push["id"], "failed")
+        self.assertEqual((row["errcode"], row["error_code"]), (43004, "rejected"))
+        self.assertIn("require subscribe", row["error"])
+
+    @gen_test
+    async def test_invalid_template_40037_refreshes_the_cache(self) -> None:
+        await self.terminal(lambda _: self.fake.templates.pop(ORDER_TEMPLATE_ID), 40037)
+        fetches = self.fake.count_calls(TEMPLATES_PATH)
+        await self.refused(self.order(self.person()), "template_unknown", 422)
+        self.assertEqual(self.fake.count_calls(TEMPLATES_PATH), fetches + 1)
+
+    @gen_test
+    async def test_argument_invalid_47003_and_invalid_openid_40003(self) -> None:
+        await self.terminal(lambda _: self.fake.script_fault(SEND_PATH, "47003"), 47003)
+        await self.terminal(lambda _: self.fake.script_fault(SEND_PATH, "40003"), 40003)
+
+
+class QuotaTest(PushCase):
+    @gen_test
+    async def test_daily_quota_pauses_everything_until_resume_time(self) -> None:
+        workers = self.make_workers()
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "45009")
+        first = await self.push(self.order(self.person()))
+        await self.eventually(lambda: self._paused(workers), "the pause")
+        expected = next_resume(self.clock(), 0, 5)
+        self.assertEqual(workers.paused_until, expected)
+        self.assertEqual(datetime.datetime.fromtimestamp(expected, BEIJING).strftime("%H:%M"),
+                         "00:05")
+        row = await self.until_status(first["id"], "queued")
+        self.assertEqual(row["attempts"], 0, "a quota refusal must not use an attempt")
+        stats = await self.service.stats()
+        self.assertEqual(stats["paused_until"], expected)
+        self.assertIn("wxd_push_paused 1", self.metrics.render())
+        # Nothing is sent while paused, new pushes included.
+        second = await self.push(self.order(self.person(skip=1)))
+        self.clock.advance(60)
+        workers.wake()
+        await asyncio.sleep(0.2)
+        self.assertEqual(len(sends(self)), 1)
+        # The pause survives a restart (persisted in meta).
+        await workers.stop()
+        workers = self.make_workers()
+        await workers.start()
+        self.assertEqual(workers.paused_until, expected)
+        self.clock.advance(expected - self.clock() + 1)
+        workers.wake()
+        await self.until_status(first["id"], "sent")
+        await self.until_status(second["id"], "sent")
+        self.assertIsNone(workers.paused_until)
+        self.assertIsNone((await self.service.stats())["paused_until"])
+        self.assertIn("wxd_push_paused 0", self.metrics.render())
+
+    async def _paused(self, workers: PushWorkers) -> bool:
+        return workers.paused_until is not None
+
+
+class DeliveryReportTest(PushCase):
+    async def report(self, msgid: Any, status: str, person: Person) -> bool:
+        now = self.clock()
+        return bool(await self.db.write(lambda c: pushqueue.report_delivery(
+            c, msgid, status, person.oa_openid, now)))
+
+    @gen_test
+    async def test_report_after_sent(self) -> None:
+        person = self.person()
+        workers = self.make_workers()
+        await workers.start()
+        push = await self.push(self.order(person))
+        sent = await self.until_status(push["id"], "sent")
+        self.assertTrue(await self.report(int(sent["msgid"]), "success", person))
+        self.assertEqual((await self.get_push(push["id"]))["status"], "delivered")
+        other = await self.push(self.order(person))
+        sent = await self.until_status(other["id"], "sent")
+        self.assertTrue(await self.report(sent["msgid"], "failed:user block", person))
+        row = await self.get_push(other["id"])
+        self.assertEqual((row["status"], row["error"]), ("failed", "failed:user block"))
+
+    @gen_test
+    async def test_report_before_the_send_answer_is_stored(self) -> None:
+        """WeChat accepts the message but its answer is lost (hang_after); the report arrives
+        first; the retry with the same client_msg_id learns the msgid → delivered, one message."""
+        person = self.person()
+        self.request_timeout_s = 0.3
+        self.client._request_timeout_s = 0.3
+        workers = self.make_workers()
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "hang_after")
+        push = await self.push(self.order(person))
+        row = await self.until_status(push["id"], "queued", timeout=5)
+        self.assertEqual(row["attempts"], 1)
+        [message] = self.fake.inbox(person.oa_openid)
+        self.assertFalse(await self.report(message["msgid"], "success", person))
+        self.clock.advance(row["next_attempt_at"] - self.clock())
+        workers.wake()
+        done = await self.until_status(push["id"], "delivered")
+        self.assertEqual(done["msgid"], str(message["msgid"]))
+        self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1)
+        self.assertEqual(len(sends(self)), 2)
+
+
+class StopAndRecoveryTest(PushCase):
+    @gen_test
+    async def test_graceful_stop_finishes_in_flight_and_leaves_rest_queued(self) -> None:
+        self.fake.latency_s = 0.15
+        workers = self.make_workers(workers=2)
+        await workers.start()
+        _, answer = await self.call("POST", "/v1/pushes/batch", {"pushes": [
+            self.order(self.person(skip=i % 5)) for i in range(10)]})
+        ids = [r["id"] for r in answer["results"]]
+        await self.eventually(lambda: self._some_sending(), "sends in flight")
+        await workers.stop()
+        rows = [await self.service.get(push_id) for push_id in ids]
+        states = [r["status"] for r in rows if r]
+        self.assertNotIn("sending", states)
+        self.assertIn("sent", states)
+        self.assertIn("queued", states)
+        self.assertEqual(len(sends(self)), states.count("sent"))
+        for row in rows:
+            assert row is not None
+            if row["status"] == "queued":
+                self.assertEqual(row["attempts"], 0, "a push never POSTed used an attempt")
+
+    async def _some_sending(self) -> bool:
+        row = await self.db.fetchone("SELECT COUNT(*) FROM pushes WHERE status = 'sending'")
+        return row is not None and row[0] > 0
+
+    @gen_test(timeout=10)
+    async def test_stop_is_bounded_when_a_send_hangs(self) -> None:
+        self.fake.script_fault(SEND_PATH, "hang")
+        workers = self.make_workers(drain_timeout_s=0.2)
+        await workers.start()
+        push = await self.push(self.order(self.person()))
+        await self.eventually(lambda: self._some_sending(), "the send")
+        await asyncio.sleep(0.05)
+        started = self.io_loop.time()
+        await workers.stop()
+        self.assertLess(self.io_loop.time() - started, 2.0)
+        row = await self.until_status(push["id"], "queued")
+        self.assertEqual(row["attempts"], 1)
+
+    @gen_test(timeout=15)
+    async def test_crash_with_pushes_sending_each_delivered_exactly_once(self) -> None:
+        """A worker killed mid-send (answer lost) and pushes leased but never POSTed: the rows
+        stay `sending`. A new PushWorkers recovers them; client_msg_id makes WeChat drop the
+        duplicates, so every person's inbox shows each message once."""
+        self.client._request_timeout_s = 5.0
+        people = [self.person(skip=i) for i in range(6)]
+        pushes = [await self.push(self.order(p)) for p in people]
+        ids = [p["id"] for p in pushes]
+        # 1. Three sends reach WeChat, whose answers never come back to wxd (hang_after).
+        self.fake.script_fault(SEND_PATH, "hang_after", times=3)
+        first = self.make_workers(workers=3)
+        await first.start()
+        await self.eventually(lambda: self._inbox_count(people, 3), "three accepted messages")
+        # 2. Kill: the tasks die without the graceful path (no requeue).
+        for task in first._tasks:
+            task.cancel()
+        await asyncio.gather(*first._tasks, return_exceptions=True)
+        first._state = "stopped"
+        self.workers.remove(first)
+        # 3. Some more pushes were leased (attempt recorded) but never POSTed.
+        now = self.clock()
+        await self.db.write(lambda c: pushqueue.lease(c, now, 10, 60))
+        states = await self.db.fetchall("SELECT status FROM pushes")
+        self.assertEqual({r[0] for r in states}, {"sending"})
+        # 4. Restart.
+        self.clock.advance(30)
+        second = self.make_workers(workers=3)
+        await second.start()
+        self.assertEqual(second.recovered["requeued"], 6)
+        for push_id in ids:
+            await self.until_status(push_id, "sent")
+        for person in people:
+            self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1, person.oa_openid)
+        for push_id, person in zip(ids, people, strict=True):
+            row = await self.get_push(push_id)
+            self.assertEqual(row["msgid"], str(self.fake.inbox(person.oa_openid)[0]["msgid"]))
+
+    async def _inbox_count(self, people: list[Person], n: int) -> bool:
+        return sum(len(self.fake.inbox(p.oa_openid)) for p in people) >= n
+
+    @gen_test
+    async def test_stale_sending_fail_policy(self) -> None:
+        push = await self.push(self.order(self.person()))
+        now = self.clock()
+        await self.db.write(lambda c: pushqueue.lease(c, now, 1, 60))
+        self.clock.advance(601)
+        workers = self.make_workers(stale_sending="fail")
+        await workers.start()
+        row = await self.get_push(push["id"])
+        self.assertEqual((row["status"], row["error_code"]), ("failed", "outcome_unknown"))
+        status, answer = await self.call("POST", f"/v1/pushes/{push['id']}/retry")
+        self.assertEqual((status, answer["status"]), (200, "queued"))
+        await self.until_status(push["id"], "sent")
+
+
+class RateTest(PushCase):
+    @gen_test(timeout=10)
+    async def test_rate_limit_spaces_sends(self) -> None:
+        workers = self.make_workers(workers=4, rate_per_s=10)
+        await workers.start()
+        started = self.io_loop.time()
+        _, answer = await self.call("POST", "/v1/pushes/batch", {"pushes": [
+            self.order(self.person(skip=i % 5)) for i in range(15)]})
+        for result in answer["results"]:
+            await self.until_status(result["id"], "sent")
+        # Burst of 10, then 10 per second: the last 5 need about half a second.
+        self.assertGreaterEqual(self.io_loop.time() - started, 0.4)
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    bucket = TokenBucket(4, monotonic=lambda: now[0])
+
+    async def run() -> list[int]:
+        got = [await bucket.take(10)]
+        now[0] += 0.5
+        got.append(await bucket.take(10))
+        bucket.give_back(1)
+        got.append(await bucket.take(10))
+        return got
+
+    assert asyncio.run(run()) == [4, 2, 1]
+    assert asyncio.run(TokenBucket(0).take(7)) == 7
+
+
+def test_next_resume_is_beijing_time() -> None:
+    # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Beijing.
+    now = 1_700_000_000.0
+    resume = next_resume(now, 0, 5)
+    local = datetime.datetime.fromtimestamp(resume, BEIJING)
+    assert (local.day, local.hour, local.minute) == (16, 0, 5)
+    assert resume - now == pytest.approx(17 * 3600 + 51 * 60 + 40)
+    assert next_resume(now, 6, 30) - now == pytest.approx(16 * 60 + 40)
+    assert parse_resume_time("07:45") == (7, 45)
+    for bad in ("24:00", "7", "07:5", "aa:bb"):
+        with pytest.raises(ValueError):
+            parse_resume_time(bad)
+
+
+def test_backoff_bounds() -> None:
+    workers = PushWorkers(None, None, backoff_base_s=2, backoff_max_s=100,  # type: ignore[arg-type]
+                          rng=random.Random(1))
+    for attempts in range(1, 12):
+        delay = workers.backoff_s(attempts)
+        full = min(100, 2 * 2 ** (attempts - 1))
+        assert full / 2 <= delay <= full
+    assert workers.backoff_s(1, 45011) >= 60

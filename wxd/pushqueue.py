@@ -1,0 +1,400 @@
+"""The durable push queue: push rows and their state machine, delivery reports, template cache.
+
+Layer L2: stdlib and wxd L0 only (every function takes a sqlite3 connection and runs inside the
+caller's db.write / db.read); never imports tornado, aiosqlite or a service module.
+
+    queued ─lease─▶ sending ─▶ sent ─report─▶ delivered | failed
+      ▲  │             │  └──▶ queued (retry later / quota / stop)   failed ─operator─▶ queued
+      │  └─cancel─▶ cancelled     └──▶ failed (terminal, attempts spent, outcome unknown)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
+PAUSE_KEY = "pushes.paused_until"
+TEMPLATES_KEY = "pushes.templates_fetched_at"
+# WeChat drops a repeated openid + client_msg_id for 10 minutes, no guarantee after (§7.2).
+CLIENT_MSG_ID_WINDOW_S = 600.0
+DELIVERY_SUCCESS = "success"
+# One encoder for every row (json.dumps with options builds a new encoder per call). UTF-8 text
+# without \u escapes, as template/send wants it (wechat-api.md §7.2).
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def new_push_id() -> str:
+    """A public push id: "p_" + 20 url-safe random characters (22 in all, client_msg_id-safe)."""
+    return "p_" + secrets.token_urlsafe(15)
+
+
+@dataclass(frozen=True)
+class NewPush:
+    """A validated push ready to insert. `body` is the template/send body without
+    client_msg_id; `recipient` is the request's `to` as given (for display)."""
+
+    id: str
+    idempotency_key: str | None
+    recipient: Mapping[str, str]
+    oa_openid: str
+    template_id: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Leased:
+    """A push leased for one attempt (already recorded as `sending`, attempts incremented)."""
+
+    id: str
+    oa_openid: str
+    template_id: str
+    client_msg_id: str
+    body: str
+    attempts: int
+
+    def wechat_body(self) -> dict[str, Any]:
+        """The template/send body with this push's client_msg_id."""
+        body: dict[str, Any] = json.loads(self.body)
+        body["client_msg_id"] = self.client_msg_id
+        return body
+
+
+def row_json(row: sqlite3.Row) -> dict[str, Any]:
+    """The admin API view of one push row (times are unix seconds)."""
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "msgid": row["msgid"],
+        "error": row["error"],
+        "errcode": row["errcode"],
+        "error_code": row["error_code"],
+        "to": json.loads(row["recipient"]),
+        "oa_openid": row["oa_openid"],
+        "template_id": row["template_id"],
+        "idempotency_key": row["idempotency_key"],
+        "client_msg_id": row["client_msg_id"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "last_attempt_at": row["last_attempt_at"],
+        "next_attempt_at": row["next_attempt_at"] if row["status"] == "queued" else None,
+        "sent_at": row["sent_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def get(conn: sqlite3.Connection, push_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM pushes WHERE id = ?", (push_id,)).fetchone()
+    return row_json(row) if row is not None else None
+
+
+def by_idempotency_key(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT * FROM pushes WHERE idempotency_key = ?", (key,)).fetchone()
+    return row_json(row) if row is not None else None
+
+
+def insert(conn: sqlite3.Connection, push: NewPush, now: float) -> None:
+    """Insert a queued push, due now. Callers check the idempotency key first (in the same
+    transaction); a duplicate key still raises sqlite3.IntegrityError rather than doubling."""
+    conn.execute(
+        "INSERT INTO pushes (id, idempotency_key, recipient, oa_openid, template_id, body,"
+        " client_msg_id, status, attempts, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+        (push.id, push.idempotency_key, _encode(push.recipient), push.oa_openid,
+         push.template_id, _encode(push.body), push.id, now, now, now),
+    )
+
+
+def lease(conn: sqlite3.Connection, now: float, limit: int, lease_s: float) -> list[Leased]:
+    """Take up to `limit` due queued pushes (oldest due first) and record the attempt: status
+    sending, attempts + 1, last_attempt_at = now. This write must commit BEFORE the POST."""
+    rows = conn.execute(
+        "UPDATE pushes SET status = 'sending', attempts = attempts + 1, last_attempt_at = ?,"
+        " leased_until = ?, updated_at = ?"
+        " WHERE seq IN (SELECT seq FROM pushes WHERE status = 'queued' AND next_attempt_at <= ?"
+        "   ORDER BY next_attempt_at, seq LIMIT ?)"
+        " RETURNING id, oa_openid, template_id, client_msg_id, body, attempts",
+        (now, now + lease_s, now, now, limit),
+    ).fetchall()
+    return [Leased(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    """When the earliest queued push becomes due (unix seconds), or None when none is queued."""
+    row = conn.execute(
+        "SELECT next_attempt_at FROM pushes WHERE status = 'queued'"
+        " ORDER BY next_attempt_at LIMIT 1"
+    ).fetchone()
+    return float(row[0]) if row is not None else None
+
+
+def _apply_report(conn: sqlite3.Connection, push_id: str, status: str, now: float) -> str:
+    if status == DELIVERY_SUCCESS:
+        conn.execute(
+            "UPDATE pushes SET status = 'delivered', finished_at = ?, updated_at = ? WHERE id = ?",
+            (now, now, push_id),
+        )
+        return "delivered"
+    # "failed:user block", "failed: system failed" (sic, with and without the space).
+    conn.execute(
+        "UPDATE pushes SET status = 'failed', error_code = 'delivery_failed', error = ?,"
+        " finished_at = ?, updated_at = ? WHERE id = ?",
+        (status, now, now, push_id),
+    )
+    return "failed"
+
+
+def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str, now: float) -> str:
+    """errcode 0: sending → sent with `msgid`. A delivery report that arrived first is applied
+    at once. Returns the new status ("sent", "delivered", "failed"), or "" when the push was
+    no longer sending (nothing changed)."""
+    row = conn.execute(
+        "UPDATE pushes SET status = 'sent', msgid = ?, sent_at = ?, updated_at = ?,"
+        " leased_until = NULL, errcode = NULL, error_code = NULL, error = NULL"
+        " WHERE id = ? AND status = 'sending' RETURNING oa_openid",
+        (msgid, now, now, push_id),
+    ).fetchone()
+    if row is None:
+        return ""
+    report = conn.execute(
+        "SELECT status, oa_openid FROM delivery_reports WHERE msgid = ?", (msgid,)
+    ).fetchone()
+    if report is None or report["oa_openid"] != row[0]:
+        return "sent"
+    conn.execute("DELETE FROM delivery_reports WHERE msgid = ?", (msgid,))
+    return _apply_report(conn, push_id, report["status"], now)
+
+
+def mark_retry(conn: sqlite3.Connection, push_id: str, now: float, next_attempt_at: float,
+               errcode: int | None, error_code: str, error: str) -> bool:
+    """A transient failure: sending → queued, due at `next_attempt_at`, last error kept."""
+    cur = conn.execute(
+        "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
+        " errcode = ?, error_code = ?, error = ?, updated_at = ?"
+        " WHERE id = ? AND status = 'sending'",
+        (next_attempt_at, errcode, error_code, error, now, push_id),
+    )
+    return cur.rowcount == 1
+
+
+def mark_failed(conn: sqlite3.Connection, push_id: str, now: float, errcode: int | None,
+                error_code: str, error: str) -> bool:
+    """A terminal failure (or attempts spent): sending → failed with the reason."""
+    cur = conn.execute(
+        "UPDATE pushes SET status = 'failed', leased_until = NULL, errcode = ?, error_code = ?,"
+        " error = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status = 'sending'",
+        (errcode, error_code, error, now, now, push_id),
+    )
+    return cur.rowcount == 1
+
+
+def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
+            refund: bool) -> int:
+    """sending → queued, due now. `refund` gives the attempt back (quota pause, or a leased
+    push never POSTed); without it the attempt counts (the POST may have reached WeChat)."""
+    change = "attempts - 1" if refund else "attempts"
+    cur = conn.executemany(
+        f"UPDATE pushes SET status = 'queued', attempts = MAX({change}, 0), next_attempt_at = ?,"  # noqa: S608
+        " leased_until = NULL, updated_at = ? WHERE id = ? AND status = 'sending'",
+        [(now, now, push_id) for push_id in push_ids],
+    )
+    return cur.rowcount
+
+
+def report_delivery(conn: sqlite3.Connection, msgid: str | int, status: str, oa_openid: str,
+                    now: float) -> bool:
+    """Apply a TEMPLATESENDJOBFINISH (Status "success" → delivered, anything else → failed
+    with the status text). Returns True if a push matched (a repeated report changes nothing).
+    An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
+    arrive before the send's own answer is stored."""
+    key = str(msgid)
+    row = conn.execute(
+        "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
+    ).fetchone()
+    if row is None or row["oa_openid"] != oa_openid:
+        conn.execute(
+            "INSERT INTO delivery_reports (msgid, status, oa_openid, received_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (msgid) DO UPDATE SET status = excluded.status,"
+            " oa_openid = excluded.oa_openid, received_at = excluded.received_at",
+            (key, status, oa_openid, now),
+        )
+        return False
+    if row["status"] == "sent":
+        _apply_report(conn, row["id"], status, now)
+    return True
+
+
+def prune_reports(conn: sqlite3.Connection, before: float) -> int:
+    """Forget unmatched delivery reports received before `before` (reports of other senders)."""
+    return conn.execute("DELETE FROM delivery_reports WHERE received_at < ?", (before,)).rowcount
+
+
+def recover(conn: sqlite3.Connection, now: float, stale_sending: str,
+            window_s: float = CLIENT_MSG_ID_WINDOW_S) -> dict[str, int]:
+    """At start every `sending` push is orphaned: back to queued at once (same client_msg_id).
+    One whose last attempt is older than WeChat's dedupe window is resent anyway
+    (`stale_sending` "resend": may duplicate) or failed with error_code outcome_unknown ("fail")."""
+    stale = conn.execute(
+        "SELECT COUNT(*) FROM pushes WHERE status = 'sending'"
+        " AND (last_attempt_at IS NULL OR last_attempt_at < ?)", (now - window_s,),
+    ).fetchone()[0]
+    failed = 0
+    if stale_sending == "fail":
+        failed = conn.execute(
+            "UPDATE pushes SET status = 'failed', error_code = 'outcome_unknown',"
+            " error = 'wxd stopped during the send and WeChat''s 10-minute client_msg_id window"
+            " has passed; whether the message arrived is unknown', leased_until = NULL,"
+            " finished_at = ?, updated_at = ?"
+            " WHERE status = 'sending' AND (last_attempt_at IS NULL OR last_attempt_at < ?)",
+            (now, now, now - window_s),
+        ).rowcount
+    requeued = conn.execute(
+        "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
+        " updated_at = ? WHERE status = 'sending'", (now, now),
+    ).rowcount
+    return {"requeued": requeued, "stale": stale, "failed": failed}
+
+
+def operator_retry(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str | None]:
+    """failed → queued with a fresh attempt budget. Returns ("ok" | "not_found" |
+    "invalid_state", current status). If WeChat had accepted the push (msgid known), the retry
+    gets a new client_msg_id (id + "-r<n>") so WeChat's dedupe does not swallow it."""
+    row = conn.execute(
+        "SELECT status, msgid, client_msg_id FROM pushes WHERE id = ?", (push_id,)
+    ).fetchone()
+    if row is None:
+        return "not_found", None
+    if row["status"] != "failed":
+        return "invalid_state", row["status"]
+    client_msg_id = row["client_msg_id"]
+    if row["msgid"] is not None:
+        _, _, suffix = client_msg_id.partition("-r")
+        client_msg_id = f"{push_id}-r{int(suffix or 0) + 1}"
+    conn.execute(
+        "UPDATE pushes SET status = 'queued', attempts = 0, next_attempt_at = ?, msgid = NULL,"
+        " errcode = NULL, error_code = NULL, error = NULL, sent_at = NULL, finished_at = NULL,"
+        " client_msg_id = ?, updated_at = ? WHERE id = ?",
+        (now, client_msg_id, now, push_id),
+    )
+    return "ok", "queued"
+
+
+def cancel(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str | None]:
+    """queued (also a retry waiting) → cancelled. Same result shape as operator_retry."""
+    row = conn.execute("SELECT status FROM pushes WHERE id = ?", (push_id,)).fetchone()
+    if row is None:
+        return "not_found", None
+    if row["status"] != "queued":
+        return "invalid_state", row["status"]
+    conn.execute(
+        "UPDATE pushes SET status = 'cancelled', finished_at = ?, updated_at = ? WHERE id = ?",
+        (now, now, push_id),
+    )
+    return "ok", "cancelled"
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The position an opaque list cursor stands for; ValueError when it is not one of ours."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValueError("invalid cursor") from None
+    # A position past SQLite's INTEGER range would raise OverflowError in the query.
+    if not text.startswith("s") or not text[1:].isdigit() or len(text) > 20 \
+            or int(text[1:]) >= 1 << 63:
+        raise ValueError("invalid cursor")
+    return int(text[1:])
+
+
+def list_pushes(conn: sqlite3.Connection, status: str | None, limit: int,
+                cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first; returns (pushes, next cursor or None). ValueError on a bad cursor."""
+    where: list[str] = []
+    params: list[Any] = []
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if cursor is not None:
+        where.append("seq < ?")
+        params.append(decode_cursor(cursor))
+    sql = "SELECT * FROM pushes"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [row_json(r) for r in rows], (encode_cursor(rows[-1]["seq"]) if more else None)
+
+
+def paused_until(conn: sqlite3.Connection) -> float | None:
+    """The persisted quota pause (unix seconds), or None."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (PAUSE_KEY,)).fetchone()
+    return float(row[0]) if row is not None else None
+
+
+def set_paused_until(conn: sqlite3.Connection, until: float | None) -> None:
+    if until is None:
+        conn.execute("DELETE FROM meta WHERE key = ?", (PAUSE_KEY,))
+        return
+    _set_meta(conn, PAUSE_KEY, repr(until))
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value),
+    )
+
+
+def queue_depth(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    """(queued pushes, created_at of the oldest queued one or None)."""
+    depth = conn.execute("SELECT COUNT(*) FROM pushes WHERE status = 'queued'").fetchone()[0]
+    row = conn.execute(
+        "SELECT created_at FROM pushes WHERE status = 'queued' ORDER BY seq LIMIT 1"
+    ).fetchone()
+    return int(depth), (float(row[0]) if row is not None else None)
+
+
+def push_stats(conn: sqlite3.Connection) -> dict[str, Any]:
+    """For /v1/stats: {"by_status": {status: count, ...}, "total", "paused_until"}."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for status, count in conn.execute("SELECT status, COUNT(*) FROM pushes GROUP BY status"):
+        counts[status] = count
+    return {"by_status": counts, "total": sum(counts.values()),
+            "paused_until": paused_until(conn)}
+
+
+def save_templates(conn: sqlite3.Connection, templates: Sequence[tuple[str, str, str,
+                   Sequence[str]]], now: float) -> None:
+    """Replace the cached template list with (template_id, title, content, keys) items."""
+    conn.execute("DELETE FROM templates")
+    conn.executemany(
+        "INSERT INTO templates (template_id, title, content, keys, fetched_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [(tid, title, content, json.dumps(list(keys)), now)
+         for tid, title, content, keys in templates],
+    )
+    _set_meta(conn, TEMPLATES_KEY, repr(now))
+
+
+def load_templates(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, Any]], float | None]:
+    """The cached templates by id ({"title", "content", "keys"}) and when they were fetched."""
+    rows = conn.execute("SELECT * FROM templates").fetchall()
+    cached = {
+        r["template_id"]: {"title": r["title"], "content": r["content"],
+                           "keys": tuple(json.loads(r["keys"]))}
+        for r in rows
+    }
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (TEMPLATES_KEY,)).fetchone()
+    return cached, (float(row[0]) if row is not None else None)
