@@ -69,3 +69,22 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port}")
+
+
+def sandbox_config_text(database: str, creds: object, api_base: str, admin_port: int,
+                        webhook_port: int, extra: Mapping[str, Mapping[str, object]] | None = None
+                        ) -> str:
+    """A wxd.conf pointing at a sandbox with the sandbox's credentials (a Credentials object)."""
+    c = creds
+    sections: dict[str, dict[str, object]] = {
+        "webhook": {"listen": f"127.0.0.1:{webhook_port}", "token": c.webhook_token,  # type: ignore[attr-defined]
+                    "encoding_aes_key": c.encoding_aes_key},  # type: ignore[attr-defined]
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "official_account": {"appid": c.oa_appid, "secret": c.oa_secret},  # type: ignore[attr-defined]
+        "mini_program": {"appid": c.mp_appid, "secret": c.mp_secret},  # type: ignore[attr-defined]
+        "wechat": {"api_base": api_base},
+        "backfill": {"rate_per_s": 0},
+    }
+    for name, values in (extra or {}).items():
+        sections.setdefault(name, {}).update(values)
+    return config_text(database, sections)

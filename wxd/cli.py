@@ -43,7 +43,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    logsetup.configure("warning")
+    logsetup.configure("error")
     return demo.run(args.keep_running, args.users, args.admin_port, args.webhook_port)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -17,13 +19,26 @@ import tornado.httpserver
 import tornado.ioloop
 import tornado.netutil
 import tornado.web
+from tornado.httpclient import AsyncHTTPClient
 
-from wxd import admin
-from wxd.admin import ops
+from wxd import admin, inbox, pushqueue, tokens, webhook
+from wxd.admin import backfill as admin_backfill
+from wxd.admin import openapi, ops, stats, users
+from wxd.admin import pushes as admin_pushes
+from wxd.admin import tokens as admin_tokens
+from wxd.backfill import FollowerBackfill
 from wxd.config import Config, Listen
+from wxd.crypto import MessageCrypto
 from wxd.db import Database
+from wxd.events import EventRouter, EventWorkers
+from wxd.linking import Linking
 from wxd.metrics import Registry
+from wxd.pushes import PushService
 from wxd.sdnotify import Notifier
+from wxd.tokens import TokenManager
+from wxd.webhook import Webhook
+from wxd.wechat import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.workers import PushWorkers
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +78,26 @@ class Listener:
             self._server = None
 
 
+class HttpClient:
+    """The upstream AsyncHTTPClient as a component, closed after everything that uses it."""
+
+    def __init__(self, max_clients: int) -> None:
+        self.client = AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+
+    async def start(self) -> None:
+        """Nothing to start; created in __init__ so components can be built with it."""
+
+    async def stop(self) -> None:
+        self.client.close()
+
+
 class Daemon:
-    """Every wxd component in one process. `await start()`, then `await stop()` (idempotent)."""
+    """Every wxd component in one process. `await start()`, then `await stop()` (idempotent).
+
+    Start order: database → upstream client → tokens (persisted token reused, refreshed only if
+    stale) → push recovery + workers → event workers → backfill (resumes) → admin listener
+    (loopback) → webhook listener last. Stop runs the same list in reverse.
+    """
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
                  environ: Mapping[str, str] | None = None) -> None:
@@ -73,31 +106,25 @@ class Daemon:
         self.metrics = Registry()
         self.notifier = Notifier(environ or {})
         self.db: Database | None = None
+        self.tokens: dict[str, TokenManager] = {}
+        self.linking: Linking | None = None
+        self.pushes: PushService | None = None
+        self.workers: PushWorkers | None = None
+        self.events: EventWorkers | None = None
+        self.backfill: FollowerBackfill | None = None
         self.admin: Listener | None = None
         self.webhook: Listener | None = None
         self._started: list[Component] = []
         self._watchdog: tornado.ioloop.PeriodicCallback | None = None
+        self._started_at = time.monotonic()
         self.state = "new"
 
     async def start(self) -> None:
-        """db → upstream client → tokens → recovery → workers → admin listener → webhook listener."""
         if self.state != "new":
             return
         self.state = "starting"
-        cfg = self.config
         try:
-            self.db = await Database.open(cfg.wxd.database, metrics=self.metrics)
-            common = admin.common_kwargs(cfg.admin.token, self.metrics)
-            self.admin = Listener(
-                "admin", admin.make_app(common, self._admin_routes(common)), cfg.admin.listen,
-                cfg.admin.max_body_bytes,
-            )
-            await self._start(self.admin)
-            self.webhook = Listener(
-                "webhook", self._webhook_app(), cfg.webhook.listen,
-                max(cfg.webhook.max_body_bytes * 4, 1 << 20),
-            )
-            await self._start(self.webhook)
+            await self._build_and_start()
         except BaseException:
             await self.stop()
             raise
@@ -110,37 +137,161 @@ class Daemon:
             )
             self._watchdog.start()
 
-    def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
-        assert self.db is not None
-        return [ops.routes(common, self.db, self.metrics)]
+    async def _build_and_start(self) -> None:
+        cfg, clock, metrics = self.config, self.clock, self.metrics
+        self.db = db = await Database.open(cfg.wxd.database, metrics=metrics)
+        http = HttpClient(cfg.wechat.max_clients)
+        await self._start(http)
+        client = WeChatClient(http.client, cfg.wechat.api_base, cfg.wechat.connect_timeout_s,
+                              cfg.wechat.request_timeout_s, metrics=metrics)
 
-    def _webhook_app(self) -> tornado.web.Application:
-        return tornado.web.Application([])
+        apps = {"oa": cfg.official_account, "mp": cfg.mini_program}
+        for app, creds in apps.items():
+            if creds is None:
+                continue
+            manager = TokenManager(
+                app, creds.appid, creds.secret, client, db, mode=cfg.wechat.token_mode,
+                refresh_margin_s=cfg.wechat.token_refresh_margin_s,
+                check_interval_s=cfg.wechat.token_check_interval_s,
+                daily_budget=cfg.wechat.token_daily_budget, clock=clock, metrics=metrics)
+            self.tokens[app] = manager
+            await self._start(manager)
+        oa_api = OfficialAccountAPI(client, self.tokens["oa"])
+        mp = cfg.mini_program
+        mp_api = MiniProgramAPI(client, mp.appid, mp.secret) if mp else None
+        mp_appid = mp.appid if mp else None
+
+        self.linking = Linking(db, mp_api, oa_api, mp_appid=mp_appid, clock=clock, metrics=metrics)
+        p = cfg.pushes
+        self.pushes = PushService(db, oa_api, mp_appid=mp_appid, template_cache_s=p.template_cache_s,
+                                  clock=clock, metrics=metrics, on_enqueued=self._wake_workers)
+        self.workers = PushWorkers(
+            db, oa_api, workers=p.workers, rate_per_s=p.rate_per_s, max_attempts=p.max_attempts,
+            backoff_base_s=p.backoff_base_s, backoff_max_s=p.backoff_max_s,
+            quota_resume_time=p.quota_resume_time, stale_sending=p.stale_sending, clock=clock,
+            metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
+            drain_timeout_s=cfg.wxd.shutdown_timeout_s)
+        await self._start(self.workers)
+
+        router = EventRouter(db, self.linking,
+                             purge_on_unsubscribe=cfg.followers.purge_on_unsubscribe,
+                             clock=clock, metrics=metrics)
+        self.events = EventWorkers(db, router, workers=cfg.events.workers,
+                                   max_attempts=cfg.events.max_attempts, clock=clock,
+                                   metrics=metrics, stop_timeout_s=cfg.wxd.shutdown_timeout_s)
+        await self._start(self.events)
+
+        b = cfg.backfill
+        self.backfill = FollowerBackfill(db, oa_api, concurrency=b.concurrency,
+                                         rate_per_s=b.rate_per_s,
+                                         resync_interval_s=b.resync_interval_s, clock=clock,
+                                         metrics=metrics)
+        await self._start(self.backfill)
+
+        metrics.add_collector(self._collect_process)
+        common = admin.common_kwargs(cfg.admin.token, metrics, cfg.admin.max_body_bytes)
+        # The server's cap is looser, so that JsonHandler answers an oversized body with JSON 413.
+        self.admin = Listener("admin", admin.make_app(common, self._admin_routes(common)),
+                              cfg.admin.listen, cfg.admin.max_body_bytes * 4)
+        await self._start(self.admin)
+
+        w = cfg.webhook
+        crypto = (MessageCrypto(w.token, w.encoding_aes_key, cfg.official_account.appid,
+                                w.previous_encoding_aes_key or None)
+                  if w.encoding_aes_key else None)
+        hook = Webhook(w.token, crypto, db, replay_window_s=w.replay_window_s,
+                       max_body_bytes=w.max_body_bytes, clock=clock, metrics=metrics,
+                       on_stored=self.events.ring)
+        # The HTTP server's own cap is looser, so that the handler can answer 413 itself.
+        self.webhook = Listener("webhook", webhook.make_app(w.path, hook), w.listen,
+                                max(w.max_body_bytes * 4, 1 << 20))
+        await self._start(self.webhook)
+
+    def _wake_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.wake()
+
+    def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
+        assert self.db and self.linking and self.pushes and self.backfill
+        return [
+            ops.routes(common, self.db, self.metrics),
+            openapi.routes(common),
+            stats.routes(common, self.stats),
+            admin_tokens.routes(common, self.tokens),
+            users.routes(common, self.linking),
+            admin_pushes.routes(common, self.pushes),
+            admin_backfill.routes(common, self.backfill),
+        ]
+
+    async def stats(self) -> dict[str, Any]:
+        """The figures of GET /v1/stats (also used by `wxd stats` and the demo)."""
+        assert self.db and self.linking and self.backfill
+        now = self.clock()
+
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            return {
+                "pushes": pushqueue.push_stats(conn),
+                "token_fetches_today": tokens.fetch_counts(conn, tokens.utc_day(now)),
+                "event_jobs": inbox.job_counts(conn),
+            }
+
+        figures: dict[str, Any] = dict(await self.linking.counts())
+        figures.update(await self.db.read(read))
+        figures["backfill"] = self.backfill.status()
+        return figures
+
+    async def _collect_process(self) -> None:
+        self.metrics.gauge("wxd_process_resident_memory_bytes", "Resident set size.").set(
+            _rss_bytes())
+        self.metrics.gauge("wxd_process_uptime_seconds", "Seconds since the daemon started.").set(
+            time.monotonic() - self._started_at)
 
     async def _start(self, component: Component) -> None:
         await component.start()
         self._started.append(component)
 
+    @staticmethod
+    async def _stop_one(component: Component) -> None:
+        try:
+            await component.stop()
+        except Exception:
+            log.exception("error while stopping %s", type(component).__name__)
+
     async def stop(self) -> None:
         """Reverse order: listeners stop accepting, workers drain, the database closes last."""
-        if self.state in ("stopped", "stopping"):
+        if self.state in ("stopped", "stopping", "new"):
+            self.state = "stopped" if self.state == "new" else self.state
             return
         self.state = "stopping"
         self.notifier.notify("STOPPING=1")
         if self._watchdog is not None:
             self._watchdog.stop()
         try:
-            for component in reversed(self._started):
-                try:
-                    await component.stop()
-                except Exception:
-                    log.exception("error while stopping %s", type(component).__name__)
+            # Listeners first (stop accepting), then every draining worker together (each
+            # bounded by its own drain timeout), then the rest (tokens, HTTP client) in reverse.
+            drainers = [c for c in self._started if c in (self.workers, self.events, self.backfill)]
+            rest = [c for c in self._started if c not in drainers]
+            listeners: list[Component] = [c for c in rest if isinstance(c, Listener)]
+            for listener in reversed(listeners):
+                await self._stop_one(listener)
+            await asyncio.gather(*(self._stop_one(c) for c in drainers))
+            for other in reversed(rest):
+                if other not in listeners:
+                    await self._stop_one(other)
             self._started.clear()
         finally:
             if self.db is not None:
                 await self.db.close()
             self.state = "stopped"
             log.info("wxd stopped")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 async def run(config: Config, environ: Mapping[str, str]) -> int:

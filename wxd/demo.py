@@ -43,7 +43,8 @@ class Admin:
                 self.base_url + path, method=method, raise_error=True,
                 headers={"Authorization": f"Bearer {self._token}",
                          "Content-Type": "application/json"},
-                body=json.dumps(body, ensure_ascii=False) if method == "POST" else None,
+                body=json.dumps(body if body is not None else {}, ensure_ascii=False)
+                if method == "POST" else None,
             )
         except HTTPClientError as exc:
             if exc.response is None:
@@ -151,8 +152,8 @@ class Demo:
         # 1. Tokens: one upstream fetch per app, then served from SQLite/memory.
         for _ in range(3):
             await admin.ok("GET", "/v1/tokens/oa")
-        say(f"1. tokens: OA token handed out 3 times, fetched from WeChat "
-            f"{fake.count_calls('/cgi-bin/stable_token')} time(s) in total (stable_token)")
+        say(f"1. tokens: OA token handed out 3 times; stable_token fetches from WeChat: "
+            f"{fake.count_calls('/cgi-bin/stable_token')} (one per app, OA and MP)")
 
         # 2. Backfill the followers who predate wxd.
         status = await admin.ok("POST", "/v1/backfill")
@@ -218,7 +219,10 @@ class Demo:
 
         # 7. Final figures.
         stats = await admin.ok("GET", "/v1/stats")
-        say("7. stats: " + json.dumps(stats, ensure_ascii=False, sort_keys=True))
+        by_status = {k: v for k, v in stats["pushes"]["by_status"].items() if v}
+        say(f"7. stats: followers {stats['followers']:,} (subscribed {stats['subscribed']:,}), "
+            f"MP users {stats['mp_users']}, linked {stats['linked']}, pushes {by_status}, "
+            f"token fetches today {stats['token_fetches_today']}")
 
     @staticmethod
     def order_data(fake: FakeWeChat) -> dict[str, str]:

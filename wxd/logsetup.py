@@ -37,7 +37,6 @@ def configure(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # tornado.access logs every request at INFO; keep it for debug only.
-    logging.getLogger("tornado.access").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )
+    # tornado.access logs every request (INFO for 2xx, WARNING for 4xx): requests only at debug.
+    access_level = logging.DEBUG if level == "debug" else max(logging.WARNING, root.level)
+    logging.getLogger("tornado.access").setLevel(access_level)

@@ -108,6 +108,10 @@ PATHS: dict[str, dict[str, Any]] = {
                                           errors=(401, 404, 409), ok_schema=PUSH)},
     "/v1/pushes/{id}/cancel": {"post": _op("Cancel a queued push", params=[_path_param("id")],
                                            errors=(401, 404, 409), ok_schema=PUSH)},
+    "/v1/templates": {"get": _op("The OA's templates (cached get_all_private_template) and their keys",
+                                 errors=(401, 502, 503))},
+    "/v1/templates/refresh": {"post": _op("Fetch the OA's template list again now",
+                                          errors=(401, 502, 503))},
     "/v1/backfill": {
         "post": _op("Start the follower backfill (idempotent)", ok=202),
         "get": _op("Backfill progress: state, pages, followers, total, rate, ETA, last error"),

@@ -36,6 +36,8 @@ class TokenHandler(JsonHandler):
         self._managers = managers
 
     async def get(self, app: str) -> None:
+        if app not in ("oa", "mp"):
+            raise ApiError(404, "not_found", "no such app: use /v1/tokens/oa or /v1/tokens/mp")
         manager = self._managers.get(app)
         if manager is None:
             raise ApiError(404, "app_not_configured", f"no {app} app is configured")
@@ -54,4 +56,4 @@ class TokenHandler(JsonHandler):
 def routes(common: dict[str, Any], managers: Mapping[str, TokenManager]
            ) -> list[URLSpec]:
     """The token route; `managers` maps "oa"/"mp" to the TokenManager of each configured app."""
-    return [tornado.web.url(r"/v1/tokens/(oa|mp)", TokenHandler, {**common, "managers": managers})]
+    return [tornado.web.url(r"/v1/tokens/([a-z]+)", TokenHandler, {**common, "managers": managers})]
