@@ -28,7 +28,8 @@ NO_IO_FRAMEWORKS = {"tornado", "aiosqlite"}
 SAME_LAYER_OK = {
     ("wxd.config", "wxd.errors"), ("wxd.metrics", "wxd.errors"), ("wxd.db", "wxd.schema"),
     ("wxd.__main__", "wxd.cli"), ("wxd.cli", "wxd.daemon"), ("wxd.cli", "wxd.demo"),
-    ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"), ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
+    ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"),
+    ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
     ("wxd.crypto", "wxd.messages"),
 }
 

@@ -196,7 +196,8 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     Never overwrites a known unionid with an empty one (WeChat drops unionid once a user
     unfollows). "Events win": `subscribed` is only changed when no event newer than
     `observed_at` was applied (CreateTime has whole seconds: an event is taken to happen at the
-    end of its second, so a user/info answer from the same second never overrides it). `run` marks the rows seen by a backfill run.
+    end of its second, so a user/info answer from the same second never overrides it).
+    `run` marks the rows seen by a backfill run.
     Entries without an openid (or error entries) are skipped. Set-based: one executemany
     upsert for the batch and one statement for the links (the backfill stores 1M rows with it).
     """
