@@ -24,7 +24,7 @@ from wxd.admin import common_kwargs, make_app
 from wxd.admin import pushes as pushes_admin
 from wxd.db import Database
 from wxd.metrics import Registry
-from wxd.pushes import PushService
+from wxd.pushes import PushService, _load_templates, _save_templates
 from wxd.sandbox import (
     LEGACY_TEMPLATE_ID,
     NOTICE_TEMPLATE_ID,
@@ -425,3 +425,22 @@ class NoMiniProgramTest(PushCase):
                            "mini_program_not_configured", 422)
         await self.push(self.order(person, miniprogram={"appid": self.creds.mp_appid,
                                                         "pagepath": "pages/a"}))
+
+
+def test_template_cache_rows_roundtrip(tmp_path: Any) -> None:
+    import sqlite3
+
+    from wxd.db import migrate
+
+    conn = sqlite3.connect(str(tmp_path / "t.db"), isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        migrate(conn)
+        assert _load_templates(conn) == ({}, None)
+        _save_templates(conn, [("T1", "title", "{{a.DATA}}", ("a",))], 100.0)
+        assert _load_templates(conn) == (
+            {"T1": {"title": "title", "content": "{{a.DATA}}", "keys": ("a",)}}, 100.0)
+        _save_templates(conn, [], 101.0)  # an OA with no templates is still "fetched"
+        assert _load_templates(conn) == ({}, 101.0)
+    finally:
+        conn.close()

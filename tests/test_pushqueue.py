@@ -223,13 +223,3 @@ def test_pause_and_stats(conn: sqlite3.Connection) -> None:
     assert pushqueue.queue_depth(conn) == (2, NOW - 50)
     pushqueue.set_paused_until(conn, None)
     assert pushqueue.paused_until(conn) is None
-
-
-def test_template_cache_roundtrip(conn: sqlite3.Connection) -> None:
-    assert pushqueue.load_templates(conn) == ({}, None)
-    pushqueue.save_templates(conn, [("T1", "title", "{{a.DATA}}", ("a",))], NOW)
-    cached, fetched = pushqueue.load_templates(conn)
-    assert cached == {"T1": {"title": "title", "content": "{{a.DATA}}", "keys": ("a",)}}
-    assert fetched == NOW
-    pushqueue.save_templates(conn, [], NOW + 1)  # an OA with no templates is still "fetched"
-    assert pushqueue.load_templates(conn) == ({}, NOW + 1)

@@ -1,4 +1,4 @@
-"""The durable push queue: push rows and their state machine, delivery reports, template cache.
+"""The durable push queue: push rows and their state machine, delivery reports, send outcomes.
 
 Layer L2: stdlib and wxd L0 only (every function takes a sqlite3 connection and runs inside the
 caller's db.write / db.read); never imports tornado, aiosqlite or a service module.
@@ -13,15 +13,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import secrets
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.paused_until"
-TEMPLATES_KEY = "pushes.templates_fetched_at"
 # WeChat drops a repeated openid + client_msg_id for 10 minutes, no guarantee after (§7.2).
 CLIENT_MSG_ID_WINDOW_S = 600.0
 DELIVERY_SUCCESS = "success"
@@ -375,26 +377,29 @@ def push_stats(conn: sqlite3.Connection) -> dict[str, Any]:
             "paused_until": paused_until(conn)}
 
 
-def save_templates(conn: sqlite3.Connection, templates: Sequence[tuple[str, str, str,
-                   Sequence[str]]], now: float) -> None:
-    """Replace the cached template list with (template_id, title, content, keys) items."""
-    conn.execute("DELETE FROM templates")
-    conn.executemany(
-        "INSERT INTO templates (template_id, title, content, keys, fetched_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        [(tid, title, content, json.dumps(list(keys)), now)
-         for tid, title, content, keys in templates],
-    )
-    _set_meta(conn, TEMPLATES_KEY, repr(now))
+# Send outcomes -------------------------------------------------------------------------------
+
+Outcome = Callable[[sqlite3.Connection], str]  # records one send's result; returns the new status
 
 
-def load_templates(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, Any]], float | None]:
-    """The cached templates by id ({"title", "content", "keys"}) and when they were fetched."""
-    rows = conn.execute("SELECT * FROM templates").fetchall()
-    cached = {
-        r["template_id"]: {"title": r["title"], "content": r["content"],
-                           "keys": tuple(json.loads(r["keys"]))}
-        for r in rows
-    }
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (TEMPLATES_KEY,)).fetchone()
-    return cached, (float(row[0]) if row is not None else None)
+def apply_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[str]:
+    """Apply send outcomes in the caller's transaction; one failing statement loses only its
+    own outcome (that push stays `sending` until recovery). Returns the new statuses."""
+    statuses = []
+    for outcome in outcomes:
+        try:
+            statuses.append(outcome(conn))
+        except sqlite3.Error as exc:
+            log.error("recording a push outcome failed: %s", exc)
+    return statuses
+
+
+def apply_and_lease(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float,
+                    limit: int, lease_s: float) -> tuple[list[str], list[Leased]]:
+    """apply_outcomes, then lease, in one transaction (one commit for both)."""
+    return apply_outcomes(conn, outcomes), lease(conn, now, limit, lease_s)
+
+
+def noted(changed: bool | int, status: str) -> str:
+    """The status a write moved a push to, or "" when it changed nothing (for metrics)."""
+    return status if changed else ""

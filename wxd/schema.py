@@ -108,7 +108,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE pushes (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
-        idempotency_key TEXT UNIQUE,
+        idempotency_key TEXT,
         recipient TEXT NOT NULL,
         oa_openid TEXT NOT NULL,
         template_id TEXT NOT NULL,
@@ -128,6 +128,9 @@ MIGRATIONS: list[str] = [
         sent_at REAL,
         finished_at REAL
     );
+    -- Partial: most pushes carry no idempotency_key, and NULLs need no index entry.
+    CREATE UNIQUE INDEX pushes_idempotency ON pushes (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
     CREATE INDEX pushes_due ON pushes (next_attempt_at, seq) WHERE status = 'queued';
     CREATE INDEX pushes_status ON pushes (status, seq);
     CREATE INDEX pushes_msgid ON pushes (msgid) WHERE msgid IS NOT NULL;

@@ -1,7 +1,7 @@
 """PushWorkers: a dispatcher that leases due pushes and N sender coroutines that POST them.
 
-Layer L3: imports L0–L2 only (pushqueue, db, errors, metrics); never pushes.py or tornado.web
-(the upstream API and the template-cache hook arrive as constructor arguments).
+Layer L3: imports L0–L2 only (pushqueue, pacing, db, errors, metrics); never pushes.py or
+tornado.web (the upstream API and the template-cache hook arrive as constructor arguments).
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from wxd import pushqueue
+from wxd import pacing, pushqueue
 from wxd.db import Database
 from wxd.errors import WeChatAPIError, WxdError
 from wxd.metrics import Registry
 
 log = logging.getLogger(__name__)
 
-BEIJING = datetime.timezone(datetime.timedelta(hours=8), "Asia/Shanghai")
+BEIJING = datetime.timezone(datetime.timedelta(hours=8), "Asia/Shanghai")  # for log lines
 LEASE_S = 120.0          # informational leased_until; recovery at start is what frees leases
 IDLE_MAX_S = 2.0         # longest idle wait between looks at the queue (doorbell or due time)
-MINUTE_QUOTA_WAIT_S = 60.0   # 45011: "retry next minute" (wechat-api.md §2.3)
 FLUSH_DELAY_S = 0.05     # outcomes wait this long to share a commit (nobody waits for them)
 REPORT_KEEP_S = 7 * 86400.0  # unmatched delivery reports older than this are dropped at start
 _STOP = object()
-Outcome = Callable[[sqlite3.Connection], str]  # records one send's result; returns the new status
 
 
 class SendAPI(Protocol):
@@ -40,66 +38,29 @@ class SendAPI(Protocol):
     async def send_template(self, body: Mapping[str, Any]) -> str: ...
 
 
-def parse_resume_time(text: str) -> tuple[int, int]:
-    """"HH:MM" (Beijing time) → (hour, minute); ValueError otherwise."""
+def parse_resume_time(text: str) -> float:
+    """"HH:MM" (Beijing time) → seconds after midnight; ValueError otherwise."""
     hour, sep, minute = text.strip().partition(":")
-    if not sep or not hour.isdigit() or not minute.isdigit() or len(minute) != 2:
+    if (not sep or not hour.isdigit() or not minute.isdigit() or len(minute) != 2
+            or not 0 <= int(hour) <= 23 or not 0 <= int(minute) <= 59):
         raise ValueError(f"quota_resume_time must be HH:MM, not {text!r}")
-    if not 0 <= int(hour) <= 23 or not 0 <= int(minute) <= 59:
-        raise ValueError(f"quota_resume_time must be HH:MM, not {text!r}")
-    return int(hour), int(minute)
+    return int(hour) * 3600.0 + int(minute) * 60.0
 
 
-def next_resume(now: float, hour: int, minute: int) -> float:
-    """The next `hour:minute` Beijing time (UTC+8) strictly after `now`, in unix seconds.
+def next_resume(now: float, time_of_day_s: float) -> float:
+    """The next Beijing (UTC+8) time of day `time_of_day_s` strictly after `now` (unix s).
     WeChat's daily quotas are assumed to reset at midnight Beijing time (§10, unconfirmed)."""
-    local = datetime.datetime.fromtimestamp(now, BEIJING)
-    candidate = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
-    if candidate.timestamp() <= now:
-        candidate += datetime.timedelta(days=1)
-    return candidate.timestamp()
-
-
-class TokenBucket:
-    """`rate` tokens per second, burst `rate` (at least 1); rate 0 = unlimited. Real time."""
-
-    def __init__(self, rate: float, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.capacity = max(rate, 1.0)
-        self._tokens = self.capacity
-        self._monotonic = monotonic
-        self._at = monotonic()
-
-    def _fill(self) -> None:
-        now = self._monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-
-    async def take(self, most: int) -> int:
-        """Wait for at least one token, then take up to `most`; returns how many were taken."""
-        if self.rate <= 0:
-            return most
-        self._fill()
-        while self._tokens < 1:
-            await asyncio.sleep((1 - self._tokens) / self.rate)
-            self._fill()
-        taken = min(most, int(self._tokens))
-        self._tokens -= taken
-        return taken
-
-    def give_back(self, count: int) -> None:
-        if self.rate > 0:
-            self._tokens = min(self.capacity, self._tokens + count)
+    return pacing.next_beijing_midnight(now - time_of_day_s) + time_of_day_s
 
 
 class PushWorkers:
     """Drains the push queue through template/send with the push's id as client_msg_id.
 
     One dispatcher task leases due pushes in chunks (the lease IS the attempt record: status
-    sending, attempts + 1, committed before any POST), keeping up to 2 × `workers` leased
-    ahead, and `workers` sender tasks POST them. Outcomes are committed in the background,
-    many per write (with the next lease when busy). Outcomes: errcode 0 → sent (a delivery report that came
-    first is applied at once); transient (-1, 45011, 43117, HTTP errors, timeouts, resets, a
+    sending, attempts + 1, committed before any POST), keeping up to 3 × `workers` leased
+    ahead, and `workers` sender tasks POST them; outcomes are committed in the background,
+    many per write (with the next lease when busy). pushqueue.Outcomes: errcode 0 → sent (a delivery
+    report that came first is applied at once); transient (-1, 45011, 43117, HTTP errors, timeouts, resets, a
     token error that survived the client's one refresh-and-retry) → queued again after
     backoff_base_s·2^(n-1) with jitter, capped at backoff_max_s, failed after max_attempts;
     45009 → back to queued without using the attempt and ALL sending paused until the next
@@ -119,7 +80,10 @@ class PushWorkers:
         self._db = db
         self._api = oa_api
         self.workers = max(1, workers)
-        self._bucket = TokenBucket(rate_per_s)
+        # Real time (not the injected clock): it spaces POSTs, it stores nothing.
+        self._limiter = pacing.RateLimiter(rate_per_s, 1, time.monotonic, asyncio.sleep)
+        self._limited = rate_per_s > 0
+        self._capacity = self.workers if self._limited else 4 * self.workers
         self._max_attempts = max_attempts
         self._base_s = backoff_base_s
         self._max_s = backoff_max_s
@@ -135,7 +99,7 @@ class PushWorkers:
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, pushqueue.Leased] = {}
-        self._outcomes: list[Outcome] = []
+        self._outcomes: list[pushqueue.Outcome] = []
         self._flusher: asyncio.Task[None] | None = None
         self._paused_until: float | None = None
         self._state = "new"
@@ -172,10 +136,6 @@ class PushWorkers:
     def paused_until(self) -> float | None:
         """Unix seconds until which sending is paused by a 45009, or None."""
         return self._paused_until
-
-    @property
-    def state(self) -> str:
-        return self._state
 
     def wake(self) -> None:
         """The doorbell: new or re-queued pushes are committed; look at the queue now."""
@@ -259,25 +219,22 @@ class PushWorkers:
     # Dispatcher -----------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        capacity, lease_chunk = 3 * self.workers, self.workers
         while self._state == "running":
             try:
                 if await self._wait_while_paused():
                     continue
-                room = capacity - len(self._inflight) - self._queue.qsize()
-                # Lease in chunks (fewer commits) unless the senders are about to starve.
-                if room <= 0 or (room < lease_chunk and self._queue.qsize() > 0):
+                room = self._room_to_lease()
+                if room == 0:
                     self._room.clear()
                     await self._room.wait()
                     continue
-                room = await self._bucket.take(room)
                 self._doorbell.clear()
-                # Outcomes waiting for the flusher ride along in the same commit.
+                # pushqueue.Outcomes waiting for the flusher ride along in the same commit.
                 pending, self._outcomes = self._outcomes, []
                 statuses, leased = await self._db.write(functools.partial(
-                    _record_and_lease, outcomes=pending, now=self._clock(), limit=room))
+                    pushqueue.apply_and_lease, outcomes=pending, now=self._clock(), limit=room,
+                    lease_s=LEASE_S))
                 self._count(statuses)
-                self._bucket.give_back(room - len(leased))
                 self._transition("sending", len(leased))
                 for item in leased:
                     self._queue.put_nowait(item)
@@ -288,6 +245,15 @@ class PushWorkers:
             except Exception:
                 log.exception("push dispatcher error; retrying shortly")
                 await asyncio.sleep(1.0)
+
+    def _room_to_lease(self) -> int:
+        """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
+        senders are about to starve (fewer commits). Up to 3 × workers are leased ahead, none
+        when sends are rate-limited (they would wait while already recorded as attempted)."""
+        buffered = self._queue.qsize()
+        room = self._capacity - len(self._inflight) - buffered
+        chunk = min(2 * self.workers, self._capacity)
+        return room if room >= chunk or (room > 0 and buffered == 0) else 0
 
     async def _idle(self) -> None:
         """Wait for the doorbell, the next due push (by the injected clock) or idle_max_s."""
@@ -338,8 +304,9 @@ class PushWorkers:
             # requeues it with the attempt counted.
             write = await self._send(item)
             del self._inflight[item.id]
-            self._room.set()
-            # Outcomes are committed in the background, many per write, so the next send need
+            if not self._room.is_set() and self._room_to_lease():
+                self._room.set()
+            # pushqueue.Outcomes are committed in the background, many per write, so the next send need
             # not wait for an fsync; stop() waits for the flusher.
             self._outcomes.append(write)
             if self._flusher is None or self._flusher.done():
@@ -355,7 +322,8 @@ class PushWorkers:
             if not batch:
                 continue
             try:
-                self._count(await self._db.write(functools.partial(_record, outcomes=batch)))
+                self._count(await self._db.write(
+                    functools.partial(pushqueue.apply_outcomes, outcomes=batch)))
             except Exception as exc:  # the pushes stay `sending`; recovery requeues them
                 log.error("recording %d push outcomes failed: %s", len(batch), exc)
 
@@ -364,11 +332,13 @@ class PushWorkers:
             if status:
                 self._transition(status)
 
-    async def _send(self, item: pushqueue.Leased) -> Outcome:
+    async def _send(self, item: pushqueue.Leased) -> pushqueue.Outcome:
         """POST one push; return the write fn recording its outcome."""
         if self._paused_until is not None:
-            return lambda conn: _noted(pushqueue.release(conn, [item.id], self._clock(),
+            return lambda conn: pushqueue.noted(pushqueue.release(conn, [item.id], self._clock(),
                                                          refund=True), "queued")
+        if self._limited:
+            await self._limiter.acquire()
         started = time.perf_counter()
         try:
             msgid = await self._api.send_template(item.wechat_body())
@@ -388,21 +358,21 @@ class PushWorkers:
         if self._metrics is not None:
             self._m_send.observe(time.perf_counter() - started)
 
-    def backoff_s(self, attempts: int, errcode: int | None = None) -> float:
-        """Delay before the next attempt after `attempts` failed ones: base·2^(attempts-1),
-        jittered to 50–100 %, at most backoff_max_s; 45011 waits for the next minute."""
-        delay = min(self._max_s, self._base_s * 2.0 ** max(0, attempts - 1))
-        delay *= 0.5 + 0.5 * self._rng.random()
+    def backoff_s(self, attempts: int, now: float, errcode: int | None = None) -> float:
+        """Delay before the next attempt after `attempts` failed ones: base·2^(attempts-1)
+        jittered to 50–100 %, at most backoff_max_s; after 45011 ("retry next minute") not
+        before the next wall-clock minute."""
+        delay = pacing.backoff_s(max(1, attempts), self._base_s, self._max_s, self._rng)
         if errcode == 45011:
-            delay = max(delay, min(MINUTE_QUOTA_WAIT_S, self._max_s))
+            delay = max(delay, pacing.until_next_minute_s(now, self._rng))
         return delay
 
     def _failure(self, item: pushqueue.Leased, errcode: int | None, error: str, kind: str,
-                 started: float) -> Outcome:
+                 started: float) -> pushqueue.Outcome:
         self._observe(started)
         now = self._clock()
         if kind == "quota":
-            until = next_resume(now, *self._resume_at)
+            until = next_resume(now, self._resume_at)
             if self._paused_until is None or until > self._paused_until:
                 log.warning("WeChat daily quota reached (45009); push sending paused until %s",
                             datetime.datetime.fromtimestamp(until, BEIJING).isoformat())
@@ -410,15 +380,15 @@ class PushWorkers:
 
             def pause(conn: sqlite3.Connection) -> str:
                 pushqueue.set_paused_until(conn, until)
-                return _noted(pushqueue.release(conn, [item.id], now, refund=True), "queued")
+                return pushqueue.noted(pushqueue.release(conn, [item.id], now, refund=True), "queued")
 
             return pause
         if kind in ("transient", "token") and item.attempts < self._max_attempts:
-            due = now + self.backoff_s(item.attempts, errcode)
+            due = now + self.backoff_s(item.attempts, now, errcode)
             code = "wechat_error" if errcode is not None else "transport_error"
             log.info("push %s attempt %d failed (%s); retrying in %.1f s", item.id,
                      item.attempts, errcode if errcode is not None else error, due - now)
-            return lambda conn: _noted(pushqueue.mark_retry(
+            return lambda conn: pushqueue.noted(pushqueue.mark_retry(
                 conn, item.id, now, due, errcode, code, error), "queued")
         if kind in ("transient", "token"):
             code = "attempts_exhausted"
@@ -427,27 +397,5 @@ class PushWorkers:
             if errcode == 40037 and self._on_template_invalid is not None:
                 self._on_template_invalid()
         log.info("push %s failed: %s (errcode %s)", item.id, error, errcode)
-        return lambda conn: _noted(pushqueue.mark_failed(
+        return lambda conn: pushqueue.noted(pushqueue.mark_failed(
             conn, item.id, now, errcode, code, error), "failed")
-
-
-def _record(conn: sqlite3.Connection, outcomes: list[Outcome]) -> list[str]:
-    """Apply send outcomes in the caller's transaction; one failing statement loses only its
-    own outcome (that push stays `sending` until recovery). Returns the new statuses."""
-    statuses = []
-    for outcome in outcomes:
-        try:
-            statuses.append(outcome(conn))
-        except sqlite3.Error as exc:
-            log.error("recording a push outcome failed: %s", exc)
-    return statuses
-
-
-def _record_and_lease(conn: sqlite3.Connection, outcomes: list[Outcome], now: float,
-                      limit: int) -> tuple[list[str], list[pushqueue.Leased]]:
-    return _record(conn, outcomes), pushqueue.lease(conn, now, limit, LEASE_S)
-
-
-def _noted(changed: bool | int, status: str) -> str:
-    """The status a write moved a push to, or "" when it changed nothing (for metrics)."""
-    return status if changed else ""
