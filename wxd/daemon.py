@@ -170,7 +170,9 @@ class Daemon:
             backoff_base_s=p.backoff_base_s, backoff_max_s=p.backoff_max_s,
             quota_resume_time=p.quota_resume_time, stale_sending=p.stale_sending, clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
-            drain_timeout_s=cfg.wxd.shutdown_timeout_s)
+            # Idle polling is a safety net only: enqueue rings the doorbell, retries wake at
+            # their due time. A long idle wait keeps an idle daemon from waking every 2 s.
+            drain_timeout_s=cfg.wxd.shutdown_timeout_s, idle_max_s=30.0)
         await self._start(self.workers)
 
         router = EventRouter(db, self.linking,
