@@ -32,44 +32,6 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_]{1,40}")
 _SUCCESS = b"success"
 
-# Fast path for the flat documents WeChat sends: <xml>, then children that are each
-# <Name><![CDATA[text]]></Name> or <Name>plain-token</Name>, separated by spaces/tabs/newlines,
-# no attributes, no repeats, no declarations. For such input it returns exactly what
-# messages.parse_xml returns (tests/test_webhook.py checks this on generated documents); for
-# anything else it returns None and parse_xml decides (and refuses what must be refused).
-# Skipping xmltodict for the envelope and the inner message is most of the webhook's CPU.
-_CDATA_CHAR = "[^\\]\x00-\x08\x0b-\x1f]"  # no "]", no CR, no C0 controls but TAB/LF
-_CDATA_TEXT = _CDATA_CHAR + "*(?:\\](?!\\]>)" + _CDATA_CHAR + "*)*"  # never contains "]]>"
-_FLAT_CHILD_RE = re.compile(
-    rf"([ \t\n]*<([A-Za-z_][A-Za-z0-9_.-]{{0,63}})>"
-    rf"(?:<!\[CDATA\[({_CDATA_TEXT})\]\]>|([A-Za-z0-9_.:@+/=-]*))</\2>)"
-)
-
-
-def flat_fields(data: bytes, max_bytes: int) -> dict[str, str] | None:
-    """messages.parse_xml(data) for a flat WeChat document, or None to fall back to it."""
-    if len(data) > max_bytes or not data.startswith(b"<xml>"):
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if "\ufffe" in text or "\uffff" in text:  # not XML characters
-        return None
-    body = text.rstrip(" \t\n")
-    if not body.endswith("</xml>"):
-        return None
-    end = len(body[:-6].rstrip(" \t\n"))
-    children = _FLAT_CHILD_RE.findall(text, 5, end)
-    # findall skips what does not match: the children must tile <xml>...</xml> exactly.
-    if sum(len(child[0]) for child in children) != end - 5:
-        return None
-    fields = {name: cdata or plain for _, name, cdata, plain in children}
-    if len(fields) != len(children):
-        return None  # a repeated child becomes JSON text in parse_xml
-    return fields
-
-
 class NonceMemory:
     """Remembers each signed request's (timestamp, nonce, signature) until its timestamp leaves
     the replay window, with a digest of the body that came with it.
@@ -239,9 +201,6 @@ class Webhook:
             raise Rejected(400, "bad_message", str(exc)) from None
 
     def _fields(self, data: bytes, what: str) -> dict[str, str]:
-        fields = flat_fields(data, self.max_body_bytes)
-        if fields is not None:
-            return fields
         try:
             return parse_xml(data, self.max_body_bytes)
         except MessageError as exc:
