@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -46,25 +45,6 @@ class FollowerRefresher(Protocol):
     """Satisfied by linking.Linking: user/info for one follower, stored and linked."""
 
     async def refresh_follower(self, oa_openid: str) -> None: ...
-
-
-def _record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
-                 event_key: str, ticket: str) -> bool:
-    """Keep the scanned QR's EventKey/Ticket on the follower row; False if the row is unknown.
-
-    followers.py has no SCAN function; this only sets the event_key/ticket columns (not the
-    subscription state or event_at, which SCAN does not change) unless a newer event applied.
-    """
-    cur = conn.execute(
-        "UPDATE followers SET event_key = ?, ticket = ?, updated_at = ?"
-        " WHERE oa_openid = ? AND (event_at IS NULL OR event_at <= ?)",
-        (event_key or None, ticket or None, now, oa_openid, at),
-    )
-    if cur.rowcount:
-        return True
-    return bool(conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM followers WHERE oa_openid = ?)", (oa_openid,)
-    ).fetchone()[0])
 
 
 class EventRouter:
@@ -111,12 +91,12 @@ class EventRouter:
             return "unsubscribe"
         if isinstance(msg, ScanEvent):
             known = await self._db.write(
-                lambda conn: _record_scan(conn, openid, at, now, msg.event_key, msg.ticket))
+                lambda conn: followers.record_scan(conn, openid, at, now, msg.event_key, msg.ticket))
             if not known:
                 # Only followers can scan into a SCAN event: learn who this is, then keep it.
                 await self._refresher.refresh_follower(openid)
                 await self._db.write(
-                    lambda conn: _record_scan(conn, openid, at, self._clock(), msg.event_key,
+                    lambda conn: followers.record_scan(conn, openid, at, self._clock(), msg.event_key,
                                               msg.ticket))
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):

@@ -224,6 +224,25 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     return [row[0] for row in conn.execute(_LINK_KNOWN_MP, (now, json.dumps(unionids))).fetchall()]
 
 
+def record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
+                 event_key: str, ticket: str) -> bool:
+    """Keep a SCAN event's EventKey/Ticket on the follower row; False if the row is unknown.
+
+    Only the event_key/ticket columns change (SCAN says nothing about the subscription state or
+    event_at), and not when a newer event was applied.
+    """
+    cur = conn.execute(
+        "UPDATE followers SET event_key = ?, ticket = ?, updated_at = ?"
+        " WHERE oa_openid = ? AND (event_at IS NULL OR event_at <= ?)",
+        (event_key or None, ticket or None, now, oa_openid, at),
+    )
+    if cur.rowcount:
+        return True
+    return bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM followers WHERE oa_openid = ?)", (oa_openid,)
+    ).fetchone()[0])
+
+
 def upsert_mp_user(conn: sqlite3.Connection, mp_openid: str, unionid: str | None,
                    session_key: str | None, now: float) -> bool:
     """Store an MP login (jscode2session answer); True if this made a new link.
