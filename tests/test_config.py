@@ -62,6 +62,8 @@ def test_mini_program_section_is_optional() -> None:
         ({"pushes": {"workers": "0"}}, "[pushes] workers"),
         ({"pushes": {"quota_resume_time": "25:00"}}, "[pushes] quota_resume_time"),
         ({"followers": {"purge_on_unsubscribe": "maybe"}}, "[followers] purge_on_unsubscribe"),
+        ({"webhook": {"encoding_aes_key": "", "require_encryption": "true"}},
+         "[webhook] require_encryption"),
     ],
 )
 def test_each_bad_value_names_section_and_key(sections: dict[str, dict[str, object]],

@@ -15,9 +15,19 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.testing import AsyncTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN, config_text, free_port, wait_for_port, wxd_process
+from tests.helpers import (
+    ADMIN_TOKEN,
+    AES_KEY,
+    OA_APPID,
+    WEBHOOK_TOKEN,
+    config_text,
+    free_port,
+    wait_for_port,
+    wxd_process,
+)
 from wxd import config
 from wxd.daemon import Daemon
+from wxd.sandbox import Credentials, WebhookSender
 
 
 def admin_get(port: int, path: str, token: str | None = ADMIN_TOKEN) -> tuple[int, dict[str, object]]:
@@ -74,6 +84,23 @@ class InProcessDaemonTest(AsyncTestCase):
             await daemon.stop()
         assert daemon.state == "stopped"
         await daemon.stop()  # idempotent
+
+    @gen_test(timeout=20)
+    async def test_require_encryption_refuses_plaintext_posts(self) -> None:
+        cfg = config.load_text(config_text(str(self.tmp / "enc.db"),
+                                           {"webhook": {"require_encryption": "true"}}))
+        daemon = Daemon(cfg)
+        await daemon.start()
+        creds = Credentials(oa_appid=OA_APPID, webhook_token=WEBHOOK_TOKEN, encoding_aes_key=AES_KEY)
+        try:
+            assert daemon.webhook is not None
+            url = f"http://127.0.0.1:{daemon.webhook.port}/wechat"
+            for mode, expected in (("plain", 400), ("safe", 200)):
+                sender = WebhookSender(url, creds, mode=mode, http_client=self.http)
+                delivery = await sender.subscribe("oOPENID123")
+                assert delivery.status == expected, mode
+        finally:
+            await daemon.stop()
 
     @gen_test(timeout=20)
     async def test_healthz_is_503_when_the_database_is_unusable(self) -> None:

@@ -46,6 +46,7 @@ SPEC: dict[str, dict[str, Key]] = {
         "token": Key("str", None, secret=True),
         "encoding_aes_key": Key("aeskey", "", secret=True),
         "previous_encoding_aes_key": Key("aeskey", "", secret=True),
+        "require_encryption": Key("bool", "false"),
         "replay_window_s": Key("float", "300", minimum=1),
         "max_body_bytes": Key("int", "65536", minimum=1024),
     },
@@ -135,6 +136,7 @@ class WebhookConfig:
     token: str = field(repr=False)
     encoding_aes_key: str = field(repr=False)
     previous_encoding_aes_key: str = field(repr=False)
+    require_encryption: bool
     replay_window_s: float
     max_body_bytes: int
 
@@ -366,6 +368,8 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
     wtoken = webhook.get("token")
     if isinstance(wtoken, str) and wtoken and (not wtoken.isascii() or not wtoken.isalnum()):
         problems.append("[webhook] token: must contain only letters and digits")
+    if webhook.get("require_encryption") and not webhook.get("encoding_aes_key"):
+        problems.append("[webhook] require_encryption: needs encoding_aes_key")
     if webhook.get("previous_encoding_aes_key") and not webhook.get("encoding_aes_key"):
         problems.append("[webhook] previous_encoding_aes_key: set only with encoding_aes_key")
     base = values.get("wechat", {}).get("api_base")

@@ -201,7 +201,8 @@ class Daemon:
         crypto = (MessageCrypto(w.token, w.encoding_aes_key, cfg.official_account.appid,
                                 w.previous_encoding_aes_key or None)
                   if w.encoding_aes_key else None)
-        hook = Webhook(w.token, crypto, db, replay_window_s=w.replay_window_s,
+        hook = Webhook(w.token, crypto, db, require_encryption=w.require_encryption,
+                       replay_window_s=w.replay_window_s,
                        max_body_bytes=w.max_body_bytes, clock=clock, metrics=metrics,
                        on_stored=self.events.ring)
         # The HTTP server's own cap is looser, so that the handler can answer 413 itself.
