@@ -95,8 +95,9 @@ class InProcessDaemonTest(AsyncTestCase):
         try:
             assert daemon.webhook is not None
             url = f"http://127.0.0.1:{daemon.webhook.port}/wechat"
-            for mode, expected in (("plain", 400), ("safe", 200)):
-                sender = WebhookSender(url, creds, mode=mode, http_client=self.http)
+            for seed, (mode, expected) in enumerate((("plain", 400), ("safe", 200))):
+                # distinct seeds: the same nonce and second again would be a replay (403)
+                sender = WebhookSender(url, creds, mode=mode, http_client=self.http, seed=seed)
                 delivery = await sender.subscribe("oOPENID123")
                 assert delivery.status == expected, mode
         finally:
