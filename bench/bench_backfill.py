@@ -25,73 +25,13 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from bench.common import Result, format_table, peak_rss_mb
+from bench.common import Result, SandboxProcess, format_table, peak_rss_mb
 
 LATENCY_S = 0.003
 SEED = 1
 TARGET_WALL_S = 30.0
 TARGET_SPEEDUP = 5.0
 TARGET_RSS_MB = 150.0
-
-# The sandbox in its own process: prints its base URL, serves until stdin closes.
-_SANDBOX = """
-import asyncio, sys
-from wxd.sandbox import FakeWeChat, SandboxServer
-
-async def main() -> None:
-    fake = FakeWeChat(users=int(sys.argv[1]), seed=int(sys.argv[2]), follow_ratio=1.0,
-                      latency_s=float(sys.argv[3]))
-    server = SandboxServer(fake)
-    await server.start()
-    print(server.base_url, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop()
-
-asyncio.run(main())
-"""
-
-
-class Sandbox:
-    """`with Sandbox(users) as base_url:` — a sandbox subprocess; `stats()` reads its counters."""
-
-    def __init__(self, users: int) -> None:
-        self.users = users
-        self.proc: subprocess.Popen[str] | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> Sandbox:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SANDBOX, str(self.users), str(SEED), str(LATENCY_S)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        if not self.base_url.startswith("http"):
-            raise RuntimeError("the sandbox did not start")
-        return self
-
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) the sandbox process has used so far."""
-        assert self.proc is not None
-        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.base_url + "/_sandbox/stats", timeout=30) as answer:
-            value: dict[str, Any] = json.load(answer)
-            return value
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.proc is not None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def _child(args: list[str]) -> dict[str, Any]:
     """Run `python -m bench.bench_backfill --child ...` and return the JSON it prints."""
@@ -203,12 +143,12 @@ def run(quick: bool, concurrency: int = 8, rate: float = 0.0) -> list[Result]:
     users = 100_000 if quick else 1_000_000
     label = f"backfill {users:,} followers"
     with tempfile.TemporaryDirectory() as tmp:
-        with Sandbox(users) as sandbox:
+        with SandboxProcess(users, SEED, LATENCY_S) as sandbox:
             before, cpu = sandbox.stats()["calls"], sandbox.cpu_s()
             mine = _child(["wxd", sandbox.base_url, f"{tmp}/wxd.db", str(concurrency), str(rate)])
             mine["upstream_calls"] = sandbox.stats()["calls"] - before
             mine["sandbox_cpu_s"] = sandbox.cpu_s() - cpu
-        with Sandbox(users) as sandbox:
+        with SandboxProcess(users, SEED, LATENCY_S) as sandbox:
             before, cpu = sandbox.stats()["calls"], sandbox.cpu_s()
             ref = _child(["wechatpy", sandbox.base_url, f"{tmp}/ref.db"])
             ref["upstream_calls"] = sandbox.stats()["calls"] - before

@@ -18,11 +18,8 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +27,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 
-from bench.common import Result, format_table
+from bench.common import Result, SandboxProcess, format_table
 from wxd import followers
 from wxd.admin import common_kwargs, make_app
 from wxd.admin import pushes as pushes_admin
@@ -53,58 +50,11 @@ DATA = {"thing1": "您的预约已确认", "time2": "2024-01-01 09:30"}
 SEND = "/cgi-bin/message/template/send"
 
 
-# The sandbox in its own process: prints its base URL, serves until stdin closes.
-_SANDBOX = """
-import asyncio, sys
-from wxd.sandbox import FakeWeChat, SandboxServer
-
-async def main() -> None:
-    fake = FakeWeChat(users=int(sys.argv[1]), seed=int(sys.argv[2]), follow_ratio=1.0,
-                      latency_s=float(sys.argv[3]))
-    server = SandboxServer(fake)
-    await server.start()
-    print(server.base_url, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop()
-
-asyncio.run(main())
-"""
-
-
-class SandboxProcess:
-    """`with SandboxProcess(fake) as sandbox:` — the same seeded emulator in a child process
-    (its own GIL, like the real WeChat on another machine). `fake` is a local replica of the
-    population (same seed) for picking recipients; the child keeps the real state."""
-
-    def __init__(self, fake: FakeWeChat) -> None:
-        self.fake = fake
-        self.proc: subprocess.Popen[str] | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> SandboxProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SANDBOX, str(len(self.fake.people)), str(self.fake.seed),
-             str(self.fake.latency_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        if not self.base_url.startswith("http"):
-            raise RuntimeError("the sandbox did not start")
-        return self
-
-    def count_calls(self, path: str) -> int:
-        url = f"{self.base_url}/_sandbox/calls?path={path}"
-        with urllib.request.urlopen(url, timeout=60) as answer:
-            return int(json.load(answer)["count"])
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.proc is not None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def sandbox_process(fake: FakeWeChat) -> SandboxProcess:
+    """The same seeded emulator as `fake` (a local replica for picking recipients) in a child
+    process; the child keeps the real state."""
+    latency = fake.latency_s if isinstance(fake.latency_s, float | int) else fake.latency_s[0]
+    return SandboxProcess(len(fake.people), fake.seed, float(latency), fake)
 
 
 def _people(fake: FakeWeChat) -> list[Person]:
@@ -316,7 +266,7 @@ async def _measure(sandbox: SandboxThread | SandboxProcess, n: int, rounds: int,
 def run(quick: bool, thread: bool = False) -> list[Result]:
     n, rounds = (QUICK_N, 2) if quick else (N, 5)
     fake = FakeWeChat(users=USERS, seed=5, follow_ratio=1.0, latency_s=LATENCY_S)
-    runner = SandboxThread(fake) if thread else SandboxProcess(fake)
+    runner = SandboxThread(fake) if thread else sandbox_process(fake)
     with runner as sandbox, tempfile.TemporaryDirectory() as directory:
         m = asyncio.run(_measure(sandbox, n, rounds, directory))
         sends = (runner.count_calls(SEND) if isinstance(runner, SandboxProcess)

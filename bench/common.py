@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
+import urllib.request
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -65,3 +70,69 @@ def rss_mb(pid: int | None = None) -> float:
 def wrk_path() -> str | None:
     """The wrk load generator if installed (`apt-get install wrk`), else None."""
     return shutil.which("wrk")
+
+
+# The sandbox in its own process (its own GIL, like the real WeChat on another machine): prints
+# its base URL, serves until its stdin closes.
+_SANDBOX_SCRIPT = """
+import asyncio, sys
+from wxd.sandbox import FakeWeChat, SandboxServer
+
+async def main() -> None:
+    fake = FakeWeChat(users=int(sys.argv[1]), seed=int(sys.argv[2]), follow_ratio=1.0,
+                      latency_s=float(sys.argv[3]))
+    server = SandboxServer(fake)
+    await server.start()
+    print(server.base_url, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop()
+
+asyncio.run(main())
+"""
+
+
+class SandboxProcess:
+    """`with SandboxProcess(users, seed, latency_s) as sandbox:` — a seeded emulator in a child
+    process (everyone follows); `base_url`, `cpu_s()`, `stats()`, `count_calls(path)`."""
+
+    def __init__(self, users: int, seed: int, latency_s: float, fake: Any = None) -> None:
+        self.args = [str(users), str(seed), str(latency_s)]
+        self.fake = fake  # optional local replica (same seed) for picking people
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> SandboxProcess:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SANDBOX_SCRIPT, *self.args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        if not self.base_url.startswith("http"):
+            raise RuntimeError("the sandbox did not start")
+        return self
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the sandbox process has used so far."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base_url + "/_sandbox/stats", timeout=30) as answer:
+            value: dict[str, Any] = json.load(answer)
+            return value
+
+    def count_calls(self, path: str) -> int:
+        url = f"{self.base_url}/_sandbox/calls?path={path}"
+        with urllib.request.urlopen(url, timeout=60) as answer:
+            return int(json.load(answer)["count"])
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
