@@ -179,7 +179,8 @@ class Demo:
                                                       lambda u: u.get("unionid")),
                                     "the follow event to be processed")
         say(f"3. webhook: encrypted subscribe from {person.oa_openid} answered "
-            f"{delivery.body!r}; user/info gave unionid {follower['unionid']}")
+            f"'{delivery.body.decode(errors='replace')}'; user/info gave unionid "
+            f"{follower['unionid']}")
 
         # 4. The same person opens the Mini Program: login links both identities.
         code = fake.issue_login_code(person)
