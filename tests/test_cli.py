@@ -6,6 +6,7 @@ import json
 import pathlib
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -89,10 +90,16 @@ def test_backfill_then_users_then_push_lifecycle(
     assert push_id in capsys.readouterr().out
     assert running.run("push", "list", "--limit", "5") == 0
     assert push_id in capsys.readouterr().out
-    # Cancelling only works for queued pushes; by now it is sending/sent: an API error (1).
-    code = running.run("push", "cancel", push_id)
-    assert code in (0, 1)
-    capsys.readouterr()
+    # Wait until the workers sent it; then cancelling is refused (only queued pushes cancel).
+    deadline = time.monotonic() + 20
+    status = ""
+    while time.monotonic() < deadline and status not in ("sent", "delivered"):
+        assert running.run("push", "show", push_id, "--json") == 0
+        status = json.loads(capsys.readouterr().out)["status"]
+        time.sleep(0.1)
+    assert status in ("sent", "delivered")
+    assert running.run("push", "cancel", push_id) == 1
+    assert "invalid_state" in capsys.readouterr().err
     assert running.run("stats", "--json") == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["followers"] >= 1 and stats["pushes"]["total"] >= 1
