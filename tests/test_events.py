@@ -161,6 +161,11 @@ class RouterTest(EventsCase):
         assert await self.router.handle(delivered) == "delivery_matched"
         push = await self.db.read(lambda conn: pushqueue.get(conn, push_id))
         assert push is not None and push["status"] == "delivered"
+        transitions = self.metrics.counter("wxd_pushes_total", "", ("status",))
+        assert transitions.get(status="delivered") == 1
+        # WeChat's retry of the same report is matched again but moves nothing.
+        assert await self.router.handle(delivered) == "delivery_matched"
+        assert transitions.get(status="delivered") == 1
 
     @gen_test
     async def test_anything_else_is_ignored(self) -> None:

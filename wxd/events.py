@@ -67,9 +67,13 @@ class EventRouter:
         self._refresher = refresher
         self._purge = purge_on_unsubscribe
         self._clock = clock
-        self._actions = (metrics or Registry()).counter(
+        registry = metrics or Registry()
+        self._actions = registry.counter(
             "wxd_events_actions_total", "Webhook messages applied, by action.", ("action",)
         )
+        # The same series the push workers count their transitions in.
+        self._push_transitions = registry.counter(
+            "wxd_pushes_total", "Push status transitions by new status.", ("status",))
 
     async def handle(self, message: Message) -> str:
         """Apply `message`; returns the action taken (a metrics label)."""
@@ -100,8 +104,11 @@ class EventRouter:
                                               msg.ticket))
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):
-            matched = await self._db.write(lambda conn: pushqueue.report_delivery(
-                conn, msg.msgid, msg.status, openid, now))
+            matched, new_status = await self._db.write(
+                lambda conn: pushqueue.apply_delivery_report(conn, msg.msgid, msg.status,
+                                                             openid, now))
+            if new_status is not None:
+                self._push_transitions.inc(status=new_status)
             return "delivery_matched" if matched else "delivery_stored"
         return "ignored"
 

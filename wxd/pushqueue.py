@@ -216,6 +216,13 @@ def report_delivery(conn: sqlite3.Connection, msgid: str | int, status: str, oa_
     with the status text). Returns True if a push matched (a repeated report changes nothing).
     An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
     arrive before the send's own answer is stored."""
+    return apply_delivery_report(conn, msgid, status, oa_openid, now)[0]
+
+
+def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: str,
+                          oa_openid: str, now: float) -> tuple[bool, str | None]:
+    """report_delivery, also telling the push's new status ("delivered" / "failed") when this
+    report moved it (None for a repeat or an unmatched report), for the status metrics."""
     key = str(msgid)
     row = conn.execute(
         "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
@@ -227,10 +234,10 @@ def report_delivery(conn: sqlite3.Connection, msgid: str | int, status: str, oa_
             " oa_openid = excluded.oa_openid, received_at = excluded.received_at",
             (key, status, oa_openid, now),
         )
-        return False
+        return False, None
     if row["status"] == "sent":
-        _apply_report(conn, row["id"], status, now)
-    return True
+        return True, _apply_report(conn, row["id"], status, now)
+    return True, None
 
 
 def prune_reports(conn: sqlite3.Connection, before: float) -> int:
