@@ -43,36 +43,23 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 # --- the wxd side (child process) -------------------------------------------------------------
 
-class _StableToken:
-    """TokenSource over stable_token (what tokens.TokenManager does, minus persistence)."""
-
-    def __init__(self, client: Any, appid: str, secret: str) -> None:
-        self._client, self._appid, self._secret = client, appid, secret
-        self._token: str | None = None
-
-    async def get(self) -> str:
-        if self._token is None:
-            self._token, _ = await self._client.fetch_token(self._appid, self._secret, "stable")
-        return self._token
-
-    async def invalidate(self, token: str) -> None:
-        if token == self._token:
-            self._token = None
-
-
 async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float) -> dict[str, Any]:
     import tornado.httpclient
 
     from wxd.backfill import FollowerBackfill
     from wxd.db import Database
     from wxd.sandbox import Credentials
+    from wxd.tokens import TokenManager
     from wxd.wechat import OfficialAccountAPI, WeChatClient
 
     http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=concurrency + 4)
     client = WeChatClient(http, base_url, 10.0, 60.0)
     creds = Credentials()
-    api = OfficialAccountAPI(client, _StableToken(client, creds.oa_appid, creds.oa_secret))
     db = await Database.open(db_path)
+    # The daemon's own token manager (stable_token), so the measured path is wxd's real one.
+    token = TokenManager("oa", creds.oa_appid, creds.oa_secret, client, db, mode="stable")
+    await token.start()
+    api = OfficialAccountAPI(client, token)
     try:
         backfill = FollowerBackfill(db, api, concurrency=concurrency, rate_per_s=rate)
         started = time.perf_counter()
@@ -82,6 +69,7 @@ async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float)
         row = await db.fetchone("SELECT COUNT(*), COUNT(unionid) FROM followers")
         assert row is not None
     finally:
+        await token.stop()
         await db.close()
         http.close()
     return {"wall_s": wall, "rows": row[0], "with_unionid": row[1], "state": status["state"],
