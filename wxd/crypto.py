@@ -15,6 +15,7 @@ from typing import Any
 
 from Crypto.Cipher import AES
 
+from wxd.config import check_aes_key
 from wxd.errors import DecryptError, SessionKeyError, WatermarkError
 
 # The OA scheme pads to 32 bytes, not to the 16-byte AES block (wechat-api.md §4.4).
@@ -22,7 +23,6 @@ _OA_PAD_BLOCK = 32
 _MP_PAD_BLOCK = 16
 _RANDOM_LEN = 16
 _LEN_FIELD = 4
-_AES_KEY_RE = re.compile(r"[A-Za-z0-9]{43}")
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,20}")
 
 _REPLY_TEMPLATE = (
@@ -62,14 +62,11 @@ def decode_aes_key(encoding_aes_key: str) -> bytes:
     The key must be exactly 43 characters of [A-Za-z0-9]; base64 of it plus "=" gives 32 bytes.
     Raises ValueError naming the problem; the message never contains the key.
     """
-    if len(encoding_aes_key) != 43:
-        raise ValueError(f"EncodingAESKey must be 43 characters, got {len(encoding_aes_key)}")
-    if not _AES_KEY_RE.fullmatch(encoding_aes_key):
-        raise ValueError("EncodingAESKey must contain only the characters A-Z, a-z and 0-9")
-    key = base64.b64decode(encoding_aes_key + "=", validate=True)
-    if len(key) != 32:  # cannot happen for 43 alphanumerics; kept as an explicit guard
-        raise ValueError("EncodingAESKey does not decode to 32 bytes")
-    return key
+    try:
+        check_aes_key(encoding_aes_key)  # the same rule `wxd check-config` applies
+    except ValueError as exc:
+        raise ValueError(f"EncodingAESKey {exc}") from None
+    return base64.b64decode(encoding_aes_key + "=", validate=True)
 
 
 def _b64decode(text: str) -> bytes:
