@@ -44,15 +44,14 @@ def _child(args: list[str]) -> dict[str, Any]:
 # --- the wxd side (child process) -------------------------------------------------------------
 
 async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float) -> dict[str, Any]:
-    import tornado.httpclient
-
     from wxd.backfill import FollowerBackfill
     from wxd.db import Database
     from wxd.sandbox import Credentials
     from wxd.tokens import TokenManager
+    from wxd.upstream import KeepAliveClient
     from wxd.wechat import OfficialAccountAPI, WeChatClient
 
-    http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=concurrency + 4)
+    http = KeepAliveClient(concurrency + 4)
     client = WeChatClient(http, base_url, 10.0, 60.0)
     creds = Credentials()
     db = await Database.open(db_path)

@@ -22,7 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import tornado.httpclient
 from wechatpy import WeChatClient as WeChatPyClient
 from wechatpy.session.memorystorage import MemoryStorage
 
@@ -30,6 +29,7 @@ from bench.common import Result, format_table
 from wxd.db import Database
 from wxd.sandbox import FakeWeChat, SandboxThread
 from wxd.tokens import TokenManager
+from wxd.upstream import KeepAliveClient
 from wxd.wechat import WeChatClient
 
 CALLERS = 1000
@@ -49,7 +49,7 @@ def _fetches(sandbox: SandboxThread) -> int:
 
 async def _wxd(sandbox: SandboxThread, callers: int, warm_gets: int) -> dict[str, Any]:
     creds = sandbox.fake.credentials
-    http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=64)
+    http = KeepAliveClient(64)
     with tempfile.TemporaryDirectory() as tmp:
         db = await Database.open(os.path.join(tmp, "wxd.db"))
         try:

@@ -26,6 +26,7 @@ from wxd.metrics import Registry
 from wxd.pacing import RateLimiter, backoff_s, next_beijing_midnight, until_next_minute_s
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.sandbox.population import Person
+from wxd.upstream import KeepAliveClient
 from wxd.wechat import OfficialAccountAPI, WeChatClient
 
 USER_GET = "/cgi-bin/user/get"
@@ -73,6 +74,7 @@ class BackfillTestCase(AsyncTestCase):
         self.server: SandboxServer | None = None
         self.db: Database | None = None
         self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.upstream = KeepAliveClient()
         self.instances: list[FollowerBackfill] = []
 
     def tearDown(self) -> None:
@@ -86,6 +88,7 @@ class BackfillTestCase(AsyncTestCase):
 
         self.io_loop.run_sync(close)
         self.http.close()
+        self.upstream.close()
         self._tmp.cleanup()
         super().tearDown()
 
@@ -95,7 +98,7 @@ class BackfillTestCase(AsyncTestCase):
                                clock=self.clock, **options)
         self.server = SandboxServer(self.fake)
         await self.server.start()
-        client = WeChatClient(self.http, self.server.base_url, 5.0, 10.0)
+        client = WeChatClient(self.upstream, self.server.base_url, 5.0, 10.0)
         creds = self.fake.credentials
         self.api = OfficialAccountAPI(client, StableToken(client, creds.oa_appid, creds.oa_secret))
         self.db = await Database.open(self.db_path)

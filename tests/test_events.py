@@ -8,7 +8,6 @@ import os
 import tempfile
 from typing import Any
 
-import tornado.httpclient
 from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
 
@@ -22,6 +21,7 @@ from wxd.messages import Message, parse_message
 from wxd.metrics import Registry
 from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
 from wxd.tokens import TokenManager
+from wxd.upstream import KeepAliveClient
 from wxd.webhook import Webhook, make_app
 from wxd.wechat import OfficialAccountAPI, WeChatClient
 
@@ -301,7 +301,7 @@ class EndToEndTest(AsyncHTTPTestCase):
     async def _start(self) -> None:
         self.sandbox = SandboxServer(self.fake)
         await self.sandbox.start()
-        self.upstream = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.upstream = KeepAliveClient()
         await self._open()
 
     async def _open(self) -> None:

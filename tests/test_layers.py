@@ -13,7 +13,7 @@ LAYERS: dict[str, int] = {
     "wxd": 0, "wxd.errors": 0, "wxd.config": 0, "wxd.metrics": 0, "wxd.sdnotify": 0,
     "wxd.logsetup": 0, "wxd.pacing": 0,
     "wxd.crypto": 1, "wxd.messages": 1, "wxd.templates": 1,
-    "wxd.schema": 2, "wxd.db": 2, "wxd.wechat": 2, "wxd.inbox": 2, "wxd.followers": 2,
+    "wxd.schema": 2, "wxd.db": 2, "wxd.upstream": 2, "wxd.wechat": 2, "wxd.inbox": 2, "wxd.followers": 2,
     "wxd.pushqueue": 2, "wxd.backfillstore": 2,
     "wxd.tokens": 3, "wxd.linking": 3, "wxd.events": 3, "wxd.pushes": 3, "wxd.workers": 3,
     "wxd.backfill": 3, "wxd.stats": 3,
@@ -30,7 +30,7 @@ SAME_LAYER_OK = {
     ("wxd.__main__", "wxd.cli"), ("wxd.cli", "wxd.daemon"), ("wxd.cli", "wxd.demo"),
     ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"),
     ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
-    ("wxd.crypto", "wxd.messages"),
+    ("wxd.crypto", "wxd.messages"), ("wxd.wechat", "wxd.upstream"),
 }
 
 

@@ -28,6 +28,7 @@ from wxd.db import Database
 from wxd.linking import Linking, LinkingError
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
+from wxd.upstream import KeepAliveClient
 from wxd.wechat import MiniProgramAPI, OfficialAccountAPI, WeChatClient
 
 # Official MP encryptedData vector (wechat-api.md §13 item 5).
@@ -120,7 +121,7 @@ class LinkingCase(AsyncHTTPTestCase):
     async def _start(self) -> None:
         self.sandbox = SandboxServer(self.fake)
         await self.sandbox.start()
-        self.upstream = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.upstream = KeepAliveClient()
         client = WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0)
         self.tokens = OATokens(client, self.creds)
         mp_api = (MiniProgramAPI(client, self.creds.mp_appid, self.creds.mp_secret)

@@ -34,6 +34,7 @@ from wxd.sandbox import (
     SandboxServer,
 )
 from wxd.tokens import TokenManager
+from wxd.upstream import KeepAliveClient
 from wxd.wechat import OfficialAccountAPI, WeChatClient
 from wxd.workers import PushWorkers
 
@@ -53,6 +54,7 @@ class PushCase(AsyncHTTPTestCase):
 
     mini_program = True
     request_timeout_s = 5.0
+    keep_alive = True  # False: a connection per send, so a reset is never resent by upstream.py
 
     def get_app(self) -> tornado.web.Application:
         self.clock = FakeClock()
@@ -70,7 +72,7 @@ class PushCase(AsyncHTTPTestCase):
     async def _start(self) -> None:
         self.sandbox = SandboxServer(self.fake)
         await self.sandbox.start()
-        self.upstream = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.upstream = KeepAliveClient(idle_timeout_s=30.0 if self.keep_alive else 0.0)
         self.client = WeChatClient(self.upstream, self.sandbox.base_url, 2.0,
                                    self.request_timeout_s, self.metrics)
         self.db = await Database.open(self.path, metrics=self.metrics)

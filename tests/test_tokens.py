@@ -23,6 +23,7 @@ from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.tokens import TokenManager, fetch_counts, next_utc_midnight, utc_day
+from wxd.upstream import KeepAliveClient
 from wxd.wechat import OfficialAccountAPI, WeChatClient
 
 STABLE = "/cgi-bin/stable_token"
@@ -405,7 +406,7 @@ class TestAdminRoute(AsyncHTTPTestCase):
         self.fake = FakeWeChat(users=10, clock=self.clock)
         self.server = SandboxServer(self.fake)
         self.io_loop.run_sync(self.server.start)
-        self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
+        self.http = KeepAliveClient()
         self.tmp = tempfile.TemporaryDirectory()
         self.db = self.io_loop.run_sync(
             lambda: Database.open(os.path.join(self.tmp.name, "wxd.db")))

@@ -72,8 +72,27 @@ class DeliveryTest(PushCase):
             self.assertEqual(len(self.fake.inbox(person.oa_openid)), 4)
 
 
+class KeepAliveResendTest(PushCase):
+    """upstream.py resends a send reset on a reused connection: same client_msg_id, one
+    attempt, one message (WeChat's dedupe would absorb a send that had been processed)."""
+
+    @gen_test
+    async def test_reset_on_a_reused_connection_is_resent_within_one_attempt(self) -> None:
+        workers = self.make_workers()
+        await workers.start()
+        first = await self.push(self.order(self.person()))
+        await self.until_status(first["id"], "sent")  # leaves an idle connection
+        self.fake.script_fault(SEND_PATH, "reset")
+        push = await self.push(self.order(self.person(skip=1)))
+        done = await self.until_status(push["id"], "sent")
+        self.assertEqual(done["attempts"], 1)
+        self.assertEqual([c.body["client_msg_id"] for c in sends(self)][1:], [push["id"]] * 2)
+        self.assertEqual(len(self.fake.inbox(self.person(skip=1).oa_openid)), 1)
+        self.assertEqual(self.upstream.stats.retried_stale, 1)
+
 class ErrorClassTest(PushCase):
     request_timeout_s = 0.5
+    keep_alive = False  # every fault reaches the worker's own error handling
 
     async def failing_once(self, fault: str) -> dict[str, Any]:
         """One push whose first send answers `fault`; returns the row after that attempt."""

@@ -19,7 +19,6 @@ import tornado.httpserver
 import tornado.ioloop
 import tornado.netutil
 import tornado.web
-from tornado.httpclient import AsyncHTTPClient
 
 from wxd import admin, inbox, pushqueue, tokens, webhook
 from wxd.admin import backfill as admin_backfill
@@ -36,6 +35,7 @@ from wxd.metrics import Registry
 from wxd.pushes import PushService
 from wxd.sdnotify import Notifier
 from wxd.tokens import TokenManager
+from wxd.upstream import KeepAliveClient
 from wxd.webhook import Webhook
 from wxd.wechat import MiniProgramAPI, OfficialAccountAPI, WeChatClient
 from wxd.workers import PushWorkers
@@ -79,10 +79,10 @@ class Listener:
 
 
 class HttpClient:
-    """The upstream AsyncHTTPClient as a component, closed after everything that uses it."""
+    """The upstream keep-alive client as a component, closed after everything that uses it."""
 
     def __init__(self, max_clients: int) -> None:
-        self.client = AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+        self.client = KeepAliveClient(max_clients)
 
     async def start(self) -> None:
         """Nothing to start; created in __init__ so components can be built with it."""

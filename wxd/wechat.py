@@ -1,7 +1,7 @@
-"""The upstream WeChat client: one object over an injected AsyncHTTPClient, the errcode table.
+"""The upstream WeChat client: one object over an injected HTTP transport, the errcode table.
 
-Layer L2: imports wxd.errors, wxd.metrics and tornado.httpclient only; never wxd.tokens (tokens
-reach it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
+Layer L2: imports wxd.errors, wxd.metrics and wxd.upstream only; never wxd.tokens (tokens reach
+it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import tornado.httpclient
-
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.metrics import Registry
+from wxd.upstream import FetchError, Response
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,16 @@ def classify(errcode: int) -> str:
     return ERROR_KINDS.get(errcode, "terminal")
 
 
+class Transport(Protocol):
+    """How WeChatClient sends a request; upstream.KeepAliveClient satisfies it. Raises
+    upstream.FetchError when there is no HTTP answer; any status is returned."""
+
+    async def fetch(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                    body: bytes | None = None, connect_timeout_s: float = 10.0,
+                    request_timeout_s: float = 30.0, replay_safe: bool | None = None
+                    ) -> Response: ...
+
+
 class TokenSource(Protocol):
     """Where WeChatClient.call gets an access_token; tokens.TokenManager satisfies it."""
 
@@ -70,13 +79,13 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
 class WeChatClient:
     """Calls api.weixin.qq.com (or `api_base`, e.g. the sandbox) and checks every JSON answer.
 
-    The AsyncHTTPClient is injected and not closed here (its owner closes it). Timeouts are
-    seconds. Errors: TransportError for network failures, timeouts (tornado's 599), resets,
-    non-JSON answers and any HTTP status other than 200; WeChatAPIError(kind=classify(errcode))
-    when the JSON carries a non-zero errcode. Both carry the API path without its query string.
+    The transport is injected and not closed here (its owner closes it). Timeouts are
+    seconds. Errors: TransportError for network failures, timeouts, resets, non-JSON answers
+    and any HTTP status other than 200; WeChatAPIError(kind=classify(errcode)) when the JSON
+    carries a non-zero errcode. Both carry the API path without its query string.
     """
 
-    def __init__(self, http: tornado.httpclient.AsyncHTTPClient, api_base: str,
+    def __init__(self, http: Transport, api_base: str,
                  connect_timeout_s: float, request_timeout_s: float,
                  metrics: Registry | None = None) -> None:
         self._http = http
@@ -97,30 +106,33 @@ class WeChatClient:
         )
 
     async def call(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                   body: Mapping[str, Any] | None = None,
-                   token: TokenSource | None = None) -> dict[str, Any]:
+                   body: Mapping[str, Any] | None = None, token: TokenSource | None = None,
+                   replay_safe: bool = True) -> dict[str, Any]:
         """One API call; returns the JSON object answered (errcode absent or 0).
 
         `body` is sent as UTF-8 JSON without \\u escapes (some WeChat APIs reject them, 40033).
         With `token`, the access_token is added to the query; on a token-class error the call
         invalidates the token it used (a refresh happens only if that token is still current)
-        and is retried exactly once; a second failure surfaces.
+        and is retried exactly once; a second failure surfaces. `replay_safe` lets the transport
+        resend once after a stale keep-alive connection (see wxd.upstream); every WeChat call wxd
+        makes may be repeated except a forced stable_token refresh.
         """
         if token is None:
-            return await self._once(method, path, params, body, None)
+            return await self._once(method, path, params, body, None, replay_safe)
         used = await token.get()
         try:
-            return await self._once(method, path, params, body, used)
+            return await self._once(method, path, params, body, used, replay_safe)
         except WeChatAPIError as exc:
             if not exc.token_invalid:
                 raise
             log.info("%s answered errcode %d; refreshing the token and retrying once",
                      path, exc.errcode)
             await token.invalidate(used)
-        return await self._once(method, path, params, body, await token.get())
+        return await self._once(method, path, params, body, await token.get(), replay_safe)
 
     async def _once(self, method: str, path: str, params: Mapping[str, str] | None,
-                    body: Mapping[str, Any] | None, access_token: str | None) -> dict[str, Any]:
+                    body: Mapping[str, Any] | None, access_token: str | None,
+                    replay_safe: bool) -> dict[str, Any]:
         query = dict(params or {})
         if access_token is not None:
             query["access_token"] = access_token
@@ -135,29 +147,22 @@ class WeChatClient:
             headers["Content-Type"] = "application/json; charset=utf-8"
         elif method == "POST":
             payload = b""
-        request = tornado.httpclient.HTTPRequest(
-            url, method=method, headers=headers, body=payload,
-            connect_timeout=self._connect_timeout_s, request_timeout=self._request_timeout_s,
-            follow_redirects=False, decompress_response=True,
-        )
         started = time.perf_counter()
-        response: tornado.httpclient.HTTPResponse | None = None
-        failure: TransportError | None = None
+        response: Response | None = None
+        reason = "no answer"
         try:
-            response = await self._http.fetch(request, raise_error=True)
-        except tornado.httpclient.HTTPClientError as exc:
-            # Code 599 is tornado's "no HTTP answer" (timeout, reset, closed stream).
-            status = None if exc.code == 599 else exc.code
-            reason = "no answer" if status is None else f"HTTP {exc.code}"
-            failure = self._transport(method, path, f"{reason}: {exc.message or ''}", status,
-                                      secrets, started)
-        except OSError as exc:  # connection refused, reset, DNS, TLS (ssl.SSLError is an OSError)
-            failure = self._transport(method, path, f"{type(exc).__name__}: {exc}", None,
-                                      secrets, started)
-        if failure is not None or response is None:
-            # Raised outside the except block: tornado's exception (its response holds the URL
-            # with the access_token or secret) must not ride along as __context__.
-            raise failure or TransportError(f"{method} {path}: no response", path)
+            response = await self._http.fetch(
+                method, url, headers=headers, body=payload,
+                connect_timeout_s=self._connect_timeout_s,
+                request_timeout_s=self._request_timeout_s, replay_safe=replay_safe)
+        except FetchError as exc:  # never carries the URL; scrubbed anyway (defence in depth)
+            reason = exc.reason
+        if response is None:
+            # Raised outside the except block: nothing of the transport rides along as context.
+            raise self._transport(method, path, reason, None, secrets, started)
+        if response.code != 200:
+            raise self._transport(method, path, f"HTTP {response.code}", response.code,
+                                  secrets, started)
         self._observe(path, started)
         try:
             answer = json.loads(response.body)
@@ -208,7 +213,7 @@ class WeChatClient:
             answer = await self.call("POST", STABLE_TOKEN_PATH, body={
                 "grant_type": "client_credential", "appid": appid, "secret": secret,
                 "force_refresh": force,
-            })
+            }, replay_safe=not force)
             path = STABLE_TOKEN_PATH
         elif mode == "legacy":
             answer = await self.call("GET", TOKEN_PATH, params={
