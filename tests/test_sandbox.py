@@ -34,10 +34,12 @@ from wxd.sandbox import (
     ORDER_TEMPLATE_ID,
     Credentials,
     FakeWeChat,
+    Person,
     SandboxThread,
     WebhookSender,
     dispatch,
 )
+from wxd.sandbox.shapes import encode_json, user_info, user_info_json
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, check_data
 
 CC = "client_credential"
@@ -331,6 +333,31 @@ class UserInfoTests(SandboxTestCase):
             "POST", "/cgi-bin/user/info/batchget", {"access_token": token}, body="openid=x"
         )
         assert json.loads(form.body)["errcode"] == 47001
+
+    def test_batchget_text_is_the_encoded_body(self) -> None:
+        # batchget builds its JSON text itself: it must be exactly what encoding the body gives.
+        query = {"access_token": self.token()}
+        people = self.fake.people[:100]
+        self.fake.unfollow(next(p for p in people if p.follows))
+        self.fake.follow(next(p for p in people if not p.follows), qr_scene_str="qr1")
+        body = json.dumps({"user_list": [{"openid": p.oa_openid} for p in people]}).encode()
+        answer = dispatch(self.fake, "POST", "/cgi-bin/user/info/batchget", query, body)
+        expected = {"user_info_list": [user_info(p) for p in people]}
+        assert answer.text == encode_json(expected) and answer.body == expected
+        response = self.call_api("POST", "/cgi-bin/user/info/batchget", query, body)
+        assert response.body.decode("utf-8") == answer.text
+
+
+def test_user_info_json_matches_encoded_user_info() -> None:
+    fake = FakeWeChat(300, seed=3, unionid_ratio=0.5)
+    fake.follow(next(p for p in fake.people if not p.follows), "ADD_SCENE_QR_CODE", 7, "s")
+    odd = 'a"b\\c/\n\t\x01\x7fé中\u2028\ud800'  # escapes, non-ASCII, a lone surrogate
+    strange = [
+        Person(0, odd, "mp", odd, True, False, 2**40, odd, -1, odd),
+        Person(1, None, "mp", odd, False, False, 0, "", 0, ""),
+    ]
+    for person in [*fake.people, *strange]:
+        assert user_info_json(person) == encode_json(user_info(person))
 
 
 # Template messages ---------------------------------------------------------------------------------

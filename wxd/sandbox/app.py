@@ -6,7 +6,6 @@ Imports tornado, stdlib and the sandbox's own modules; never wxd's service layer
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import tornado.web
@@ -96,9 +95,10 @@ class ApiHandler(tornado.web.RequestHandler):
             self.set_header("Content-Type", "text/html")
             self.finish(_HTTP500_PAGE)
             return
+        assert answer.text is not None  # only the transport faults above answer no JSON
         self.set_status(answer.status)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(answer.body, ensure_ascii=False, separators=(",", ":")))
+        self.finish(answer.text)
 
     def _drop(self) -> None:
         """Close the connection without any response (what a reset or a lost answer looks

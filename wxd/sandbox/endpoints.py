@@ -10,9 +10,10 @@ import bisect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
-from wxd.sandbox.shapes import error_body, user_info
+from wxd.sandbox.shapes import encode_json, error_body, user_info, user_info_json
 from wxd.sandbox.state import Call, FakeWeChat
 from wxd.sandbox.templates import check_data, check_miniprogram
 from wxd.sandbox.tokens import TokenGrant, TokenRecord
@@ -42,15 +43,29 @@ class Report:
 class Answer:
     """What to answer one API call with.
 
+    `text` is the JSON answer as the HTTP layer sends it, None when no JSON is answered.
     `fault` is a transport fault for the tornado layer: "hang"/"reset" (nothing was processed),
     "hang_after"/"reset_after" (processed, answer lost), "http500". `delay_s` comes first.
     """
 
     status: int = 200
-    body: dict[str, Any] | None = None
+    text: str | None = None
     fault: str | None = None
     delay_s: float = 0.0
     report: Report | None = None
+
+    @cached_property
+    def body(self) -> dict[str, Any] | None:
+        """`text` decoded (on first use: the HTTP layer needs only the text)."""
+        return None if self.text is None else json.loads(self.text)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A success answer without errcode that its endpoint encoded itself, exactly as
+    encode_json would have encoded the body it stands for."""
+
+    text: str
 
 
 class _Reject(Exception):
@@ -169,7 +184,7 @@ def _user_info(ctx: _Ctx) -> dict[str, Any]:
     return user_info(person)
 
 
-def _batchget(ctx: _Ctx) -> dict[str, Any]:
+def _batchget(ctx: _Ctx) -> _Encoded:
     ctx.require_token("oa")
     user_list = ctx.json_body().get("user_list")
     if not isinstance(user_list, list):
@@ -178,15 +193,15 @@ def _batchget(ctx: _Ctx) -> dict[str, Any]:
     # empty or longer list (the fact sheet names no code for this).
     if not user_list or len(user_list) > BATCHGET_MAX:
         raise _Reject(40032)
-    infos = []
+    people = []
     for item in user_list:
         if not isinstance(item, dict) or not isinstance(item.get("openid"), str):
             raise _Reject(47001)
         person = ctx.fake.by_oa_openid(item["openid"])
         if person is None:
             raise _Reject(40003)
-        infos.append(user_info(person))
-    return {"user_info_list": infos}
+        people.append(person)
+    return _Encoded('{"user_info_list":[' + ",".join(map(user_info_json, people)) + "]}")
 
 
 def _template_send(ctx: _Ctx) -> dict[str, Any]:
@@ -264,7 +279,7 @@ def _jscode2session(ctx: _Ctx) -> dict[str, Any]:
     return answer
 
 
-_Endpoint = Callable[[_Ctx], dict[str, Any]]
+_Endpoint = Callable[[_Ctx], dict[str, Any] | _Encoded]
 
 ROUTES: Mapping[str, tuple[str, _Endpoint]] = {
     "/cgi-bin/token": ("GET", _token),
@@ -297,11 +312,15 @@ def _logged_body(value: Any) -> Any:
     return str(value) if isinstance(value, _NotJSON) else value
 
 
-def _errcode_of(body: Mapping[str, Any] | None) -> int | None:
-    if body is None:
-        return None
-    errcode = body.get("errcode", 0)
-    return errcode if isinstance(errcode, int) else None
+def _encode(answer: dict[str, Any] | _Encoded | None) -> tuple[str | None, int | None]:
+    """An answer's JSON text and errcode (0 for a success without one); None for both when
+    no JSON is answered."""
+    if answer is None:
+        return None, None
+    if isinstance(answer, _Encoded):
+        return answer.text, 0
+    errcode = answer.get("errcode", 0)
+    return encode_json(answer), errcode if isinstance(errcode, int) else None
 
 
 def dispatch(
@@ -316,7 +335,7 @@ def dispatch(
     route = ROUTES.get(path)
     ctx = _Ctx(fake, dict(query), body)
     status, fault, delay = 200, None, 0.0
-    answer_body: dict[str, Any] | None
+    answer_body: dict[str, Any] | _Encoded | None
     if route is None:
         status = 404
         answer_body = error_body(fake, 40066, f"sandbox: no such endpoint {path} (invalid url)")
@@ -338,6 +357,7 @@ def dispatch(
                 answer_body = route[1](ctx)
             except _Reject as reject:
                 answer_body = error_body(fake, reject.errcode, reject.detail)
+    text, errcode = _encode(answer_body)
     fake.record(
         Call(
             method=method,
@@ -345,7 +365,7 @@ def dispatch(
             query=_redact(query),
             body=_logged_body(ctx.parse()),
             status=status,
-            errcode=None if fault in ("hang_after", "reset_after") else _errcode_of(answer_body),
+            errcode=None if fault in ("hang_after", "reset_after") else errcode,
             at=fake.clock(),
             app=ctx.app,
             fault=fault,
@@ -353,4 +373,4 @@ def dispatch(
     )
     # For "hang_after"/"reset_after" the call was processed (a report may still go out), but the
     # tornado layer never delivers the answer.
-    return Answer(status, answer_body, fault, delay, ctx.report)
+    return Answer(status, text, fault, delay, ctx.report)

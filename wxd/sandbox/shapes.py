@@ -1,11 +1,13 @@
-"""WeChat's answer shapes shared by the emulated endpoints: errmsg texts and user/info.
+"""WeChat's answer shapes shared by the emulated endpoints: errmsg texts, user/info, JSON text.
 
 Pure: stdlib and the sandbox's pure modules only; must not import tornado.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from json.encoder import encode_basestring
 from typing import Any
 
 from wxd.sandbox.population import Person
@@ -42,6 +44,11 @@ ERRMSG: Mapping[int, str] = {
 }
 
 
+def encode_json(value: Any) -> str:
+    """JSON text as the emulator answers: compact, non-ASCII characters as they are."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dict[str, Any]:
     """WeChat's error JSON: {"errcode": N, "errmsg": "<text> rid: <id>"}."""
     text = detail or ERRMSG.get(errcode, "sandbox scripted error")
@@ -50,7 +57,8 @@ def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dic
 
 def user_info(person: Person) -> dict[str, Any]:
     """The user/info shape. Non-followers get subscribe=0 and no unionid (§6.2); nickname,
-    avatar, sex and region are blank since 2021/2023 but the keys remain."""
+    avatar, sex and region are blank since 2021/2023 but the keys remain.
+    user_info_json writes the same shape as text: change both together."""
     base: dict[str, Any] = {
         "subscribe": 1 if person.follows else 0,
         "openid": person.oa_openid,
@@ -77,3 +85,23 @@ def user_info(person: Person) -> dict[str, Any]:
         qr_scene_str=person.qr_scene_str,
     )
     return base
+
+
+def user_info_json(person: Person) -> str:
+    """encode_json(user_info(person)), character for character, without the dict and the
+    generic encoder (batchget answers 100 of these a call). Person fields must hold their
+    annotated types."""
+    quote = encode_basestring  # json's own string encoder for ensure_ascii=False
+    head = (
+        f'{{"subscribe":{1 if person.follows else 0},"openid":{quote(person.oa_openid)},'
+        '"nickname":"","sex":0,"language":"zh_CN","city":"","province":"","country":"",'
+        '"headimgurl":""'
+    )
+    if not person.follows:
+        return head + ',"tagid_list":[]}'
+    unionid = "" if person.unionid is None else f',"unionid":{quote(person.unionid)}'
+    return (
+        f'{head},"subscribe_time":{person.subscribe_time}{unionid},"remark":"","groupid":0,'
+        f'"tagid_list":[],"subscribe_scene":{quote(person.subscribe_scene)},'
+        f'"qr_scene":{person.qr_scene},"qr_scene_str":{quote(person.qr_scene_str)}}}'
+    )
