@@ -1,0 +1,172 @@
+"""Micro-benchmark of followers.apply_user_infos, the backfill's storage path.
+
+`PYTHONPATH=. python -m bench.micro_followers [--rows N] [--batch N] [--mp-users N]
+[--baseline REV|none] [--dir DIR]`
+
+Stores `--rows` (1,000,000) batchget-shaped follower infos (the sandbox's user/info shape:
+everyone follows and has a unionid) into a fresh database opened by `Database.open` (WAL,
+synchronous=FULL, the real schema), `--batch` (5,000) infos per `Database.write`, as the
+backfill does; `--mp-users` MP users (20,000) share a unionid with one of the followers, so the
+first pass also links them. Then a second pass stores the same infos again (every row a
+conflict: a re-sync). Generating the infos is outside the timed region.
+
+Prints wall and CPU seconds (user + system, all threads) per 100,000 rows: the first and last
+100,000 of the first pass (the table grows) and the whole second pass; for the current
+`wxd/followers.py` and, side by side, for the one at git revision `--baseline` (HEAD), each in
+its own fresh database, and whether both left identical tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wxd import followers
+from wxd.db import Database
+from wxd.sandbox.population import Credentials, generate_people
+from wxd.sandbox.shapes import user_info
+
+Apply = Callable[..., list[str]]
+PER = 100_000
+EPOCH = 1_800_000_000.0   # observation times: one second per batch, pass 2 after pass 1
+
+
+def batches(rows: int, batch: int) -> Iterator[list[dict[str, Any]]]:
+    """The same follower infos on every call (seeded per batch)."""
+    credentials = Credentials()
+    for index, start in enumerate(range(0, rows, batch)):
+        people = generate_people(min(batch, rows - start), 1000 + index, credentials,
+                                 follow_ratio=1.0, mp_ratio=0.0, unionid_ratio=1.0)
+        yield [user_info(person) for person in people]
+
+
+@dataclass
+class Pass:
+    """(wall s, CPU s) of each batch of one pass."""
+
+    times: list[tuple[float, float]] = field(default_factory=list)
+    linked: int = 0
+
+    def per_100k(self, first: int, last: int, batch: int) -> tuple[float, float]:
+        chunk = self.times[first:last]
+        rows = len(chunk) * batch
+        return (sum(t[0] for t in chunk) * PER / rows, sum(t[1] for t in chunk) * PER / rows)
+
+
+async def measure(apply: Apply, path: str, rows: int, batch: int, mp_users: int
+                  ) -> tuple[list[Pass], str]:
+    """Both passes on a fresh database at `path`; returns them and a digest of the tables."""
+    db = await Database.open(path)
+    try:
+        every = max(1, rows // mp_users) if mp_users else 0
+        mp_rows: list[tuple[str, str, float, float]] = []
+        if every:
+            for number, infos in enumerate(batches(rows, batch)):
+                mp_rows += [(f"mp{number}_{i}", info["unionid"], EPOCH, EPOCH)
+                            for i, info in enumerate(infos) if (number * batch + i) % every == 0]
+        await db.write(lambda conn: conn.executemany(
+            "INSERT INTO mp_users (mp_openid, unionid, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?)", mp_rows[:mp_users]))
+        passes: list[Pass] = []
+        for run in (1, 2):
+            current = Pass()
+            for number, infos in enumerate(batches(rows, batch)):
+                observed = EPOCH + run * 1_000_000 + number
+
+                def store(conn: Any, infos: Sequence[dict[str, Any]] = infos,
+                          observed: float = observed, run: int = run) -> list[str]:
+                    return apply(conn, infos, observed, observed + 0.5, run=run)
+
+                wall, cpu = time.perf_counter(), time.process_time()
+                current.linked += len(await db.write(store))
+                current.times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            passes.append(current)
+        digest = await db.read(_digest)
+    finally:
+        await db.close()
+    return passes, digest
+
+
+def _digest(conn: Any) -> str:
+    hasher = hashlib.sha256()
+    for table in ("followers ORDER BY oa_openid", "links ORDER BY unionid"):
+        for row in conn.execute(f"SELECT * FROM {table}"):  # noqa: S608 (constant table names)
+            hasher.update(repr(tuple(row)).encode())
+    return hasher.hexdigest()[:16]
+
+
+def baseline(rev: str) -> Apply | None:
+    """apply_user_infos of wxd/followers.py at git revision `rev`, or None if git cannot tell."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:wxd/followers.py"], cwd=root,
+                                check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no baseline ({exc})", file=sys.stderr)
+        return None
+    module = types.ModuleType(f"followers_at_{rev}")
+    sys.modules[module.__name__] = module   # dataclasses resolve annotations through it
+    exec(compile(source, f"{rev}:wxd/followers.py", "exec"), module.__dict__)  # noqa: S102
+    apply: Apply = module.apply_user_infos
+    return apply
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--mp-users", type=int, default=20_000)
+    parser.add_argument("--baseline", default="HEAD", help="git revision, or 'none'")
+    parser.add_argument("--dir", default=None, help="where the databases go (default: tmp)")
+    args = parser.parse_args(argv)
+    if args.rows < 2 * PER or args.rows % args.batch or PER % args.batch:
+        parser.error(f"--rows must be >= {2 * PER} and a multiple of --batch, "
+                     f"which must divide {PER}")
+    sides: list[tuple[str, Apply]] = []
+    if args.baseline != "none" and (old := baseline(args.baseline)) is not None:
+        sides.append((args.baseline, old))
+    sides.append(("current", followers.apply_user_infos))
+    results: dict[str, tuple[list[Pass], str]] = {}
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        for name, apply in sides:
+            path = os.path.join(directory, f"{len(results)}.db")
+            results[name] = asyncio.run(measure(apply, path, args.rows, args.batch,
+                                                args.mp_users))
+            print(f"{name}: done", file=sys.stderr)
+    head = PER // args.batch
+    total = args.rows // args.batch
+    lines = {
+        "pass 1, first 100k": (0, 0, head),
+        "pass 1, last 100k": (0, total - head, total),
+        "pass 1, all": (0, 0, total),
+        "pass 2 (re-sync), all": (1, 0, total),
+    }
+    names = list(results)
+    print(f"apply_user_infos: {args.rows:,} infos in batches of {args.batch:,}, "
+          f"{args.mp_users:,} MP users; seconds per 100k rows (wall / CPU)")
+    print(f"{'':24}" + "".join(f"{name:>22}" for name in names)
+          + ("   CPU ratio" if len(names) == 2 else ""))
+    for label, (index, first, last) in lines.items():
+        cells = [results[name][0][index].per_100k(first, last, args.batch) for name in names]
+        ratio = f"   {cells[1][1] / cells[0][1]:.2f}x" if len(cells) == 2 else ""
+        print(f"{label:24}" + "".join(f"{f'{w:.3f} / {c:.3f}':>22}" for w, c in cells) + ratio)
+    print(f"{'links made (pass 1, 2)':24}" + "".join(
+        f"{f'{r[0][0].linked:,}, {r[0][1].linked:,}':>22}" for r in results.values()))
+    digests = {digest for _, digest in results.values()}
+    if len(names) == 2:
+        print("identical tables:", "yes" if len(digests) == 1 else "NO")
+    return 0 if len(digests) == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
