@@ -67,7 +67,9 @@ class FollowerBackfill:
 
     Per page (≤ 10,000 openids; only that page and the prefetched next one are in memory):
     chunks of 100 go to batchget through `concurrency` workers and a calls/s limit
-    (`rate_per_s`, 0 = unlimited); infos are stored in db.write batches of `batch_size`; the
+    (`rate_per_s`, 0 = unlimited); infos are stored in db.write batches of `batch_size` (by
+    default a whole page per transaction: at 1M followers each batch rewrites random pages of
+    the unionid index, so fewer, larger transactions cost less per follower); the
     cursor and counters move in the same transaction as the page's last batch, so a crash never
     loses or repeats a counted page. Page N commits while page N+1 is fetched.
     Errors: transient (-1, 45011, HTTP/network) are retried with backoff, `max_attempts` per
@@ -80,7 +82,7 @@ class FollowerBackfill:
                  rate_per_s: float = 100.0, resync_interval_s: float = 0.0,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 metrics: Registry | None = None, batch_size: int = 5000, max_attempts: int = 8,
+                 metrics: Registry | None = None, batch_size: int = 10_000, max_attempts: int = 8,
                  backoff_s: float = 0.5, backoff_max_s: float = 30.0,
                  stop_timeout_s: float = 5.0, pause_margin_s: float = 60.0) -> None:
         if concurrency < 1:

@@ -157,13 +157,18 @@ def _as_int(value: object) -> int | None:
     return None
 
 
-# The parameters of one info: (openid, unionid, subscribed, subscribe_time, subscribe_scene,
-# qr_scene, qr_scene_str, run, observed, now); subscribe_time and the scene fields are None unless
-# subscribed. ?4 is used as is by the update: without a subscribe_time, subscribed_at is kept.
-_INSERT_INFO = (
+# One info travels as a JSON array [openid, unionid, subscribed, subscribe_time, subscribe_scene,
+# qr_scene, qr_scene_str] (time and scene fields null unless subscribed) inside one JSON text
+# per batch: a whole batch is one statement, so aiosqlite's thread takes the GIL once per batch
+# instead of once per row (per-row GIL handoffs starved it while the event loop was busy).
+# excluded.subscribed_at is the raw subscribe_time: without one, an existing row keeps its time.
+_INSERT_INFOS = (
     "INSERT INTO followers (oa_openid, unionid, subscribed, subscribed_at, subscribe_scene,"
     " qr_scene, qr_scene_str, synced_run, synced_at, updated_at)"
-    " VALUES (?1, ?2, ?3, CASE WHEN ?3 = 1 THEN COALESCE(?4, ?9) END, ?5, ?6, ?7, ?8, ?9, ?10)"
+    " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),"
+    " json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
+    " json_extract(value, '$[5]'), json_extract(value, '$[6]'), ?1, ?2, ?3"
+    " FROM json_each(?4) WHERE true"  # "WHERE true": SQLite's upsert-after-SELECT syntax rule
     " ON CONFLICT (oa_openid) DO UPDATE SET"
 )
 _NO_NEWER_EVENT = "(followers.event_at IS NULL OR followers.event_at + 1 <= excluded.synced_at)"
@@ -171,7 +176,7 @@ _UPDATE_INFO = (
     f" subscribed = CASE WHEN {_NO_NEWER_EVENT} THEN excluded.subscribed"
     "   ELSE followers.subscribed END,"
     f" subscribed_at = CASE WHEN {_NO_NEWER_EVENT} AND excluded.subscribed = 1"
-    "   THEN COALESCE(?4, followers.subscribed_at, excluded.synced_at)"
+    "   THEN COALESCE(excluded.subscribed_at, followers.subscribed_at, excluded.synced_at)"
     "   ELSE followers.subscribed_at END,"
     f" unsubscribed_at = CASE WHEN {_NO_NEWER_EVENT} AND excluded.subscribed = 0"
     "   AND followers.subscribed = 1 THEN excluded.synced_at ELSE followers.unsubscribed_at END,"
@@ -183,41 +188,51 @@ _UPDATE_INFO = (
 )
 # An UPDATE that sets unionid rewrites the row's followers_unionid entry even when the value is
 # the same: in a re-sync, a random index page written per row (at 1M followers, ~4,000 WAL pages
-# per 5,000 rows instead of ~160). So _UPSERT_INFO leaves alone the rows whose unionid changes (it
-# then reports fewer changes than rows) and _UPSERT_INFO_NEW_UNIONID updates just those.
-_UPSERT_INFO = (
-    _INSERT_INFO + _UPDATE_INFO
+# per 5,000 rows instead of ~160). So _UPSERT_INFOS leaves alone the rows whose unionid changes (it
+# then reports fewer changes than rows) and _UPSERT_INFOS_NEW_UNIONID updates just those.
+_UPSERT_INFOS = (
+    _INSERT_INFOS + _UPDATE_INFO
     + " WHERE excluded.unionid IS NULL OR excluded.unionid IS followers.unionid"
 )
-_UPSERT_INFO_NEW_UNIONID = (
-    _INSERT_INFO + " unionid = excluded.unionid," + _UPDATE_INFO
+_UPSERT_INFOS_NEW_UNIONID = (
+    _INSERT_INFOS + " unionid = excluded.unionid," + _UPDATE_INFO
     + " WHERE excluded.unionid IS NOT NULL AND excluded.unionid IS NOT followers.unionid"
+)
+# A new subscribed row without a subscribe_time was subscribed when observed (synced_at).
+_OBSERVED_AS_SUBSCRIBED_AT = (
+    "UPDATE followers SET subscribed_at = synced_at WHERE oa_openid IN"
+    " (SELECT value FROM json_each(?)) AND subscribed = 1 AND subscribed_at IS NULL"
 )
 _ANY_MP_UNIONID = "SELECT EXISTS (SELECT 1 FROM mp_users WHERE unionid IS NOT NULL)"
 _LINK_KNOWN_MP = (
     "INSERT INTO links (unionid, linked_at) SELECT m.unionid, ? FROM json_each(?) j, mp_users m"
     " WHERE m.unionid = j.value ON CONFLICT (unionid) DO NOTHING RETURNING unionid"
 )
+_Row = tuple[str, str | None, int, int | None, str | None, int | None, str | None]
 
 
-def _info_row(info: Mapping[str, Any], observed_at: float, now: float,
-              run: int | None) -> tuple[Any, ...] | None:
-    """The _UPSERT_INFO parameters of one user/info entry; None without an openid."""
+def _info_row(info: Mapping[str, Any]) -> _Row | None:
+    """The JSON array of one user/info entry for _UPSERT_INFOS; None without an openid."""
     openid = _clean(info.get("openid"))
     if openid is None:
         return None
     unionid = _clean(info.get("unionid"))
     if _as_int(info.get("subscribe")) != 1:
-        return (openid, unionid, 0, None, None, None, None, run, observed_at, now)
+        return (openid, unionid, 0, None, None, None, None)
     return (openid, unionid, 1, _as_int(info.get("subscribe_time")) or None,
             _clean(info.get("subscribe_scene")), _as_int(info.get("qr_scene")),
-            _clean(info.get("qr_scene_str")), run, observed_at, now)
+            _clean(info.get("qr_scene_str")))
 
 
-def _upsert_infos(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+def _upsert_infos(conn: sqlite3.Connection, rows: list[_Row], run: int | None,
+                  observed_at: float, now: float) -> None:
     """Upsert info rows with distinct openids (the second statement runs after all the first's)."""
-    if conn.executemany(_UPSERT_INFO, rows).rowcount < len(rows):
-        conn.executemany(_UPSERT_INFO_NEW_UNIONID, rows)
+    params = (run, observed_at, now, json.dumps(rows, ensure_ascii=False))
+    if conn.execute(_UPSERT_INFOS, params).rowcount < len(rows):
+        conn.execute(_UPSERT_INFOS_NEW_UNIONID, params)
+    untimed = [row[0] for row in rows if row[2] == 1 and row[3] is None]
+    if untimed:
+        conn.execute(_OBSERVED_AS_SUBSCRIBED_AT, (json.dumps(untimed, ensure_ascii=False),))
 
 
 def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]],
@@ -230,16 +245,16 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     end of its second, so a user/info answer from the same second never overrides it).
     `run` marks the rows seen by a backfill run.
     Entries without an openid (or error entries) are skipped; entries for one openid apply in
-    order. Set-based (the backfill stores 1M rows with it): executemany upserts for the batch
-    and one statement for the links.
+    order. Set-based (the backfill stores 1M rows with it): a few statements per batch, each
+    over the whole batch, and one statement for the links.
     """
-    rows = [row for info in infos if (row := _info_row(info, observed_at, now, run)) is not None]
+    rows = [row for info in infos if (row := _info_row(info)) is not None]
     rows.sort(key=itemgetter(0))  # fewer index page loads in key order; stable for repeats
     if len({row[0] for row in rows}) == len(rows):
-        _upsert_infos(conn, rows)
+        _upsert_infos(conn, rows, run, observed_at, now)
     else:  # an openid repeats: its entries apply one after the other
         for row in rows:
-            _upsert_infos(conn, [row])
+            _upsert_infos(conn, [row], run, observed_at, now)
     unionids = [row[1] for row in rows if row[1] is not None]
     # No MP user with a unionid (none yet, or an OA-only deployment): nothing can link.
     if not unionids or not conn.execute(_ANY_MP_UNIONID).fetchone()[0]:
