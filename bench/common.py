@@ -54,7 +54,15 @@ def format_table(results: list[Result]) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB."""
+    """Peak resident set size of this process image so far, in MB: VmHWM from /proc.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a child started by a
+    big parent (`python -m bench` after the other benchmarks) reports the parent's peak.
+    """
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
