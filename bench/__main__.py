@@ -31,8 +31,8 @@ LOAD_GENERATORS = {
                      "encrypted subscribe events: the same requests and connections for wxd, bare "
                      "Tornado and Tornado + wechatpy (connections in the notes)",
     "bench_pushes": "the sandbox with a fixed latency per template/send; the same pushes at the same "
-                    "concurrency sent by wxd's workers, a bare keep-alive client (and tornado's AsyncHTTPClient), and wechatpy in a "
-                    "thread pool",
+                    "concurrency sent by wxd's workers, a bare keep-alive client (and tornado's "
+                    "AsyncHTTPClient), and wechatpy in a thread pool",
     "bench_backfill": "a sandbox process per side serving the same seeded followers; wxd's "
                       "FollowerBackfill vs a sequential wechatpy user/get + batchget loop",
     "bench_tokens": "1,000 concurrent callers (coroutines for wxd, threads for wechatpy) asking the "
