@@ -140,6 +140,9 @@ def test_metrics_counters_move_after_activity(running: Running) -> None:
     assert total("wxd_token_fetches_total") >= 1
     assert total("wxd_backfill_followers_total") > 0
     assert total("wxd_db_commit_seconds_count") > 0
+    # Token fetches, backfill pages and batchgets share kept-alive upstream connections.
+    assert samples['wxd_upstream_connections_total{event="reused"}'] > \
+        samples['wxd_upstream_connections_total{event="opened"}'] >= 1
     assert total("wxd_process_resident_memory_bytes") > 1_000_000
     assert any(k.startswith("wxd_token_expires_in_seconds") for k in samples)
     assert any(k.startswith("wxd_push_queue_depth") for k in samples)

@@ -19,6 +19,7 @@ import tornado.netutil
 import tornado.web
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
+from wxd.metrics import Registry
 from wxd.upstream import FetchError, KeepAliveClient
 
 
@@ -112,6 +113,20 @@ class TestReuse(Case):
         ports = {(await self.client.fetch("GET", base + "/a?x=1")).body for _ in range(20)}
         assert len(ports) == 1
         assert (self.client.stats.opened, self.client.stats.reused) == (1, 19)
+
+    @gen_test
+    async def test_pool_events_are_counted_in_metrics(self) -> None:
+        registry = Registry()
+        client = KeepAliveClient(2, metrics=registry)
+        base = self.serve()
+        try:
+            for _ in range(3):
+                await client.fetch("GET", base + "/")
+        finally:
+            client.close()
+        counter = registry.counter("wxd_upstream_connections_total", "", ("event",))
+        assert (counter.get(event="opened"), counter.get(event="reused")) == (1, 2)
+        assert 'wxd_upstream_connections_total{event="reused"} 2' in registry.render()
 
     @gen_test
     async def test_concurrency_is_bounded_by_max_connections(self) -> None:

@@ -81,8 +81,8 @@ class Listener:
 class HttpClient:
     """The upstream keep-alive client as a component, closed after everything that uses it."""
 
-    def __init__(self, max_clients: int) -> None:
-        self.client = KeepAliveClient(max_clients)
+    def __init__(self, max_clients: int, metrics: Registry) -> None:
+        self.client = KeepAliveClient(max_clients, metrics=metrics)
 
     async def start(self) -> None:
         """Nothing to start; created in __init__ so components can be built with it."""
@@ -140,7 +140,7 @@ class Daemon:
     async def _build_and_start(self) -> None:
         cfg, clock, metrics = self.config, self.clock, self.metrics
         self.db = db = await Database.open(cfg.wxd.database, metrics=metrics)
-        http = HttpClient(cfg.wechat.max_clients)
+        http = HttpClient(cfg.wechat.max_clients, metrics)
         await self._start(http)
         client = WeChatClient(http.client, cfg.wechat.api_base, cfg.wechat.connect_timeout_s,
                               cfg.wechat.request_timeout_s, metrics=metrics)

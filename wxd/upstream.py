@@ -1,6 +1,6 @@
 """KeepAliveClient: HTTP/1.1 requests over a bounded pool of persistent connections.
 
-Layer L2: imports tornado (TCPClient, HTTP1Connection) and the standard library only.
+Layer L2: imports tornado (TCPClient, HTTP1Connection), wxd.metrics and the standard library.
 tornado's own AsyncHTTPClient (simple_httpclient) opens and closes a TCP (and TLS) connection
 for every request; for the backfill's 10,000 batchgets and the push workers' sends that
 handshake is the largest cost after the answer itself. This client keeps connections open.
@@ -33,6 +33,8 @@ from tornado import httputil, iostream
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.tcpclient import TCPClient
 
+from wxd.metrics import Registry
+
 USER_AGENT = "wxd"
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -58,12 +60,19 @@ class Response:
 
 @dataclass
 class PoolStats:
-    """Counters for benchmarks and tests: connections opened, requests on a reused connection,
-    requests sent again after a stale connection."""
+    """Connections opened, requests on a reused connection, requests sent again after a stale
+    connection (also in /metrics when a Registry is given)."""
 
     opened: int = 0
     reused: int = 0
     retried_stale: int = 0
+    registry: Registry | None = field(default=None, repr=False)
+
+    def count(self, name: str) -> None:
+        setattr(self, name, getattr(self, name) + 1)
+        if self.registry is not None:
+            self.registry.counter("wxd_upstream_connections_total", "",
+                                  ("event",)).inc(event=name)
 
 
 @dataclass
@@ -115,7 +124,8 @@ class KeepAliveClient:
 
     def __init__(self, max_connections: int = 64, *, idle_timeout_s: float = 30.0,
                  max_body_bytes: int = 64 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Registry | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self._slots = asyncio.Semaphore(max_connections)
@@ -129,7 +139,12 @@ class KeepAliveClient:
             no_keep_alive=False, max_header_size=MAX_HEADER_BYTES, max_body_size=max_body_bytes,
             decompress=True)
         self._closed = False
-        self.stats = PoolStats()
+        if metrics is not None:
+            metrics.counter("wxd_upstream_connections_total",
+                            "Upstream HTTP connections: opened, reused for a request, and "
+                            "retried_stale (resent after a reused one closed unanswered).",
+                            ("event",))
+        self.stats = PoolStats(registry=metrics)
 
     def close(self) -> None:
         """Close idle connections; busy ones close when their request ends. Idempotent."""
@@ -169,7 +184,7 @@ class KeepAliveClient:
             except _Stale:
                 if not (reused and replay_safe):
                     raise FetchError("connection closed before an answer") from None
-                self.stats.retried_stale += 1
+                self.stats.count("retried_stale")
             stream, _ = await self._connect(origin, min(connect_timeout_s,
                                                         deadline - loop.time()))
             try:
@@ -208,7 +223,7 @@ class KeepAliveClient:
             if stream.closed() or now - since > self._idle_timeout_s:
                 stream.close()
                 continue
-            self.stats.reused += 1
+            self.stats.count("reused")
             return stream, True
         return await self._connect(origin, timeout_s)
 
@@ -229,7 +244,7 @@ class KeepAliveClient:
         except (OSError, iostream.StreamClosedError) as exc:
             raise FetchError(f"connect failed: {_describe(exc)}") from None
         stream.set_nodelay(True)
-        self.stats.opened += 1
+        self.stats.count("opened")
         return stream, False
 
     async def _exchange(self, stream: iostream.IOStream, origin: _Origin, method: str,
