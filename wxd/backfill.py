@@ -7,6 +7,7 @@ arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never impo
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import sqlite3
@@ -31,6 +32,7 @@ from wxd.pacing import (
 log = logging.getLogger(__name__)
 Info = dict[str, Any]       # one user_info_list entry of batchget
 BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
+QUEUED_PAGES = 3            # page writes that may wait for the group commit (~1 MB each)
 
 
 class FollowerSource(Protocol):
@@ -67,11 +69,12 @@ class FollowerBackfill:
 
     Per page (≤ 10,000 openids; only that page and the prefetched next one are in memory):
     chunks of 100 go to batchget through `concurrency` workers and a calls/s limit
-    (`rate_per_s`, 0 = unlimited); infos are stored in db.write batches of `batch_size` (by
-    default a whole page per transaction: at 1M followers each batch rewrites random pages of
-    the unionid index, so fewer, larger transactions cost less per follower); the
-    cursor and counters move in the same transaction as the page's last batch, so a crash never
-    loses or repeats a counted page. Page N commits while page N+1 is fetched.
+    (`rate_per_s`, 0 = unlimited); each page is stored by ONE db.write that also moves the
+    cursor and counters, so a crash never loses or repeats a counted page. Page writes are
+    submitted in order while the next page is fetched; up to QUEUED_PAGES wait, so the group
+    commit stores several pages per transaction when SQLite is the slower side (at 1M
+    followers each transaction rewrites random pages of the unionid index: fewer, larger
+    transactions cost less per follower). Pages wait as prepared rows (followers.InfoBatch).
     Errors: transient (-1, 45011, HTTP/network) are retried with backoff, `max_attempts` per
     call, then the run fails; 45009 pauses it until the next Beijing midnight (+ margin; it
     resumes by itself then); terminal errors fail it. begin() resumes a failed or paused run
@@ -82,7 +85,7 @@ class FollowerBackfill:
                  rate_per_s: float = 100.0, resync_interval_s: float = 0.0,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 metrics: Registry | None = None, batch_size: int = 10_000, max_attempts: int = 8,
+                 metrics: Registry | None = None, max_attempts: int = 8,
                  backoff_s: float = 0.5, backoff_max_s: float = 30.0,
                  stop_timeout_s: float = 5.0, pause_margin_s: float = 60.0) -> None:
         if concurrency < 1:
@@ -91,7 +94,6 @@ class FollowerBackfill:
         self._concurrency = concurrency
         self._resync_s = resync_interval_s
         self._limiter = RateLimiter(rate_per_s, concurrency, clock, sleep)
-        self._batch_size = max(batch_size, BATCHGET_MAX)
         self._max_attempts = max(max_attempts, 1)
         self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
         self._stop_timeout_s = stop_timeout_s
@@ -102,8 +104,10 @@ class FollowerBackfill:
         self._timer_task: asyncio.Task[dict[str, Any]] | None = None
         self._begin_lock = asyncio.Lock()
         self._stop_requested = self._closed = False
-        self._unsaved_calls = 0      # calls made since the row last recorded them
+        self._unsaved_calls = 0      # calls made and not yet handed to a page write
         self._page_progress = 0      # followers fetched so far in the page being fetched
+        self._queued_calls = 0       # calls and followers of page writes not yet committed
+        self._queued_followers = 0
         self._session = (0.0, 0)     # (clock, followers_done) when this process (re)started it
         self._rate = 0.0
         self._metrics = metrics
@@ -189,8 +193,9 @@ class FollowerBackfill:
         if active and now > self._session[0]:
             self._rate = (row.followers_done - self._session[1]) / (now - self._session[0])
         return backfillstore.status_document(
-            row, now, active=active, rate_per_s=self._rate, unsaved_calls=self._unsaved_calls,
-            page_progress=self._page_progress if active else 0,
+            row, now, active=active, rate_per_s=self._rate,
+            unsaved_calls=self._unsaved_calls + self._queued_calls,
+            page_progress=self._page_progress + self._queued_followers if active else 0,
         ) | {"next_run_at": self._next_due(), "concurrency": self._concurrency,
              "call_rate_limit_per_s": self._limiter.rate_per_s,
              "resync_interval_s": self._resync_s}
@@ -243,9 +248,11 @@ class FollowerBackfill:
 
     async def _run(self, row: BackfillState) -> None:
         run, cursor, total = row.run, row.cursor or "", row.total
-        # Pipeline: page N commits (task `commit`) while page N+1's batchgets run and the
-        # user/get of page N+2 is prefetched; at most one page waits for its commit.
-        commit: asyncio.Task[None] | None = None
+        # Pipeline: each page is one write (its followers + the cursor move), submitted in page
+        # order while the next page's batchgets run and the user/get after it is prefetched.
+        # Up to QUEUED_PAGES writes wait: when SQLite is the slower side, the group commit
+        # stores several pages per transaction (fewer rewrites of random index pages).
+        queued: collections.deque[asyncio.Task[None]] = collections.deque()
         try:
             openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
             while openids:
@@ -256,12 +263,15 @@ class FollowerBackfill:
                 prefetch = (asyncio.create_task(self._call("user_get", after))
                             if nxt and nxt != cursor else None)
                 try:
-                    writes, tail = await self._fetch_page(run, openids)
-                    if commit is not None:
-                        await commit
-                    commit = asyncio.create_task(self._commit_page(
-                        run, cursor, after, len(openids), total, writes, tail))
-                    commit.add_done_callback(_retrieve)  # failures surface via _halt
+                    batch, observed = await self._fetch_page(openids)
+                    while len(queued) >= QUEUED_PAGES:
+                        await queued.popleft()
+                    # Created in page order, each task hands its write to db.write before it
+                    # first yields: the group commit applies pages in order.
+                    store = asyncio.create_task(self._store_page(
+                        run, cursor, after, len(openids), total, batch, observed))
+                    store.add_done_callback(_retrieve)  # failures surface below or via _halt
+                    queued.append(store)
                     cursor = after
                     if prefetch is None:
                         break
@@ -270,83 +280,73 @@ class FollowerBackfill:
                     openids, nxt, page_total = _parse_page(await prefetch)
                 finally:
                     await _discard(prefetch)
-            if commit is not None:
-                await commit
+            while queued:
+                await queued.popleft()
             await self._finish(run, page_total if page_total is not None else total)
         except _Stopping:
-            await self._halt(run, commit, "running")
+            await self._halt(run, queued, "running")
             log.info("backfill stopped at a page boundary (run %d, %d followers done)", run,
                      self._row.followers_done)
         except _Paused as exc:
-            await self._halt(run, commit, "paused", last_error=str(exc), paused_until=exc.until)
+            await self._halt(run, queued, "paused", last_error=str(exc), paused_until=exc.until)
             log.warning("backfill paused until %.0f: %s", exc.until, exc)
         except (WeChatAPIError, TransportError, StorageError, sqlite3.Error) as exc:
-            await self._halt(run, commit, "failed", last_error=str(exc))
+            await self._halt(run, queued, "failed", last_error=str(exc))
             log.error("backfill run %d failed: %s", run, exc)
         except Exception as exc:  # the top of a long-running job: record, never crash the daemon
             log.exception("backfill run %d failed unexpectedly", run)
-            await self._halt(run, commit, "failed",
+            await self._halt(run, queued, "failed",
                              last_error=f"internal error: {type(exc).__name__}")
         finally:
-            if commit is not None and not commit.done():  # cancelled (crash, stop timeout)
-                commit.cancel()
+            for store in queued:  # cancelled (crash, stop timeout): a submitted write still lands
+                if not store.done():
+                    store.cancel()
             self._page_progress = 0
             self._arm_timer()
 
-    async def _fetch_page(self, run: int, openids: list[str]
-                          ) -> tuple[list[asyncio.Task[list[str]]], tuple[list[Info], float]]:
-        """batchget the page through the workers; each full batch goes to db.write at once.
-        Returns those writes and the leftover infos with their observation time."""
+    async def _fetch_page(self, openids: list[str]) -> tuple[followers.InfoBatch, float]:
+        """batchget the page through the workers; return its followers, prepared for storing,
+        and the earliest request time among them (what "events win" compares with)."""
         chunks = iter(range(0, len(openids), BATCHGET_MAX))
-        buffer: list[Info] = []
-        observed = [math.inf]        # earliest request time of the infos in `buffer`
-        writes: list[asyncio.Task[list[str]]] = []
+        infos: list[Info] = []
+        observed = math.inf
         self._page_progress = 0
 
-        def take() -> tuple[list[Info], float]:
-            infos, at = buffer[:], observed[0]
-            buffer.clear()
-            observed[0] = math.inf
-            return infos, at
-
-        def store(infos: list[Info], at: float) -> Callable[[sqlite3.Connection], list[str]]:
-            return lambda conn: followers.apply_user_infos(conn, infos, at, self._clock(), run=run)
-
         async def worker() -> None:
+            nonlocal observed
             for start in chunks:     # one shared iterator: each worker takes the next chunk
-                # "Events win" compares event times with when WeChat was asked.
                 asked_at = self._clock()
-                infos = await self._call("batchget", openids[start:start + BATCHGET_MAX])
-                buffer.extend(infos)
-                observed[0] = min(observed[0], asked_at)
+                infos.extend(await self._call("batchget", openids[start:start + BATCHGET_MAX]))
+                observed = min(observed, asked_at)
                 self._page_progress += min(BATCHGET_MAX, len(openids) - start)
-                if len(buffer) >= self._batch_size:
-                    writes.append(asyncio.create_task(self._db.write(store(*take()))))
 
-        try:
-            await _all_or_nothing([worker() for _ in range(self._concurrency)])
-        except BaseException:
-            for task in writes:   # drops the awaits only: a queued write still commits
-                await _discard(task)
-            raise
-        return writes, take()
+        await _all_or_nothing([worker() for _ in range(self._concurrency)])
+        return followers.prepare_infos(infos), observed
 
-    async def _commit_page(self, run: int, cursor: str, after: str, count: int,
-                           total: int | None, writes: list[asyncio.Task[list[str]]],
-                           tail: tuple[list[Info], float]) -> None:
-        """After the page's batches commit: store the rest and count the page (cursor `cursor`
-        → `after`) in one transaction."""
-        await _all_or_nothing(writes)
-        calls, (batch, at) = self._unsaved_calls, tail
+    async def _store_page(self, run: int, cursor: str, after: str, count: int,
+                          total: int | None, batch: followers.InfoBatch, observed: float) -> None:
+        """Store the page's followers and count the page (cursor `cursor` → `after`) in one
+        write; backfillstore.advance refuses it (rolling it back) if an earlier page failed."""
+        calls = self._unsaved_calls
+        self._unsaved_calls -= calls
+        self._queued_calls += calls
+        self._queued_followers += count
 
-        def last(conn: sqlite3.Connection) -> BackfillState:
+        def store(conn: sqlite3.Connection) -> BackfillState:
             now = self._clock()
             if batch:
-                followers.apply_user_infos(conn, batch, at, now, run=run)
+                followers.apply_info_batch(conn, batch, observed, now, run=run)
             return backfillstore.advance(conn, run, cursor, after, count, calls, total, now)
 
-        self._set_row(await self._db.write(last))
-        self._unsaved_calls -= calls
+        try:
+            row = await self._db.write(store)
+        except BaseException:
+            self._unsaved_calls += calls  # the halt records them
+            raise
+        finally:
+            self._queued_calls -= calls
+            self._queued_followers -= count
+        self._set_row(row)
         self._count("wxd_backfill_followers_total", count)
         self._count("wxd_backfill_pages_total")
 
@@ -365,10 +365,10 @@ class FollowerBackfill:
         log.info("backfill run %d done: %d followers, %d pages, %d calls; %d no longer follow",
                  run, row.followers_done, row.pages_done, row.calls, gone)
 
-    async def _halt(self, run: int, commit: asyncio.Task[None] | None, state: str, *,
+    async def _halt(self, run: int, queued: Sequence[asyncio.Task[None]], state: str, *,
                     last_error: str | None = None, paused_until: float | None = None) -> None:
-        if commit is not None:   # let a page commit in flight land (or fail) first
-            await asyncio.gather(commit, return_exceptions=True)
+        # Let the page writes already submitted land (or fail) first.
+        await asyncio.gather(*queued, return_exceptions=True)
         calls = self._unsaved_calls
         try:
             row = await self._db.write(lambda conn: backfillstore.halt(

@@ -157,8 +157,8 @@ def status_document(state: BackfillState, now: float, *, active: bool, rate_per_
     Row fields except the cursor: state (idle|running|paused|failed|done), run, pages_done,
     followers_done (fully stored pages only), total (user/get's), calls, started_at,
     updated_at, finished_at, paused_until, last_error; plus rate_per_s (followers/s), eta_s
-    (None unless active with a rate and a total), percent, page_progress (followers fetched in
-    the page in flight), active (a task is working on it now) and elapsed_s since started_at.
+    (None unless active with a rate and a total), percent, page_progress (followers fetched
+    and not yet stored), active (a task is working on it now) and elapsed_s since started_at.
     """
     eta = None
     if active and state.total is not None and rate_per_s > 0:

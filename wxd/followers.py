@@ -224,15 +224,61 @@ def _info_row(info: Mapping[str, Any]) -> _Row | None:
             _clean(info.get("qr_scene_str")))
 
 
-def _upsert_infos(conn: sqlite3.Connection, rows: list[_Row], run: int | None,
-                  observed_at: float, now: float) -> None:
-    """Upsert info rows with distinct openids (the second statement runs after all the first's)."""
-    params = (run, observed_at, now, json.dumps(rows, ensure_ascii=False))
-    if conn.execute(_UPSERT_INFOS, params).rowcount < len(rows):
+@dataclass(frozen=True)
+class InfoBatch:
+    """user/info entries prepared for apply_info_batch: cleaned rows sorted by openid (stable, so
+    entries for one openid keep their order) and the batch's JSON text. Pure data: build it off
+    the database thread (the backfill does, on the event loop) and keep it instead of the dicts
+    (about a tenth of their memory)."""
+
+    rows: tuple[_Row, ...]
+    text: str                 # json of `rows`: the parameter of the set-based statements
+    distinct: bool            # no openid repeats
+    untimed: tuple[str, ...]  # openids subscribed without a subscribe_time
+    unionids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def prepare_infos(infos: Sequence[Mapping[str, Any]]) -> InfoBatch:
+    """Clean and encode user/info or batchget entries (entries without an openid are dropped)."""
+    rows = [row for info in infos if (row := _info_row(info)) is not None]
+    rows.sort(key=itemgetter(0))  # fewer index page loads in key order; stable for repeats
+    return InfoBatch(
+        rows=tuple(rows), text=json.dumps(rows, ensure_ascii=False),
+        distinct=len({row[0] for row in rows}) == len(rows),
+        untimed=tuple(row[0] for row in rows if row[2] == 1 and row[3] is None),
+        unionids=tuple(row[1] for row in rows if row[1] is not None),
+    )
+
+
+def _upsert_rows(conn: sqlite3.Connection, text: str, count: int, untimed: Sequence[str],
+                 run: int | None, observed_at: float, now: float) -> None:
+    """Upsert `count` rows with distinct openids, given as JSON `text` (the second statement
+    runs after all the first's)."""
+    params = (run, observed_at, now, text)
+    if conn.execute(_UPSERT_INFOS, params).rowcount < count:
         conn.execute(_UPSERT_INFOS_NEW_UNIONID, params)
-    untimed = [row[0] for row in rows if row[2] == 1 and row[3] is None]
     if untimed:
         conn.execute(_OBSERVED_AS_SUBSCRIBED_AT, (json.dumps(untimed, ensure_ascii=False),))
+
+
+def apply_info_batch(conn: sqlite3.Connection, batch: InfoBatch, observed_at: float, now: float,
+                     run: int | None = None) -> list[str]:
+    """apply_user_infos for a prepared batch; returns the unionids newly linked."""
+    if batch.distinct:
+        _upsert_rows(conn, batch.text, len(batch.rows), batch.untimed, run, observed_at, now)
+    else:  # an openid repeats: its entries apply one after the other
+        for row in batch.rows:
+            untimed = (row[0],) if row[2] == 1 and row[3] is None else ()
+            _upsert_rows(conn, json.dumps([row], ensure_ascii=False), 1, untimed, run,
+                         observed_at, now)
+    # No MP user with a unionid (none yet, or an OA-only deployment): nothing can link.
+    if not batch.unionids or not conn.execute(_ANY_MP_UNIONID).fetchone()[0]:
+        return []
+    linked = conn.execute(_LINK_KNOWN_MP, (now, json.dumps(batch.unionids))).fetchall()
+    return [row[0] for row in linked]
 
 
 def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]],
@@ -248,18 +294,7 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     order. Set-based (the backfill stores 1M rows with it): a few statements per batch, each
     over the whole batch, and one statement for the links.
     """
-    rows = [row for info in infos if (row := _info_row(info)) is not None]
-    rows.sort(key=itemgetter(0))  # fewer index page loads in key order; stable for repeats
-    if len({row[0] for row in rows}) == len(rows):
-        _upsert_infos(conn, rows, run, observed_at, now)
-    else:  # an openid repeats: its entries apply one after the other
-        for row in rows:
-            _upsert_infos(conn, [row], run, observed_at, now)
-    unionids = [row[1] for row in rows if row[1] is not None]
-    # No MP user with a unionid (none yet, or an OA-only deployment): nothing can link.
-    if not unionids or not conn.execute(_ANY_MP_UNIONID).fetchone()[0]:
-        return []
-    return [row[0] for row in conn.execute(_LINK_KNOWN_MP, (now, json.dumps(unionids))).fetchall()]
+    return apply_info_batch(conn, prepare_infos(infos), observed_at, now, run)
 
 
 def record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
