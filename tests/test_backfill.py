@@ -8,8 +8,10 @@ import json
 import math
 import sqlite3
 import tempfile
+import time
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 import pytest
 import tornado.httpclient
@@ -380,6 +382,34 @@ class TestFaults(BackfillTestCase):
         assert (status["state"], status["pages_done"], status["followers_done"]) == (
             "done", 2, 12_000)
         assert set(self.batchget_openids().values()) == {1}
+
+    @gen_test(timeout=60)
+    async def test_failed_page_write_counts_no_later_page(self) -> None:
+        # Page 2's write fails slowly, so pages 3 and 4 are fetched and queued behind it: their
+        # writes must fail the cursor check, not count a page whose followers are missing.
+        await self.setup_sandbox(35_000)
+        real = followers.apply_info_batch
+        seen: list[int] = []
+
+        def flaky(conn: sqlite3.Connection, batch: followers.InfoBatch, *args: Any,
+                  **kwargs: Any) -> list[str]:
+            seen.append(len(batch))
+            if len(seen) == 2:
+                time.sleep(0.5)
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            return real(conn, batch, *args, **kwargs)
+
+        instance = self.backfill(concurrency=4)
+        with mock.patch.object(followers, "apply_info_batch", flaky):
+            status = await self.run_to_end(instance)
+        assert status["state"] == "failed" and "injected" in status["last_error"]
+        assert len(seen) >= 3  # a later page was queued behind the failing one
+        assert (status["pages_done"], status["followers_done"]) == (1, 10_000)
+        assert await self.scalar("SELECT COUNT(*) FROM followers") == 10_000
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["pages_done"], status["followers_done"]) == (
+            "done", 4, 35_000)
+        assert await self.scalar("SELECT COUNT(*) FROM followers") == 35_000
 
 
 class TestEvents(BackfillTestCase):
