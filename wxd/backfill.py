@@ -330,7 +330,8 @@ class FollowerBackfill:
         calls = self._unsaved_calls
         self._unsaved_calls -= calls
         self._queued_calls += calls
-        self._queued_followers += count
+        self._queued_followers += count   # no longer "in the page being fetched"
+        self._page_progress = 0
 
         def store(conn: sqlite3.Connection) -> BackfillState:
             now = self._clock()
