@@ -258,6 +258,18 @@ def test_skips_entries_without_openid(store: Store) -> None:
     assert store.read(followers.counts)["followers"] == 1
 
 
+def test_missing_subscribe_time(store: Store) -> None:
+    """Without a subscribe_time a new follower is taken as subscribed when observed; a known
+    one keeps its time; a non-follower gets none."""
+    store.write(lambda c: followers.apply_user_infos(
+        c, [info("known", "u1", subscribe_time=100)], 150, 150))
+    store.write(lambda c: followers.apply_user_infos(
+        c, [info("known", "u1"), info("new", "u2"), info("gone", "u3", subscribe=0)], 200, 201))
+    assert store.row("known")["subscribed_at"] == 100
+    assert store.row("new")["subscribed_at"] == 200
+    assert store.row("gone")["subscribed_at"] is None and store.row("gone")["subscribed"] == 0
+
+
 def test_resync_updates_each_kind_of_row(store: Store) -> None:
     """A second observation of known rows: unionid kept, gained or changed; events win or not."""
     store.write(lambda c: followers.apply_user_infos(c, [
