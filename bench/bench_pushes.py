@@ -91,14 +91,19 @@ async def _ceiling(base_url: str, token: str, bodies: list[dict[str, Any]],
     payloads = [json.dumps(b, ensure_ascii=False).encode() for b in bodies]
     position = iter(range(len(payloads)))
     failures = 0
-    keepalive = KeepAliveClient(concurrency)
-    tornado_client = tornado.httpclient.AsyncHTTPClient(force_instance=True,
-                                                        max_clients=concurrency)
+    if keep_alive:
+        keepalive = KeepAliveClient(concurrency)
+        close = keepalive.close
 
-    async def post(payload: bytes) -> bytes:
-        if keep_alive:
+        async def post(payload: bytes) -> bytes:
             return (await keepalive.fetch("POST", url, body=payload)).body
-        return (await tornado_client.fetch(url, method="POST", body=payload)).body
+    else:
+        tornado_client = tornado.httpclient.AsyncHTTPClient(force_instance=True,
+                                                            max_clients=concurrency)
+        close = tornado_client.close
+
+        async def post(payload: bytes) -> bytes:
+            return (await tornado_client.fetch(url, method="POST", body=payload)).body
 
     async def worker() -> None:
         nonlocal failures
@@ -110,8 +115,7 @@ async def _ceiling(base_url: str, token: str, bodies: list[dict[str, Any]],
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
-        keepalive.close()
-        tornado_client.close()
+        close()
     if failures:
         raise RuntimeError(f"ceiling run: {failures} sends failed")
     return time.perf_counter() - started, time.process_time() - cpu

@@ -33,7 +33,7 @@ from tornado import httputil, iostream
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.tcpclient import TCPClient
 
-from wxd.metrics import Registry
+from wxd.metrics import Counter, Registry
 
 USER_AGENT = "wxd"
 MAX_HEADER_BYTES = 64 * 1024
@@ -66,13 +66,12 @@ class PoolStats:
     opened: int = 0
     reused: int = 0
     retried_stale: int = 0
-    registry: Registry | None = field(default=None, repr=False)
+    counter: Counter | None = field(default=None, repr=False)
 
     def count(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
-        if self.registry is not None:
-            self.registry.counter("wxd_upstream_connections_total", "",
-                                  ("event",)).inc(event=name)
+        if self.counter is not None:
+            self.counter.inc(event=name)
 
 
 @dataclass
@@ -139,12 +138,10 @@ class KeepAliveClient:
             no_keep_alive=False, max_header_size=MAX_HEADER_BYTES, max_body_size=max_body_bytes,
             decompress=True)
         self._closed = False
-        if metrics is not None:
-            metrics.counter("wxd_upstream_connections_total",
-                            "Upstream HTTP connections: opened, reused for a request, and "
-                            "retried_stale (resent after a reused one closed unanswered).",
-                            ("event",))
-        self.stats = PoolStats(registry=metrics)
+        self.stats = PoolStats(counter=None if metrics is None else metrics.counter(
+            "wxd_upstream_connections_total",
+            "Upstream HTTP connections: opened, reused for a request, and retried_stale "
+            "(resent after a reused one closed unanswered).", ("event",)))
 
     def close(self) -> None:
         """Close idle connections; busy ones close when their request ends. Idempotent."""
