@@ -275,6 +275,21 @@ class TestResume(BackfillTestCase):
         await self.assert_all_stored(20_500)
 
     @gen_test(timeout=60)
+    async def test_next_page_runs_while_a_slow_chunk_finishes_the_page(self) -> None:
+        fake = await self.setup_sandbox(20_000)
+        fake.script_fault(BATCHGET, "delay:1.0")  # page 1's first chunk answers last
+        instance = self.backfill(concurrency=4)
+        await instance.begin()
+        # The other workers go on to page 2 instead of idling until the slow chunk is in.
+        await self.wait_for(lambda: instance.status()["page_progress"] >= 15_000)
+        assert instance.status()["pages_done"] == 0
+        status = await instance.join()
+        assert (status["state"], status["pages_done"], status["followers_done"]) == (
+            "done", 2, 20_000)
+        assert set(self.batchget_openids().values()) == {1}
+        await self.assert_all_stored(20_000)
+
+    @gen_test(timeout=60)
     async def test_crash_mid_page_redoes_only_that_page(self) -> None:
         await self.setup_sandbox(20_500)
         first = self.backfill()

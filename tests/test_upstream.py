@@ -7,11 +7,13 @@ HTTP/1.0, oversized answers) are raw asyncio servers that write exactly the byte
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tornado.httpserver
@@ -317,6 +319,47 @@ class TestErrors(Case):
             assert client.stats.opened == 2
         finally:
             client.close()
+
+    @gen_test
+    async def test_cancel_as_a_slot_is_granted_is_never_lost(self) -> None:
+        # asyncio.wait_for on 3.11 returns normally when the cancel lands just after the inner
+        # wait finished: the caller (a backfill being stopped) would carry on with its call.
+        gate = asyncio.Event()
+
+        async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                await gate.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+
+        base = await self.serve_raw(gated)
+        loop = asyncio.get_running_loop()
+        landed: list[int] = []
+
+        def cancel_after(task: asyncio.Future[Any], depth: int, steps: int, *_: Any) -> None:
+            if steps:
+                loop.call_soon(cancel_after, task, depth, steps - 1)
+            elif task.cancel():  # False: the call had already finished
+                landed.append(depth)
+
+        for depth in range(6):  # the cancel lands 0..5 loop steps after the slot is released
+            client = KeepAliveClient(1)
+            try:
+                gate.clear()
+                first = asyncio.ensure_future(client.fetch("GET", base + "/first"))
+                await asyncio.sleep(0.05)
+                second = asyncio.ensure_future(client.fetch("GET", base + "/second"))
+                await asyncio.sleep(0.01)  # waiting for the only slot
+                first.add_done_callback(functools.partial(cancel_after, second, depth, depth))
+                gate.set()
+                assert (await first).body == b"ok"
+                outcome = await asyncio.gather(second, return_exceptions=True)
+                if landed[-1:] == [depth]:
+                    assert isinstance(outcome[0], asyncio.CancelledError), depth
+            finally:
+                client.close()
+        assert landed[:3] == [0, 1, 2]
 
     @gen_test
     async def test_oversized_and_malformed_answers(self) -> None:

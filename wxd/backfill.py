@@ -12,8 +12,8 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from wxd import backfillstore, followers
@@ -30,7 +30,6 @@ from wxd.pacing import (
 )
 
 log = logging.getLogger(__name__)
-Info = dict[str, Any]       # one user_info_list entry of batchget
 BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (~1 MB each)
 
@@ -40,6 +39,24 @@ class FollowerSource(Protocol):
 
     async def user_get(self, next_openid: str = "") -> dict[str, Any]: ...
     async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class _Page:
+    """A user/get page: asked at `cursor`; storing it moves the cursor to `after`; `has_next` =
+    another page follows. Its batchget chunks run on the run's workers; `done` gets the
+    prepared followers and the earliest request time, or None if stop() abandoned the page
+    before any of its chunks started."""
+
+    cursor: str
+    openids: list[str]
+    after: str
+    has_next: bool
+    done: asyncio.Future[tuple[followers.InfoBatch, float] | None]
+    unanswered: int
+    started: bool = False
+    observed: float = math.inf
+    rows: list[Any] = field(default_factory=list)
 
 
 class _Paused(Exception):
@@ -248,41 +265,9 @@ class FollowerBackfill:
 
     async def _run(self, row: BackfillState) -> None:
         run, cursor, total = row.run, row.cursor or "", row.total
-        # Pipeline: each page is one write (its followers + the cursor move), submitted in page
-        # order while the next page's batchgets run and the user/get after it is prefetched.
-        # Up to QUEUED_PAGES writes wait: when SQLite is the slower side, the group commit
-        # stores several pages per transaction (fewer rewrites of random index pages).
         queued: collections.deque[asyncio.Task[None]] = collections.deque()
         try:
-            openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
-            while openids:
-                total = page_total if page_total is not None else total
-                # The last page carries next_openid = its last openid (sandbox, wechatpy's
-                # comment) or nothing; either way its last openid is a valid resume position.
-                after = nxt or openids[-1]
-                prefetch = (asyncio.create_task(self._call("user_get", after))
-                            if nxt and nxt != cursor else None)
-                try:
-                    batch, observed = await self._fetch_page(openids)
-                    while len(queued) >= QUEUED_PAGES:
-                        await queued.popleft()
-                    # Created in page order, each task hands its write to db.write before it
-                    # first yields: the group commit applies pages in order.
-                    store = asyncio.create_task(self._store_page(
-                        run, cursor, after, len(openids), total, batch, observed))
-                    store.add_done_callback(_retrieve)  # failures surface below or via _halt
-                    queued.append(store)
-                    cursor = after
-                    if prefetch is None:
-                        break
-                    if self._stop_requested:
-                        raise _Stopping
-                    openids, nxt, page_total = _parse_page(await prefetch)
-                finally:
-                    await _discard(prefetch)
-            while queued:
-                await queued.popleft()
-            await self._finish(run, page_total if page_total is not None else total)
+            await self._sync(run, cursor, total, queued)
         except _Stopping:
             await self._halt(run, queued, "running")
             log.info("backfill stopped at a page boundary (run %d, %d followers done)", run,
@@ -304,24 +289,91 @@ class FollowerBackfill:
             self._page_progress = 0
             self._arm_timer()
 
-    async def _fetch_page(self, openids: list[str]) -> tuple[followers.InfoBatch, float]:
-        """batchget the page through the workers; return its followers, prepared for storing,
-        and the earliest request time among them (what "events win" compares with)."""
-        chunks = iter(range(0, len(openids), BATCHGET_MAX))
-        infos: list[Info] = []
-        observed = math.inf
-        self._page_progress = 0
+    async def _sync(self, run: int, cursor: str, total: int | None,
+                    queued: collections.deque[asyncio.Task[None]]) -> None:
+        """Page from `cursor` to the end of the list, then finish the run.
 
-        async def worker() -> None:
-            nonlocal observed
-            for start in chunks:     # one shared iterator: each worker takes the next chunk
-                asked_at = self._clock()
-                infos.extend(await self._call("batchget", openids[start:start + BATCHGET_MAX]))
-                observed = min(observed, asked_at)
-                self._page_progress += min(BATCHGET_MAX, len(openids) - start)
+        Pipeline: the batchgets of page N+1 queue behind page N's for the same `concurrency`
+        slots as soon as its user/get answers, so the workers never idle at a page boundary.
+        Each fetched page is one write (its followers + the cursor move), appended to `queued`
+        in page order; up to QUEUED_PAGES writes wait, so when SQLite is the slower side the
+        group commit stores several pages per transaction (fewer rewrites of random index
+        pages). stop(): the page being fetched and one already started complete, then
+        _Stopping; nothing after them is asked for."""
+        jobs: asyncio.Queue[tuple[_Page, int]] = asyncio.Queue()
+        workers = [asyncio.create_task(self._batchgets(jobs)) for _ in range(self._concurrency)]
+        page: _Page | None = None
+        following: _Page | None = None
+        try:
+            openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
+            total = page_total if page_total is not None else total
+            page = self._start_page(cursor, openids, nxt, jobs)
+            while page is not None:
+                stopping = page.has_next and self._stop_requested
+                if page.has_next and not stopping:
+                    # The next user/get runs while this page's batchgets do.
+                    openids, nxt, page_total = _parse_page(
+                        await self._call("user_get", page.after))
+                    total = page_total if page_total is not None else total
+                    following = self._start_page(page.after, openids, nxt, jobs)
+                fetched = await _fetched(page, workers)
+                if fetched is None:
+                    raise _Stopping
+                while len(queued) >= QUEUED_PAGES:
+                    await queued.popleft()
+                # Created in page order, each task hands its write to db.write before it first
+                # yields: the group commit applies pages in order.
+                store = asyncio.create_task(self._store_page(
+                    run, page.cursor, page.after, len(page.openids), total, *fetched))
+                store.add_done_callback(_retrieve)  # failures surface here or via _halt
+                queued.append(store)
+                if stopping:
+                    raise _Stopping
+                page, following = following, None
+            while queued:
+                await queued.popleft()
+            await self._finish(run, total)
+        finally:  # no batchget runs on (or retries) after this
+            await _cancel_all(workers)
 
-        await _all_or_nothing([worker() for _ in range(self._concurrency)])
-        return followers.prepare_infos(infos), observed
+    def _start_page(self, cursor: str, openids: list[str], nxt: str,
+                    jobs: asyncio.Queue[tuple[_Page, int]]) -> _Page | None:
+        """Queue the batchgets of the page user/get answered at `cursor`; None when it is empty
+        (the list is exhausted)."""
+        if not openids:
+            return None
+        # The last page carries next_openid = its last openid (sandbox, wechatpy's comment) or
+        # nothing; either way its last openid is a valid resume position.
+        starts = range(0, len(openids), BATCHGET_MAX)
+        page = _Page(cursor, openids, nxt or openids[-1], bool(nxt) and nxt != cursor,
+                     asyncio.get_running_loop().create_future(), len(starts))
+        for start in starts:
+            jobs.put_nowait((page, start))
+        return page
+
+    async def _batchgets(self, jobs: asyncio.Queue[tuple[_Page, int]]) -> None:
+        """A worker: batchget chunks in queue (= page) order until cancelled or a call fails
+        (the run then fails: see _fetched). Each answer is cleaned as it arrives, between other
+        requests; the page's last answer completes it. After stop() a page none of whose chunks
+        has started is abandoned."""
+        while True:
+            page, start = await jobs.get()
+            if page.done.done():
+                continue  # abandoned
+            if not page.started:
+                if self._stop_requested:
+                    page.done.set_result(None)
+                    continue
+                page.started = True
+            asked_at = self._clock()
+            infos = await self._call("batchget", page.openids[start:start + BATCHGET_MAX])
+            page.rows.extend(followers.info_rows(infos))
+            page.observed = min(page.observed, asked_at)
+            self._page_progress += min(BATCHGET_MAX, len(page.openids) - start)
+            page.unanswered -= 1
+            if not page.unanswered:
+                page.done.set_result((followers.batch_rows(page.rows), page.observed))
+                page.rows = []
 
     async def _store_page(self, run: int, cursor: str, after: str, count: int,
                           total: int | None, batch: followers.InfoBatch, observed: float) -> None:
@@ -330,8 +382,8 @@ class FollowerBackfill:
         calls = self._unsaved_calls
         self._unsaved_calls -= calls
         self._queued_calls += calls
-        self._queued_followers += count   # no longer "in the page being fetched"
-        self._page_progress = 0
+        self._queued_followers += count   # no longer "in the pages being fetched"
+        self._page_progress -= count
 
         def store(conn: sqlite3.Connection) -> BackfillState:
             now = self._clock()
@@ -438,19 +490,21 @@ async def _discard(task: asyncio.Task[Any] | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _all_or_nothing(aws: Sequence[Coroutine[Any, Any, Any] | asyncio.Task[Any]]) -> None:
-    """Await all; on the first failure cancel the rest and raise that failure."""
-    tasks = [aw if isinstance(aw, asyncio.Task) else asyncio.ensure_future(aw) for aw in aws]
-    if not tasks:
-        return
-    try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException:
-        for task in tasks:
-            await _discard(task)
-        raise
-    for task in pending:
-        await _discard(task)
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel every task, then collect them (all cancelled before any of them runs again)."""
+    tasks = list(tasks)
     for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _fetched(page: _Page, workers: Sequence[asyncio.Task[None]],
+                   ) -> tuple[followers.InfoBatch, float] | None:
+    """The page's result once it is complete; raises the error of a worker that failed first."""
+    waits: list[asyncio.Future[Any]] = [page.done, *workers]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not page.done.done():
+        for worker in workers:
+            if worker.done():
+                worker.result()  # raises: workers only end by failing
+    return page.done.result()

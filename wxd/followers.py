@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -211,23 +211,42 @@ _LINK_KNOWN_MP = (
 _Row = tuple[str, str | None, int, int | None, str | None, int | None, str | None]
 
 
-def _info_row(info: Mapping[str, Any]) -> _Row | None:
-    """The JSON array of one user/info entry for _UPSERT_INFOS; None without an openid."""
-    openid = _clean(info.get("openid"))
-    if openid is None:
-        return None
-    unionid = _clean(info.get("unionid"))
-    if _as_int(info.get("subscribe")) != 1:
-        return (openid, unionid, 0, None, None, None, None)
-    return (openid, unionid, 1, _as_int(info.get("subscribe_time")) or None,
-            _clean(info.get("subscribe_scene")), _as_int(info.get("qr_scene")),
-            _clean(info.get("qr_scene_str")))
+def _text(value: object) -> str | None:
+    """_clean with a fast path for the usual case (a str)."""
+    if type(value) is str:
+        return value.strip() or None
+    return _clean(value)
+
+
+def _int(value: object) -> int | None:
+    """_as_int with a fast path for the usual case (an int)."""
+    return value if type(value) is int else _as_int(value)
+
+
+def info_rows(infos: Iterable[Mapping[str, Any]]) -> list[_Row]:
+    """Clean user/info or batchget entries into rows for batch_rows, in their order: [openid,
+    unionid, subscribed, subscribe_time, subscribe_scene, qr_scene, qr_scene_str] (time and
+    scene fields None unless subscribed; "" and 0 times become None). Entries without an
+    openid are dropped. Pure: the backfill runs it on each answer as it arrives."""
+    rows: list[_Row] = []
+    for info in infos:
+        get = info.get
+        openid = _text(get("openid"))
+        if openid is None:
+            continue
+        if _int(get("subscribe")) != 1:
+            rows.append((openid, _text(get("unionid")), 0, None, None, None, None))
+        else:
+            rows.append((openid, _text(get("unionid")), 1, _int(get("subscribe_time")) or None,
+                         _text(get("subscribe_scene")), _int(get("qr_scene")),
+                         _text(get("qr_scene_str"))))
+    return rows
 
 
 @dataclass(frozen=True)
 class InfoBatch:
-    """user/info entries prepared for apply_info_batch: cleaned rows sorted by openid (stable, so
-    entries for one openid keep their order) and the batch's JSON text. Pure data: build it off
+    """Rows (info_rows) prepared for apply_info_batch: sorted by openid (stable, so entries for
+    one openid keep their order) and encoded as the batch's JSON text. Pure data: build it off
     the database thread (the backfill does, on the event loop) and keep it instead of the dicts
     (about a tenth of their memory)."""
 
@@ -241,9 +260,8 @@ class InfoBatch:
         return len(self.rows)
 
 
-def prepare_infos(infos: Sequence[Mapping[str, Any]]) -> InfoBatch:
-    """Clean and encode user/info or batchget entries (entries without an openid are dropped)."""
-    rows = [row for info in infos if (row := _info_row(info)) is not None]
+def batch_rows(rows: list[_Row]) -> InfoBatch:
+    """An InfoBatch of `rows` (sorted in place)."""
     rows.sort(key=itemgetter(0))  # fewer index page loads in key order; stable for repeats
     return InfoBatch(
         rows=tuple(rows), text=json.dumps(rows, ensure_ascii=False),
@@ -251,6 +269,11 @@ def prepare_infos(infos: Sequence[Mapping[str, Any]]) -> InfoBatch:
         untimed=tuple(row[0] for row in rows if row[2] == 1 and row[3] is None),
         unionids=tuple(row[1] for row in rows if row[1] is not None),
     )
+
+
+def prepare_infos(infos: Iterable[Mapping[str, Any]]) -> InfoBatch:
+    """Clean and encode user/info or batchget entries (entries without an openid are dropped)."""
+    return batch_rows(info_rows(infos))
 
 
 def _upsert_rows(conn: sqlite3.Connection, text: str, count: int, untimed: Sequence[str],

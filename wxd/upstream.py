@@ -28,6 +28,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tornado import httputil, iostream
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -168,10 +169,7 @@ class KeepAliveClient:
         origin, target = self._origin(url)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request_timeout_s
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=request_timeout_s)
-        except TimeoutError:
-            raise FetchError("timed out waiting for a free connection", timed_out=True) from None
+        await _acquire(self._slots, request_timeout_s)
         try:
             stream, reused = await self._checkout(origin, min(connect_timeout_s,
                                                               deadline - loop.time()))
@@ -330,6 +328,31 @@ class KeepAliveClient:
 
 class _Stale(Exception):
     """The connection closed before any answer byte: the request was not processed."""
+
+
+async def _acquire(slots: asyncio.Semaphore, timeout_s: float) -> None:
+    """slots.acquire() within `timeout_s`, else FetchError. Not asyncio.wait_for: before 3.12 it
+    loses a cancellation that lands just as the slot is granted (the caller would carry on)."""
+    if not slots.locked():
+        await slots.acquire()  # free: returns without suspending
+        return
+    acquire = asyncio.ensure_future(slots.acquire())
+    try:
+        done, _ = await asyncio.wait({acquire}, timeout=timeout_s)
+    except BaseException:
+        _give_up(slots, acquire)
+        raise
+    if not done:
+        _give_up(slots, acquire)
+        raise FetchError("timed out waiting for a free connection", timed_out=True)
+
+
+def _give_up(slots: asyncio.Semaphore, acquire: asyncio.Future[Any]) -> None:
+    """Withdraw a pending acquire, or give back the slot it was granted."""
+    if not acquire.done():
+        acquire.cancel()  # Semaphore passes a slot granted meanwhile on to the next waiter
+    elif not acquire.cancelled() and acquire.exception() is None:
+        slots.release()
 
 
 def _describe(exc: BaseException) -> str:
