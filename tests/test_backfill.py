@@ -22,7 +22,7 @@ from tornado.testing import AsyncTestCase, gen_test
 from tests.sandbox_fixture import FakeClock
 from wxd import admin, backfillstore, followers
 from wxd.admin import backfill as backfill_admin
-from wxd.backfill import FollowerBackfill
+from wxd.backfill import DEFER_INDEX_MAX_ROWS, FollowerBackfill
 from wxd.db import Database
 from wxd.metrics import Registry
 from wxd.pacing import RateLimiter, backoff_s, next_beijing_midnight, until_next_minute_s
@@ -320,6 +320,83 @@ class TestResume(BackfillTestCase):
         interrupted = followers_list[done_pages * 10_000:(done_pages + 1) * 10_000]
         assert max(seen[openid] for openid in interrupted) == 2  # only that page was redone
         await self.assert_all_stored(20_500)
+
+
+class TestDeferredIndex(BackfillTestCase):
+    """A first sync into an empty table builds followers_unionid once, at its end or halt."""
+
+    async def index_exists(self) -> bool:
+        return bool(await self.scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'followers_unionid'"))
+
+    async def lookup_plan(self) -> str:
+        rows = await self.query(
+            "EXPLAIN QUERY PLAN SELECT * FROM followers WHERE unionid = 'x'")
+        return " ".join(row["detail"] for row in rows)
+
+    @gen_test(timeout=60)
+    async def test_first_sync_builds_the_index_at_its_end_and_lookups_stay_right(self) -> None:
+        fake = await self.setup_sandbox(25_000)
+        assert self.db is not None
+        instance = self.backfill()
+        seen_during: list[tuple[bool, bool]] = []
+        real = followers.apply_info_batch
+
+        def spying(conn: sqlite3.Connection, batch: followers.InfoBatch, *args: Any,
+                   **kwargs: Any) -> list[str]:
+            exists = conn.execute("SELECT COUNT(*) FROM sqlite_master"
+                                  " WHERE name = 'followers_unionid'").fetchone()[0]
+            seen_during.append((bool(exists), instance.status()["unionid_index_deferred"]))
+            return real(conn, batch, *args, **kwargs)
+
+        with mock.patch.object(followers, "apply_info_batch", spying):
+            status = await self.run_to_end(instance)
+        assert status["state"] == "done" and status["followers_done"] == 25_000
+        assert seen_during == [(False, True)] * 3
+        assert not status["unionid_index_deferred"]
+        assert await self.index_exists()
+        assert "followers_unionid" in await self.lookup_plan()
+        person = fake.person(12_345)
+        identity = await self.db.read(functools.partial(followers.find_identity,
+                                                        unionid=person.unionid))
+        assert identity is not None and identity.oa_openid == person.oa_openid
+        await self.assert_all_stored(25_000)
+
+    @gen_test(timeout=60)
+    async def test_kept_when_followers_are_stored_one_page_or_disabled(self) -> None:
+        await self.setup_sandbox(25_000)
+        assert self.db is not None
+
+        def some_followers(conn: sqlite3.Connection) -> None:
+            followers.apply_user_infos(conn, [{"openid": f"known-{i}", "subscribe": 0}
+                                              for i in range(DEFER_INDEX_MAX_ROWS)], 1.0, 1.0)
+
+        await self.db.write(some_followers)
+        for instance in (self.backfill(), self.backfill(defer_index=False)):
+            dropped = mock.patch.object(followers, "defer_unionid_index",
+                                        wraps=followers.defer_unionid_index)
+            with dropped as spy:
+                status = await self.run_to_end(instance)
+            assert status["state"] == "done" and status["followers_done"] == 25_000
+            assert await self.index_exists()
+            assert spy.call_count == (1 if instance is self.instances[0] else 0)
+
+    @gen_test(timeout=60)
+    async def test_a_halted_first_sync_rebuilds_it_and_a_crash_is_repaired_on_open(self) -> None:
+        fake = await self.setup_sandbox(25_000)
+        assert self.db is not None
+        fake.script_fault(BATCHGET, "delay:0", times=150)  # pages 1 and half of 2 answer...
+        fake.script_fault(BATCHGET, "48001")              # ...then a terminal error
+        status = await self.run_to_end(self.backfill(concurrency=1))
+        assert status["state"] == "failed" and status["pages_done"] == 1
+        assert await self.index_exists() and not status["unionid_index_deferred"]
+
+        await self.db.write(lambda conn: followers.defer_unionid_index(conn, 10**9))
+        assert not await self.index_exists()
+        await self.db.close()  # a crash mid-sync leaves it dropped; the next open builds it
+        self.db = await Database.open(self.db_path)
+        assert await self.index_exists()
+        assert "followers_unionid" in await self.lookup_plan()
 
 
 class TestFaults(BackfillTestCase):

@@ -16,7 +16,7 @@ from tornado.testing import AsyncTestCase, gen_test
 from wxd import db as dbmod
 from wxd.db import Database, backup_file, migrate
 from wxd.errors import LockedError, StorageError
-from wxd.schema import MIGRATIONS
+from wxd.schema import MIGRATIONS, REBUILT_ON_OPEN
 
 
 def tables(conn: sqlite3.Connection) -> set[str]:
@@ -38,6 +38,24 @@ def test_migrate_from_empty_and_from_every_version(tmp_path: pathlib.Path) -> No
         final = final or names
         assert names == final
         conn.close()
+
+
+def test_indexes_rebuilt_on_open_are_the_migrations_own(tmp_path: pathlib.Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    migrate(conn)
+
+    def definition(name: str) -> str:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?",
+                           (name,)).fetchone()
+        assert row is not None, name
+        return " ".join(row[0].split())
+
+    for name, create in REBUILT_ON_OPEN.items():
+        migrated = definition(name)
+        conn.execute(f"DROP INDEX {name}")
+        conn.execute(create)
+        assert definition(name).replace("IF NOT EXISTS ", "") == migrated
+        conn.execute(create)  # a no-op when it exists
 
 
 def test_failed_migration_rolls_back(tmp_path: pathlib.Path) -> None:

@@ -27,6 +27,7 @@ NO_IO_FRAMEWORKS = {"tornado", "aiosqlite"}
 # Same-layer imports that are part of the design (a short, explicit list).
 SAME_LAYER_OK = {
     ("wxd.config", "wxd.errors"), ("wxd.metrics", "wxd.errors"), ("wxd.db", "wxd.schema"),
+    ("wxd.followers", "wxd.schema"),
     ("wxd.__main__", "wxd.cli"), ("wxd.cli", "wxd.daemon"), ("wxd.cli", "wxd.demo"),
     ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"),
     ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),

@@ -32,6 +32,11 @@ from wxd.pacing import (
 log = logging.getLogger(__name__)
 BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (~1 MB each)
+# A first sync builds the unionid index at its end (followers.defer_unionid_index) when it starts
+# at the head of the list with fewer rows stored than this, for an account of more than one page
+# and at most DEFER_INDEX_MAX_TOTAL followers (building the index blocks writes ~2 s per 1M).
+DEFER_INDEX_MAX_ROWS = 10_000
+DEFER_INDEX_MAX_TOTAL = 2_000_000
 
 
 class FollowerSource(Protocol):
@@ -92,6 +97,8 @@ class FollowerBackfill:
     commit stores several pages per transaction when SQLite is the slower side (at 1M
     followers each transaction rewrites random pages of the unionid index: fewer, larger
     transactions cost less per follower). Pages wait as prepared rows (followers.InfoBatch).
+    With `defer_index`, a first sync (see DEFER_INDEX_MAX_ROWS) builds the unionid index once at
+    its end, or when it halts, instead of row by row; meanwhile lookups by unionid scan.
     Errors: transient (-1, 45011, HTTP/network) are retried with backoff, `max_attempts` per
     call, then the run fails; 45009 pauses it until the next Beijing midnight (+ margin; it
     resumes by itself then); terminal errors fail it. begin() resumes a failed or paused run
@@ -100,7 +107,7 @@ class FollowerBackfill:
 
     def __init__(self, db: Database, oa_api: FollowerSource, *, concurrency: int = 4,
                  rate_per_s: float = 100.0, resync_interval_s: float = 0.0,
-                 clock: Callable[[], float] = time.time,
+                 defer_index: bool = True, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  metrics: Registry | None = None, max_attempts: int = 8,
                  backoff_s: float = 0.5, backoff_max_s: float = 30.0,
@@ -110,6 +117,8 @@ class FollowerBackfill:
         self._db, self._api, self._clock, self._sleep = db, oa_api, clock, sleep
         self._concurrency = concurrency
         self._resync_s = resync_interval_s
+        self._defer_index = defer_index
+        self._index_deferred = False  # followers_unionid dropped by this run, not yet rebuilt
         self._limiter = RateLimiter(rate_per_s, concurrency, clock, sleep)
         self._max_attempts = max(max_attempts, 1)
         self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
@@ -213,7 +222,8 @@ class FollowerBackfill:
             row, now, active=active, rate_per_s=self._rate,
             unsaved_calls=self._unsaved_calls + self._queued_calls,
             page_progress=self._page_progress + self._queued_followers if active else 0,
-        ) | {"next_run_at": self._next_due(), "concurrency": self._concurrency,
+        ) | {"next_run_at": self._next_due(), "unionid_index_deferred": self._index_deferred,
+             "concurrency": self._concurrency,
              "call_rate_limit_per_s": self._limiter.rate_per_s,
              "resync_interval_s": self._resync_s}
 
@@ -307,6 +317,9 @@ class FollowerBackfill:
         try:
             openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
             total = page_total if page_total is not None else total
+            if (self._defer_index and not cursor and page_total is not None
+                    and len(openids) < page_total <= DEFER_INDEX_MAX_TOTAL):
+                await self._defer_unionid_index(page_total)
             page = self._start_page(cursor, openids, nxt, jobs)
             while page is not None:
                 stopping = page.has_next and self._stop_requested
@@ -335,6 +348,13 @@ class FollowerBackfill:
             await self._finish(run, total)
         finally:  # no batchget runs on (or retries) after this
             await _cancel_all(workers)
+
+    async def _defer_unionid_index(self, total: int) -> None:
+        self._index_deferred = await self._db.write(
+            lambda conn: followers.defer_unionid_index(conn, DEFER_INDEX_MAX_ROWS))
+        if self._index_deferred:
+            log.info("first sync of %d followers: the unionid index is built at its end "
+                     "(lookups by unionid scan the table until then)", total)
 
     def _start_page(self, cursor: str, openids: list[str], nxt: str,
                     jobs: asyncio.Queue[tuple[_Page, int]]) -> _Page | None:
@@ -410,9 +430,11 @@ class FollowerBackfill:
             now = self._clock()
             # Only a complete pass may judge who left; events since the run began still win.
             gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
+            followers.restore_unionid_index(conn)
             return backfillstore.finish(conn, run, calls, total, now), gone
 
         row, gone = await self._db.write(finish)
+        self._index_deferred = False
         self._unsaved_calls -= calls
         self._set_row(row)
         log.info("backfill run %d done: %d followers, %d pages, %d calls; %d no longer follow",
@@ -423,15 +445,20 @@ class FollowerBackfill:
         # Let the page writes already submitted land (or fail) first.
         await asyncio.gather(*queued, return_exceptions=True)
         calls = self._unsaved_calls
+
+        def halt(conn: sqlite3.Connection) -> BackfillState:
+            followers.restore_unionid_index(conn)  # a halted run may stay halted for long
+            return backfillstore.halt(conn, run, state, calls, self._clock(),
+                                      last_error=last_error, paused_until=paused_until)
+
         try:
-            row = await self._db.write(lambda conn: backfillstore.halt(
-                conn, run, state, calls, self._clock(), last_error=last_error,
-                paused_until=paused_until))
+            row = await self._db.write(halt)
         except (StorageError, sqlite3.Error) as exc:
             log.error("cannot record backfill state %s: %s", state, exc)
             row = replace(self._row, state=state, last_error=last_error, paused_until=paused_until)
         else:
             self._unsaved_calls -= calls
+            self._index_deferred = False
         self._set_row(row)
 
     async def _call(self, endpoint: str, arg: Any) -> Any:

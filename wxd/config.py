@@ -92,6 +92,7 @@ SPEC: dict[str, dict[str, Key]] = {
         "concurrency": Key("int", "4", minimum=1),
         "rate_per_s": Key("float", "100", minimum=0),
         "resync_interval_s": Key("float", "0", minimum=0),
+        "defer_unionid_index": Key("bool", "true"),
     },
     "followers": {
         "purge_on_unsubscribe": Key("bool", "false"),
@@ -192,6 +193,7 @@ class BackfillConfig:
     concurrency: int
     rate_per_s: float
     resync_interval_s: float
+    defer_unionid_index: bool
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,8 @@ class Daemon:
         b = cfg.backfill
         self.backfill = FollowerBackfill(db, oa_api, concurrency=b.concurrency,
                                          rate_per_s=b.rate_per_s,
-                                         resync_interval_s=b.resync_interval_s, clock=clock,
+                                         resync_interval_s=b.resync_interval_s,
+                                         defer_index=b.defer_unionid_index, clock=clock,
                                          metrics=metrics)
         await self._start(self.backfill)
 

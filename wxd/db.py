@@ -19,7 +19,7 @@ import aiosqlite
 
 from wxd.errors import LockedError, StorageError
 from wxd.metrics import Registry
-from wxd.schema import MIGRATIONS
+from wxd.schema import MIGRATIONS, REBUILT_ON_OPEN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -193,6 +193,8 @@ class Database:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
+        for create in REBUILT_ON_OPEN.values():
+            conn.execute(create)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # aiosqlite has no public "run this callable on the connection thread"; _execute is that

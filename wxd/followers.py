@@ -1,7 +1,8 @@
 """Follower and MP-user rows and the unionid join between them (the link).
 
-Layer L2: synchronous write/read functions run inside `Database.write`/`read`; imports only the
-stdlib. A link is derived (same unionid on both sides); the `links` table only records linked_at.
+Layer L2: synchronous write/read functions run inside `Database.write`/`read`; imports the
+stdlib and wxd.schema (data). A link is derived (same unionid on both sides); the `links` table
+only records linked_at.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
+
+from wxd.schema import REBUILT_ON_OPEN
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,24 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
     over the whole batch, and one statement for the links.
     """
     return apply_info_batch(conn, prepare_infos(infos), observed_at, now, run)
+
+
+def defer_unionid_index(conn: sqlite3.Connection, max_rows: int) -> bool:
+    """Drop the followers_unionid index for a bulk load if the table holds fewer than `max_rows`
+    rows; True if it did. Building it once at the end (restore_unionid_index, or the next
+    Database.open after a crash) costs a fraction of keeping it up to date row by row: each new
+    follower is a random insert into it. Until then, lookups by unionid scan the table."""
+    rows = conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM followers LIMIT ?)",
+                        (max_rows,)).fetchone()[0]
+    if rows >= max_rows:
+        return False
+    conn.execute("DROP INDEX IF EXISTS followers_unionid")
+    return True
+
+
+def restore_unionid_index(conn: sqlite3.Connection) -> None:
+    """Build followers_unionid if defer_unionid_index dropped it (else a no-op)."""
+    conn.execute(REBUILT_ON_OPEN["followers_unionid"])
 
 
 def record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
