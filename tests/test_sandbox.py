@@ -39,7 +39,7 @@ from wxd.sandbox import (
     WebhookSender,
     dispatch,
 )
-from wxd.sandbox.shapes import encode_json, user_info, user_info_json
+from wxd.sandbox.shapes import encode_json, strings_json, user_info, user_info_json
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, check_data
 
 CC = "client_credential"
@@ -251,6 +251,38 @@ class _UserGetPaging(SandboxTestCase):
         assert seen == sorted(self.fake.follower_openids) and len(set(seen)) == self.followers
         expected_pages = -(-self.followers // 10_000) + 1
         assert len(pages) == expected_pages
+
+
+def test_user_get_text_is_the_encoded_body() -> None:
+    # user/get writes its page text itself: it must be exactly what encoding the page gives.
+    fake = FakeWeChat(users=25_000, seed=2, follow_ratio=0.9)
+    token = fake.tokens.issue_classic("oa")
+    assert not isinstance(token, int)
+    followers = fake.follower_openids
+    for next_openid in ("", followers[9_999], followers[19_999], followers[-1]):
+        query = {"access_token": token.token, "next_openid": next_openid}
+        answer = dispatch(fake, "GET", "/cgi-bin/user/get", query, b"")
+        start = followers.index(next_openid) + 1 if next_openid else 0
+        page = followers[start : start + 10_000]
+        expected: dict[str, Any] = {"total": len(followers), "count": len(page)}
+        if page:
+            expected.update(data={"openid": page}, next_openid=page[-1])
+        else:
+            expected["next_openid"] = ""
+        assert answer.text == encode_json(expected)
+
+
+@pytest.mark.parametrize("values", [
+    [],
+    [""],
+    ["oAbc_-09", "o" * 28, ""],
+    ['a"b', "c"],
+    ["back\\slash"],
+    ["tab\tnew\nline\x01\x1f", "plain"],
+    ["\x7f", "é中", "\u2028", "\ud800"],  # DEL, non-ASCII, U+2028, a lone surrogate
+])
+def test_strings_json_matches_encode_json(values: list[str]) -> None:
+    assert strings_json(values) == encode_json(values)
 
 
 class UserGetEmpty(_UserGetPaging):
@@ -609,6 +641,41 @@ class MiscTests(SandboxTestCase):
         assert bad.errcode == 40001 and bad.app is None
         assert stable.body["secret"] == "<redacted>" and stable.app == "mp"
         assert token not in repr(self.fake.calls) and creds.oa_secret not in repr(self.fake.calls)
+
+    def test_call_log_keeps_bytes_and_decodes_bodies(self) -> None:
+        token = self.token()
+        creds = self.fake.credentials
+        openid = self.fake.people[0].oa_openid
+        batch = json.dumps({"user_list": [{"openid": openid}]}, ensure_ascii=False).encode()
+        stable = {"grant_type": CC, "appid": creds.oa_appid, "secret": creds.oa_secret,
+                  "force_refresh": False, "x": [1.5, None, "é\u2028"]}
+        bodies: list[tuple[str, str, bytes | str, Any]] = [
+            ("POST", "/cgi-bin/user/info/batchget", batch, {"user_list": [{"openid": openid}]}),
+            ("POST", "/cgi-bin/stable_token", json.dumps(stable, ensure_ascii=False),
+             {**stable, "secret": "<redacted>"}),
+            ("POST", SEND, "openid=x&y=1", "openid=x&y=1"),  # not JSON: the text
+            ("POST", SEND, b"\xff{", "\ufffd{"),  # not UTF-8: decoded with replacements
+            ("POST", "/cgi-bin/user/get", b'"text"', "text"),  # wrong method: still logged
+            ("GET", "/cgi-bin/user/get", b"", None),
+        ]
+        for method, path, body, _ in bodies:
+            self.call_api(method, path, {"access_token": token}, body or None)
+        calls = self.fake.calls[-len(bodies):]
+        for call, (method, path, body, logged) in zip(calls, bodies, strict=True):
+            assert (call.method, call.path) == (method, path)
+            assert call.body == logged
+            if path != "/cgi-bin/stable_token":
+                raw = body.encode() if isinstance(body, str) else body
+                assert call.raw_body == raw
+        assert creds.oa_secret.encode() not in calls[1].raw_body
+        # The control API shows each call with its decoded body, as it always did.
+        response = self.call_api("GET", "/_sandbox/calls", {"limit": str(len(bodies))})
+        shown = json.loads(response.body)["calls"]
+        assert [list(c) for c in shown] == [[
+            "method", "path", "query", "body", "status", "errcode", "at", "app", "fault"
+        ]] * len(bodies)
+        assert [c["body"] for c in shown] == [logged for *_, logged in bodies]
+        assert [c["errcode"] for c in shown] == [c.errcode for c in calls]
 
     def test_scripted_faults(self) -> None:
         path = "/cgi-bin/user/get"

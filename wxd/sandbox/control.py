@@ -15,7 +15,7 @@ import tornado.web
 
 from wxd.sandbox.population import Person
 from wxd.sandbox.runtime import SandboxRuntime
-from wxd.sandbox.state import check_fault_kind
+from wxd.sandbox.state import Call, check_fault_kind
 from wxd.sandbox.webhook_sender import Delivery
 
 
@@ -29,6 +29,21 @@ class _ControlError(Exception):
 def person_json(person: Person) -> dict[str, Any]:
     """A person as the control API shows it (session_key included: this is a test double)."""
     return dataclasses.asdict(person)
+
+
+def call_json(call: Call) -> dict[str, Any]:
+    """A logged call as the control API shows it (the body decoded, not the raw bytes)."""
+    return {
+        "method": call.method,
+        "path": call.path,
+        "query": call.query,
+        "body": call.body,
+        "status": call.status,
+        "errcode": call.errcode,
+        "at": call.at,
+        "app": call.app,
+        "fault": call.fault,
+    }
 
 
 def delivery_json(delivery: Delivery | None) -> dict[str, Any] | None:
@@ -236,7 +251,7 @@ class CallsHandler(ControlHandler):
         calls = [c for c in self.fake.calls if path is None or c.path == path]
         if limit > 0:
             calls = calls[-limit:]
-        return {"count": len(calls), "calls": [dataclasses.asdict(c) for c in calls]}
+        return {"count": len(calls), "calls": [call_json(c) for c in calls]}
 
 
 class InboxHandler(ControlHandler):

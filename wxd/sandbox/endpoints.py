@@ -11,10 +11,11 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from json.encoder import encode_basestring
 from typing import Any
 
-from wxd.sandbox.shapes import encode_json, error_body, user_info, user_info_json
-from wxd.sandbox.state import Call, FakeWeChat
+from wxd.sandbox.shapes import encode_json, error_body, strings_json, user_info, user_info_json
+from wxd.sandbox.state import Call, FakeWeChat, decode_body
 from wxd.sandbox.templates import check_data, check_miniprogram
 from wxd.sandbox.tokens import TokenGrant, TokenRecord
 
@@ -24,10 +25,6 @@ BATCHGET_MAX = 100
 _REDACTED = "<redacted>"
 _SECRET_KEYS = frozenset({"access_token", "secret", "appsecret"})
 _UNPARSED: Any = object()
-
-
-class _NotJSON(str):
-    """A request body that is not JSON (kept as text for the call log)."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,9 @@ class _Ctx:
     parsed: Any = _UNPARSED
 
     def parse(self) -> Any:
-        """The body parsed as JSON once (None if empty, the text if it is not JSON)."""
+        """decode_body(body), decoded once."""
         if self.parsed is _UNPARSED:
-            self.parsed = _parse_body(self.body)
+            self.parsed = decode_body(self.body)
         return self.parsed
 
     def json_body(self) -> dict[str, Any]:
@@ -151,7 +148,7 @@ def _stable_token(ctx: _Ctx) -> dict[str, Any]:
     return _grant(ctx.fake.tokens.issue_stable(app, force))
 
 
-def _user_get(ctx: _Ctx) -> dict[str, Any]:
+def _user_get(ctx: _Ctx) -> dict[str, Any] | _Encoded:
     ctx.require_token("oa")
     fake = ctx.fake
     followers = fake.follower_openids
@@ -168,12 +165,12 @@ def _user_get(ctx: _Ctx) -> dict[str, Any]:
         # The call after the last page (and an empty account): count 0, no "data" key at all.
         return {"total": len(followers), "count": 0, "next_openid": ""}
     # Quirk: every non-empty page, the last one included, carries next_openid = its last openid.
-    return {
-        "total": len(followers),
-        "count": len(page),
-        "data": {"openid": page},
-        "next_openid": page[-1],
-    }
+    # Written directly (10,000 openids a page), as encode_json would write this dict:
+    # {"total": ..., "count": ..., "data": {"openid": page}, "next_openid": page[-1]}.
+    return _Encoded(
+        f'{{"total":{len(followers)},"count":{len(page)},"data":{{"openid":{strings_json(page)}}},'
+        f'"next_openid":{encode_basestring(page[-1])}}}'
+    )
 
 
 def _user_info(ctx: _Ctx) -> dict[str, Any]:
@@ -193,11 +190,13 @@ def _batchget(ctx: _Ctx) -> _Encoded:
     # empty or longer list (the fact sheet names no code for this).
     if not user_list or len(user_list) > BATCHGET_MAX:
         raise _Reject(40032)
+    by_oa_openid = ctx.fake.by_oa_openid
     people = []
     for item in user_list:
-        if not isinstance(item, dict) or not isinstance(item.get("openid"), str):
+        openid = item.get("openid") if isinstance(item, dict) else None
+        if not isinstance(openid, str):
             raise _Reject(47001)
-        person = ctx.fake.by_oa_openid(item["openid"])
+        person = by_oa_openid(openid)
         if person is None:
             raise _Reject(40003)
         people.append(person)
@@ -297,19 +296,14 @@ def _redact(query: Mapping[str, str]) -> dict[str, str]:
     return {k: (_REDACTED if k in _SECRET_KEYS else v) for k, v in query.items()}
 
 
-def _parse_body(body: bytes) -> Any:
-    if not body:
-        return None
-    try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return _NotJSON(body.decode("utf-8", "replace"))
-
-
-def _logged_body(value: Any) -> Any:
+def _logged_body(ctx: _Ctx) -> bytes:
+    """The body as the call log keeps it: as received, unless it is a JSON object with a
+    secret; that is re-encoded with the secret redacted (as ASCII JSON, which decodes back to
+    an equal value: even a lone surrogate survives)."""
+    value = ctx.parse()
     if isinstance(value, dict) and "secret" in value:
-        return {**value, "secret": _REDACTED}
-    return str(value) if isinstance(value, _NotJSON) else value
+        return json.dumps({**value, "secret": _REDACTED}).encode("ascii")
+    return ctx.body
 
 
 def _encode(answer: dict[str, Any] | _Encoded | None) -> tuple[str | None, int | None]:
@@ -363,7 +357,7 @@ def dispatch(
             method=method,
             path=path,
             query=_redact(query),
-            body=_logged_body(ctx.parse()),
+            raw_body=_logged_body(ctx),
             status=status,
             errcode=None if fault in ("hang_after", "reset_after") else errcode,
             at=fake.clock(),

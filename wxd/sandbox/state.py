@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import bisect
+import gc
+import json
 import logging
 import random
 import re
@@ -15,6 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from wxd.sandbox.population import Credentials, Person, generate_people
@@ -34,6 +37,8 @@ _FAULT_RE = re.compile(r"-?[0-9]+|delay:[0-9]+(?:\.[0-9]+)?")
 
 MODES = ("plain", "compat", "safe")
 _MSGID_BASE = 3_487_542_469_355_618_313  # msgids are large int64s, like real ones (§5.5)
+# From this many people on, FakeWeChat ends its set-up with a full GC collection (0.3 s a million).
+_COLLECT_FROM_USERS = 100_000
 
 
 def check_fault_kind(kind: str) -> str:
@@ -43,10 +48,24 @@ def check_fault_kind(kind: str) -> str:
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
+def decode_body(raw: bytes) -> Any:
+    """A request body's JSON value; its text (undecodable bytes replaced) when it is not JSON;
+    None when it is empty."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return raw.decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class Call:
     """One API call as the emulator saw it. Secrets (access_token, secret) are redacted.
 
+    `raw_body` is the request body as received, except that a JSON object with a "secret" is
+    logged re-encoded with that secret redacted. `body` is decode_body(raw_body), decoded on
+    first use: the log keeps bytes, not a long run's worth of parsed objects.
     `app` is "oa"/"mp" when the token or appid named a known app. `errcode` is 0 for a success
     without errcode, None when no JSON was answered (HTTP 500, hang, reset).
     """
@@ -54,12 +73,17 @@ class Call:
     method: str
     path: str
     query: dict[str, str]
-    body: Any
+    raw_body: bytes
     status: int
     errcode: int | None
     at: float
     app: str | None = None
     fault: str | None = None
+
+    @cached_property
+    def body(self) -> Any:
+        """The request body: its JSON value, its text if it is not JSON, None if empty."""
+        return decode_body(self.raw_body)
 
 
 @dataclass(frozen=True)
@@ -128,6 +152,11 @@ class FakeWeChat:
             raise RuntimeError("openid collision in the generated population")
         # user/get lists followers ordered by openid; kept sorted so paging is a bisect.
         self._followers: list[str] = sorted(p.oa_openid for p in self.people if p.follows)
+        if users >= _COLLECT_FROM_USERS:
+            # The people were created with the GC paused: they and the indexes above are all in
+            # the youngest generation, and the first collections while serving would scan them
+            # all (again as they age). One full collection now files them as long-lived.
+            gc.collect()
         self.templates: dict[str, Template] = {t.template_id: t for t in DEFAULT_TEMPLATES}
         self.calls: list[Call] = []
         self.call_log_limit = call_log_limit
