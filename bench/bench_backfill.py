@@ -5,8 +5,10 @@ followers, ~3 ms latency per call), so wall time and peak RSS are per process an
 inherits the other's sandbox call log. `python -m bench.bench_backfill [--quick]`: 1,000,000
 followers (100,000 with --quick) for BOTH sides; nothing is extrapolated. The reference is the
 straightforward script: iter_followers() → chunks of 100 → get_batch → executemany + commit.
-Notes carry the CPU seconds of each process and of its sandbox: on a 2-core machine the sandbox
-(~3 ms of CPU per batchget) and wxd's per-follower store cost bound the wall time.
+wxd runs with its defaults: this is a first sync into an empty database, so the unionid index
+is built once at its end. Notes carry the CPU seconds of each process and of its sandbox: on a
+2-core machine wxd's event loop (HTTP, JSON decoding), its SQLite thread and the sandbox (~1 ms
+of CPU per batchget) share the cores and bound the wall time.
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ def _parse_page(answer: dict[str, Any]) -> tuple[list[str], str, int | None]:
 class FollowerBackfill:
     """Pages /cgi-bin/user/get from the persisted cursor and stores every follower via batchget.
 
-    Per page (≤ 10,000 openids; only that page and the prefetched next one are in memory):
-    chunks of 100 go to batchget through `concurrency` workers and a calls/s limit
-    (`rate_per_s`, 0 = unlimited); each page is stored by ONE db.write that also moves the
+    Per page (≤ 10,000 openids; at most two pages are being fetched, see _sync): chunks of 100
+    go to batchget through `concurrency` workers and a calls/s limit (`rate_per_s`,
+    0 = unlimited); each page is stored by ONE db.write that also moves the
     cursor and counters, so a crash never loses or repeats a counted page. Page writes are
     submitted in order while the next page is fetched; up to QUEUED_PAGES wait, so the group
     commit stores several pages per transaction when SQLite is the slower side (at 1M
