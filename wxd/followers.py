@@ -325,7 +325,7 @@ def apply_user_infos(conn: sqlite3.Connection, infos: Sequence[Mapping[str, Any]
 
 def defer_unionid_index(conn: sqlite3.Connection, max_rows: int) -> bool:
     """Drop the followers_unionid index for a bulk load if the table holds fewer than `max_rows`
-    rows; True if it did. Building it once at the end (restore_unionid_index, or the next
+    rows; True if it is now absent. Building it once at the end (restore_unionid_index, or the next
     Database.open after a crash) costs a fraction of keeping it up to date row by row: each new
     follower is a random insert into it. Until then, lookups by unionid scan the table."""
     rows = conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM followers LIMIT ?)",
