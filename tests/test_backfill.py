@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -10,6 +11,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -334,25 +336,31 @@ class TestDeferredIndex(BackfillTestCase):
             "EXPLAIN QUERY PLAN SELECT * FROM followers WHERE unionid = 'x'")
         return " ".join(row["detail"] for row in rows)
 
-    @gen_test(timeout=60)
-    async def test_first_sync_builds_the_index_at_its_end_and_lookups_stay_right(self) -> None:
-        fake = await self.setup_sandbox(25_000)
-        assert self.db is not None
-        instance = self.backfill()
-        seen_during: list[tuple[bool, bool]] = []
+    @contextlib.contextmanager
+    def index_at_each_page(self, instance: FollowerBackfill) -> Iterator[list[tuple[bool, bool]]]:
+        """(index present, status says deferred) as each page's write stores its followers."""
+        seen: list[tuple[bool, bool]] = []
         real = followers.apply_info_batch
 
         def spying(conn: sqlite3.Connection, batch: followers.InfoBatch, *args: Any,
                    **kwargs: Any) -> list[str]:
             exists = conn.execute("SELECT COUNT(*) FROM sqlite_master"
                                   " WHERE name = 'followers_unionid'").fetchone()[0]
-            seen_during.append((bool(exists), instance.status()["unionid_index_deferred"]))
+            seen.append((bool(exists), instance.status()["unionid_index_deferred"]))
             return real(conn, batch, *args, **kwargs)
 
         with mock.patch.object(followers, "apply_info_batch", spying):
+            yield seen
+
+    @gen_test(timeout=60)
+    async def test_first_sync_builds_the_index_at_its_end_and_lookups_stay_right(self) -> None:
+        fake = await self.setup_sandbox(25_000)
+        assert self.db is not None
+        instance = self.backfill()
+        with self.index_at_each_page(instance) as seen:
             status = await self.run_to_end(instance)
         assert status["state"] == "done" and status["followers_done"] == 25_000
-        assert seen_during == [(False, True)] * 3
+        assert seen == [(False, True)] * 3
         assert not status["unionid_index_deferred"]
         assert await self.index_exists()
         assert "followers_unionid" in await self.lookup_plan()
@@ -363,23 +371,31 @@ class TestDeferredIndex(BackfillTestCase):
         await self.assert_all_stored(25_000)
 
     @gen_test(timeout=60)
-    async def test_kept_when_followers_are_stored_one_page_or_disabled(self) -> None:
+    async def test_kept_when_followers_are_stored_or_when_disabled(self) -> None:
         await self.setup_sandbox(25_000)
         assert self.db is not None
 
-        def some_followers(conn: sqlite3.Connection) -> None:
+        def only_some_followers(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM followers")
             followers.apply_user_infos(conn, [{"openid": f"known-{i}", "subscribe": 0}
                                               for i in range(DEFER_INDEX_MAX_ROWS)], 1.0, 1.0)
 
-        await self.db.write(some_followers)
-        for instance in (self.backfill(), self.backfill(defer_index=False)):
-            dropped = mock.patch.object(followers, "defer_unionid_index",
-                                        wraps=followers.defer_unionid_index)
-            with dropped as spy:
+        # Disabled, into an empty table; then enabled, with exactly the limit already stored.
+        for instance in (self.backfill(defer_index=False), self.backfill()):
+            with self.index_at_each_page(instance) as seen:
                 status = await self.run_to_end(instance)
             assert status["state"] == "done" and status["followers_done"] == 25_000
-            assert await self.index_exists()
-            assert spy.call_count == (1 if instance is self.instances[0] else 0)
+            assert seen == [(True, False)] * 3
+            await self.db.write(only_some_followers)
+
+    @gen_test(timeout=60)
+    async def test_kept_for_an_account_of_one_page(self) -> None:
+        await self.setup_sandbox(10_000)
+        instance = self.backfill()
+        with self.index_at_each_page(instance) as seen:
+            status = await self.run_to_end(instance)
+        assert status["state"] == "done" and status["followers_done"] == 10_000
+        assert seen == [(True, False)]
 
     @gen_test(timeout=60)
     async def test_a_halted_first_sync_rebuilds_it_and_a_crash_is_repaired_on_open(self) -> None:
