@@ -173,20 +173,16 @@ class KeepAliveClient:
         try:
             stream, reused = await self._checkout(origin, min(connect_timeout_s,
                                                               deadline - loop.time()))
-            try:
-                return await self._exchange(stream, origin, method, target, headers, body,
-                                            deadline)
-            except _Stale:
-                if not (reused and replay_safe):
-                    raise FetchError("connection closed before an answer") from None
+            while True:  # at most twice: the resend goes on a new connection (reused False)
+                try:
+                    return await self._exchange(stream, origin, method, target, headers, body,
+                                                deadline)
+                except _Stale:
+                    if not (reused and replay_safe):
+                        raise FetchError("connection closed before an answer") from None
                 self.stats.count("retried_stale")
-            stream, _ = await self._connect(origin, min(connect_timeout_s,
-                                                        deadline - loop.time()))
-            try:
-                return await self._exchange(stream, origin, method, target, headers, body,
-                                            deadline)
-            except _Stale:
-                raise FetchError("connection closed before an answer") from None
+                stream, reused = await self._connect(origin, min(connect_timeout_s,
+                                                                 deadline - loop.time()))
         finally:
             self._slots.release()
 
