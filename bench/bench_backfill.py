@@ -47,11 +47,11 @@ def _child(args: list[str]) -> dict[str, Any]:
 
 async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float) -> dict[str, Any]:
     from wxd.backfill import FollowerBackfill
-    from wxd.db import Database
     from wxd.sandbox import Credentials
+    from wxd.store.db import Database
     from wxd.tokens import TokenManager
-    from wxd.upstream import KeepAliveClient
-    from wxd.wechat import OfficialAccountAPI, WeChatClient
+    from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+    from wxd.wechat.transport import KeepAliveClient
 
     http = KeepAliveClient(concurrency + 4)
     client = WeChatClient(http, base_url, 10.0, 60.0)

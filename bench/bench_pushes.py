@@ -4,7 +4,7 @@ N pushes (10,000; 2,000 with --quick) through the sandbox answering template/sen
 Deliveries/s = pushes durably recorded `sent` per second (wxd) or answered errcode 0
 (references), all at the same concurrency:
   (a) ceiling: a bare async client posting the same bodies over the same keep-alive
-      transport as wxd (wxd.upstream.KeepAliveClient), no queue, no database — so the ratio
+      transport as wxd (wxd.wechat.transport.KeepAliveClient), no queue, no database — so the ratio
       is the cost of the queue, the database and the workers;
   (b) wechatpy: client.message.send_template in a ThreadPoolExecutor of the same size;
   (info) tornado's AsyncHTTPClient as the bare client (a new connection per request).
@@ -31,17 +31,17 @@ import tornado.httpserver
 import tornado.netutil
 
 from bench.common import Result, SandboxProcess, format_table
-from wxd import followers
 from wxd.admin import common_kwargs, make_app
 from wxd.admin import pushes as pushes_admin
-from wxd.db import Database
 from wxd.metrics import Registry
+from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService
 from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, Person, SandboxThread
+from wxd.store import followers
+from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import OfficialAccountAPI, WeChatClient
-from wxd.workers import PushWorkers
+from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 N, QUICK_N = 10_000, 2_000
 CONCURRENCY = 32

@@ -26,11 +26,11 @@ from wechatpy import WeChatClient as WeChatPyClient
 from wechatpy.session.memorystorage import MemoryStorage
 
 from bench.common import Result, format_table
-from wxd.db import Database
 from wxd.sandbox import FakeWeChat, SandboxThread
+from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 CALLERS = 1000
 LATENCY_S = 0.03  # a plausible round trip to api.weixin.qq.com

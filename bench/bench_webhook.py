@@ -35,8 +35,8 @@ import tornado.httpserver
 import tornado.web
 
 from bench.common import Result, format_table, wrk_path
-from wxd.crypto import MessageCrypto, sign
-from wxd.messages import render_event_xml
+from wxd.wechat.crypto import MessageCrypto, sign
+from wxd.wechat.messages import render_event_xml
 
 TOKEN = "benchtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
@@ -113,7 +113,7 @@ class WechatpyHandler(tornado.web.RequestHandler):
 
 
 async def _serve(kind: str, db_path: str) -> None:
-    from wxd.db import Database
+    from wxd.store.db import Database
     from wxd.webhook import Webhook, make_app
 
     db = None

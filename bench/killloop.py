@@ -41,8 +41,8 @@ from tests.proof_helpers import (
     wait_until,
     write_config,
 )
-from wxd.messages import parse_message, parse_xml
 from wxd.sandbox import FakeWeChat, SandboxThread, WebhookSender
+from wxd.wechat.messages import parse_message, parse_xml
 
 # Issue 10's kinds plus "reset_after": WeChat processed the call and the answer was lost,
 # which is what client_msg_id is for (a kill mid-send is the other way to get there).

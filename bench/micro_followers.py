@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from wxd import followers
-from wxd.db import Database
 from wxd.sandbox.population import Credentials, generate_people
 from wxd.sandbox.shapes import user_info
+from wxd.store import followers
+from wxd.store.db import Database
 
 Apply = Callable[..., list[str]]
 PER = 100_000

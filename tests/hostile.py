@@ -2,7 +2,7 @@
 
 Every generated request must be refused (4xx) and must change nothing. Used by
 tests/test_hostile.py against a real `wxd run` process; importable by bench/. Builds requests
-with wxd.crypto/wxd.messages and pycryptodome; sends them with tornado's AsyncHTTPClient.
+with wxd.wechat.crypto/wxd.wechat.messages and pycryptodome; sends them with tornado's AsyncHTTPClient.
 """
 
 from __future__ import annotations

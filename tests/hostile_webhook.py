@@ -1,6 +1,6 @@
 """Hostile webhook requests: each family builds requests with exactly one defect.
 
-Part of the hostile-input generator (tests/hostile.py). Uses wxd.crypto, wxd.messages and
+Part of the hostile-input generator (tests/hostile.py). Uses wxd.wechat.crypto, wxd.wechat.messages and
 pycryptodome to sign and encrypt exactly as WeChat would, except for the chosen defect.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from Crypto.Cipher import AES
 
 from tests.hostile_model import Attack, Target, expect
-from wxd.crypto import MessageCrypto, decode_aes_key, sign
-from wxd.messages import render_event_xml
+from wxd.wechat.crypto import MessageCrypto, decode_aes_key, sign
+from wxd.wechat.messages import render_event_xml
 
 
 class WebhookGen:

@@ -22,16 +22,18 @@ import tornado.netutil
 from tornado.testing import AsyncTestCase, gen_test
 
 from tests.sandbox_fixture import FakeClock
-from wxd import admin, backfillstore, followers
+from wxd import admin
 from wxd.admin import backfill as backfill_admin
 from wxd.backfill import DEFER_INDEX_MAX_ROWS, FollowerBackfill
-from wxd.db import Database
 from wxd.metrics import Registry
 from wxd.pacing import RateLimiter, backoff_s, next_beijing_midnight, until_next_minute_s
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.sandbox.population import Person
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import OfficialAccountAPI, WeChatClient
+from wxd.store import backfill as backfill_store
+from wxd.store import followers
+from wxd.store.db import Database
+from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 USER_GET = "/cgi-bin/user/get"
 BATCHGET = "/cgi-bin/user/info/batchget"
@@ -255,7 +257,7 @@ class TestResume(BackfillTestCase):
         await self.wait_for(lambda: len(self.calls(BATCHGET)) >= 1)
         await first.stop()
         assert self.db is not None
-        row = await self.db.read(backfillstore.load)
+        row = await self.db.read(backfill_store.load)
         assert row.state == "running" and row.pages_done == 1  # page 1 finished, then halted
         assert row.cursor == self.fake.follower_openids[row.pages_done * 10_000 - 1]
         assert row.followers_done == row.pages_done * 10_000
@@ -304,7 +306,7 @@ class TestResume(BackfillTestCase):
         await asyncio.gather(task, return_exceptions=True)
         assert self.db is not None
         await self.db.write(lambda conn: None)  # writes already queued have landed
-        row = await self.db.read(backfillstore.load)
+        row = await self.db.read(backfill_store.load)
         assert row.state == "running"
         done_pages = row.pages_done
         assert 1 <= done_pages < 3

@@ -1,4 +1,4 @@
-"""Known-answer, tamper, interop and property tests for wxd.crypto (wechat-api.md §4, §8.3, §13)."""
+"""Known-answer, tamper, interop and property tests for wxd.wechat.crypto (wechat-api.md §4, §8.3, §13)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wechatpy.crypto import WeChatCrypto
 
-from wxd.crypto import (
+from wxd.errors import DecryptError, MiniProgramError, SessionKeyError, WatermarkError
+from wxd.wechat.crypto import (
     MessageCrypto,
     check_signature,
     decode_aes_key,
@@ -21,7 +22,6 @@ from wxd.crypto import (
     session_signature,
     sign,
 )
-from wxd.errors import DecryptError, MiniProgramError, SessionKeyError, WatermarkError
 
 # §13.3: WeCom vector from wechatpy's tests (corp id in place of the appid).
 V3_TOKEN = "123456"

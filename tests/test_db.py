@@ -13,10 +13,10 @@ import tempfile
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
 
-from wxd import db as dbmod
-from wxd.db import Database, backup_file, migrate
 from wxd.errors import LockedError, StorageError
-from wxd.schema import MIGRATIONS, REBUILT_ON_OPEN
+from wxd.store import db as dbmod
+from wxd.store.db import Database, backup_file, migrate
+from wxd.store.schema import MIGRATIONS, REBUILT_ON_OPEN
 
 
 def tables(conn: sqlite3.Connection) -> set[str]:
@@ -215,7 +215,7 @@ class DatabaseTest(AsyncTestCase):
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "x.lock")
-    code = ("import sys, time; from wxd.db import FileLock; FileLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from wxd.store.db import FileLock; FileLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
     try:

@@ -11,19 +11,20 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
 
-from wxd import followers, inbox, pushqueue
-from wxd.crypto import MessageCrypto
-from wxd.db import Database
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.events import EventRouter, EventWorkers, backoff_s, is_retryable
 from wxd.linking import Linking
-from wxd.messages import Message, parse_message
 from wxd.metrics import Registry
 from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
+from wxd.store import followers, inbox
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.upstream import KeepAliveClient
 from wxd.webhook import Webhook, make_app
-from wxd.wechat import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.crypto import MessageCrypto
+from wxd.wechat.messages import Message, parse_message
+from wxd.wechat.transport import KeepAliveClient
 
 T0 = 1_700_000_000.0
 
@@ -149,17 +150,17 @@ class RouterTest(EventsCase):
         assert tuple(row) == ("3487542469355618313", "failed: system failed", "oA")
 
         def sent_push(conn: Any) -> str:
-            push = pushqueue.NewPush(pushqueue.new_push_id(), None, {"oa_openid": "oB"}, "oB",
+            push = push_store.NewPush(push_store.new_push_id(), None, {"oa_openid": "oB"}, "oB",
                                      "tpl", {"touser": "oB", "template_id": "tpl", "data": {}})
-            pushqueue.insert(conn, push, T0)
-            pushqueue.lease(conn, T0, 1, 60)
-            pushqueue.mark_sent(conn, push.id, "777", T0)
+            push_store.insert(conn, push, T0)
+            push_store.lease(conn, T0, 1, 60)
+            push_store.mark_sent(conn, push.id, "777", T0)
             return push.id
 
         push_id = await self.db.write(sent_push)
         delivered = event("oB", "TEMPLATESENDJOBFINISH", MsgID="777", Status="success")
         assert await self.router.handle(delivered) == "delivery_matched"
-        push = await self.db.read(lambda conn: pushqueue.get(conn, push_id))
+        push = await self.db.read(lambda conn: push_store.get(conn, push_id))
         assert push is not None and push["status"] == "delivered"
         transitions = self.metrics.counter("wxd_pushes_total", "", ("status",))
         assert transitions.get(status="delivered") == 1

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from wxd import followers
-from wxd.db import Database
+from wxd.store import followers
+from wxd.store.db import Database
 
 T = TypeVar("T")
 

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 
 from tests.helpers import ADMIN_TOKEN, free_port, sandbox_config_text, wait_for_port
 from tests.hostile import Target, admin_error_problem, generate, send_all
-from wxd.crypto import MessageCrypto, check_signature, decrypt_mp_data, sign
-from wxd.db import Database
 from wxd.errors import DecryptError, MessageError, MiniProgramError
-from wxd.messages import message_from_json, parse_message
 from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, SandboxThread
+from wxd.store.db import Database
 from wxd.webhook import Rejected, Webhook
+from wxd.wechat.crypto import MessageCrypto, check_signature, decrypt_mp_data, sign
+from wxd.wechat.messages import message_from_json, parse_message
 
 # A request could write these; each must have exactly as many rows after the campaign.
 TABLES = ("inbox", "jobs", "pushes", "followers", "mp_users", "links", "delivery_reports")

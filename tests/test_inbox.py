@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from wxd import inbox
-from wxd.db import migrate
-from wxd.messages import Message, TemplateSendJobFinish, parse_message
+from wxd.store import inbox
+from wxd.store.db import migrate
+from wxd.wechat.messages import Message, TemplateSendJobFinish, parse_message
 
 T0 = 1_700_000_000.0
 

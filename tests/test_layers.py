@@ -1,4 +1,15 @@
-"""The import direction of style.md §1, checked with ast: a module imports only lower layers."""
+"""The package rules of the architecture, checked with ast. This test is their source of truth.
+
+    base  <  wechat/  <  store/  <  services  <  HTTP surface  <  top        sandbox/ apart
+
+A module imports only from its own level or lower ones; on top of that:
+- base modules (errors, config, metrics, clock, ...) use the standard library only;
+- wechat/ (the protocol) never imports aiosqlite or tornado.web;
+- store/ (every SQL statement) never imports tornado;
+- services never import tornado.web;
+- the sandbox imports base and wechat/ only, and only the CLI and the demo import it;
+- no function-level import of a wxd module (move the code instead of dodging a cycle).
+"""
 
 from __future__ import annotations
 
@@ -9,29 +20,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "wxd"
 
-LAYERS: dict[str, int] = {
-    "wxd": 0, "wxd.errors": 0, "wxd.config": 0, "wxd.metrics": 0, "wxd.sdnotify": 0,
-    "wxd.logsetup": 0, "wxd.pacing": 0,
-    "wxd.crypto": 1, "wxd.messages": 1, "wxd.templates": 1,
-    "wxd.schema": 2, "wxd.db": 2, "wxd.upstream": 2, "wxd.wechat": 2, "wxd.inbox": 2, "wxd.followers": 2,
-    "wxd.pushqueue": 2, "wxd.backfillstore": 2,
-    "wxd.tokens": 3, "wxd.linking": 3, "wxd.events": 3, "wxd.pushes": 3, "wxd.workers": 3,
-    "wxd.backfill": 3, "wxd.stats": 3,
-    "wxd.webhook": 4, "wxd.admin": 4,
-    "wxd.daemon": 5, "wxd.cli": 5, "wxd.demo": 5, "wxd.__main__": 5, "wxd.client": 5, "wxd.cliadmin": 5,
-    "wxd.sandbox": 9,  # side module: see SANDBOX_MAY_IMPORT
-}
-SANDBOX_MAY_IMPORT = {"wxd", "wxd.errors", "wxd.crypto", "wxd.messages"}
+LEVELS = ("base", "wechat", "store", "service", "http", "top")
+BASE = {"wxd", "wxd.errors", "wxd.config", "wxd.metrics", "wxd.clock", "wxd.logsetup",
+        "wxd.sdnotify"}
+HTTP_SURFACE = {"wxd.webhook", "wxd.admin", "wxd.ui"}
+TOP = {"wxd.daemon", "wxd.cli", "wxd.cliadmin", "wxd.client", "wxd.demo", "wxd.doctor",
+       "wxd.__main__"}
 MAY_IMPORT_SANDBOX = {"wxd.cli", "wxd.demo"}
-NO_IO_FRAMEWORKS = {"tornado", "aiosqlite"}
-# Same-layer imports that are part of the design (a short, explicit list).
-SAME_LAYER_OK = {
-    ("wxd.config", "wxd.errors"), ("wxd.metrics", "wxd.errors"), ("wxd.db", "wxd.schema"),
-    ("wxd.followers", "wxd.schema"),
-    ("wxd.__main__", "wxd.cli"), ("wxd.cli", "wxd.daemon"), ("wxd.cli", "wxd.demo"),
-    ("wxd.cli", "wxd.client"), ("wxd.cli", "wxd.cliadmin"), ("wxd.cliadmin", "wxd.client"),
-    ("wxd.demo", "wxd.daemon"), ("wxd.demo", "wxd.client"),
-    ("wxd.crypto", "wxd.messages"), ("wxd.wechat", "wxd.upstream"),
+FORBIDDEN: dict[str, tuple[str, ...]] = {  # level -> third-party modules it must not import
+    "base": ("tornado", "aiosqlite"),
+    "wechat": ("aiosqlite", "tornado.web"),
+    "store": ("tornado",),
+    "service": ("tornado.web",),
+    "sandbox": ("aiosqlite",),
 }
 
 
@@ -42,72 +43,104 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def layer_key(module: str) -> str:
-    """The LAYERS key for a module: itself, else its nearest listed package."""
+def level(module: str) -> str:
+    """The level of a wxd module: by its package, else by the lists above, else a service."""
     parts = module.split(".")
-    while parts:
-        candidate = ".".join(parts)
-        if candidate in LAYERS:
-            return candidate
-        parts.pop()
-    raise KeyError(module)
+    if len(parts) > 1 and parts[1] in ("wechat", "store", "sandbox"):
+        return {"wechat": "wechat", "store": "store", "sandbox": "sandbox"}[parts[1]]
+    top_module = ".".join(parts[:2])
+    if module in BASE:
+        return "base"
+    if top_module in HTTP_SURFACE:
+        return "http"
+    if top_module in TOP:
+        return "top"
+    return "service"
 
 
-def imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
-    """(imported module, line, is_top_level) for every import in the file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+def imports(tree: ast.Module) -> list[tuple[str, int, bool]]:
+    """(imported module, line, is_top_level) for every absolute import in the tree."""
     top = {id(node) for node in tree.body}
-    type_checking_blocks: set[int] = set()
+    type_checking: set[int] = set()
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            type_checking_blocks.update(id(child) for child in ast.walk(node))
+            type_checking.update(id(child) for child in ast.walk(node))
     found: list[tuple[str, int, bool]] = []
     for node in ast.walk(tree):  # type: ignore[assignment]
-        toplevel = id(node) in top or id(node) in type_checking_blocks
+        toplevel = id(node) in top or id(node) in type_checking
         if isinstance(node, ast.Import):
             found.extend((alias.name, node.lineno, toplevel) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append((node.module, node.lineno, toplevel))
-            # `from wxd import x` imports the module wxd.x when it is one.
-            if node.module == "wxd":
-                found.extend((f"wxd.{alias.name}", node.lineno, toplevel) for alias in node.names
-                             if (ROOT / f"{alias.name}.py").exists()
-                             or (ROOT / alias.name).is_dir())
+            # `from wxd.store import x` imports the module wxd.store.x when it is one.
+            base = ROOT.parent / node.module.replace(".", "/")
+            found.extend((f"{node.module}.{alias.name}", node.lineno, toplevel)
+                         for alias in node.names
+                         if (base / f"{alias.name}.py").exists() or (base / alias.name).is_dir())
+    return found
+
+
+def problems(module: str, tree: ast.Module) -> list[str]:
+    """Every broken rule in one module's imports, as readable lines."""
+    mine = level(module)
+    found: list[str] = []
+    for target, line, toplevel in imports(tree):
+        where = f"{module}:{line} imports {target}"
+        for banned in FORBIDDEN.get(mine, ()):
+            if target == banned or target.startswith(banned + "."):
+                found.append(f"{where}: {mine} modules never import {banned}")
+        if target.split(".")[0] != "wxd" or target == "wxd":
+            continue
+        if not toplevel:
+            found.append(f"{where}: function-level import of a wxd module")
+        theirs = level(target)
+        if theirs == "sandbox":
+            if mine != "sandbox" and module not in MAY_IMPORT_SANDBOX:
+                found.append(f"{where}: only the CLI and the demo import the sandbox")
+        elif mine == "sandbox":
+            if theirs not in ("base", "wechat"):
+                found.append(f"{where}: the sandbox imports base and wechat/ only")
+        elif LEVELS.index(theirs) > LEVELS.index(mine):
+            found.append(f"{where}: {theirs} is above {mine}")
     return found
 
 
 FILES = sorted(ROOT.rglob("*.py"))
 
 
-def test_every_module_has_a_layer() -> None:
+@pytest.mark.parametrize("path", FILES, ids=module_name)
+def test_imports_follow_the_package_rules(path: pathlib.Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    assert problems(module_name(path), tree) == []
+
+
+@pytest.mark.parametrize(("module", "source", "broken"), [
+    ("wxd.store.pushes", "from wxd.push_workers import PushWorkers", "service is above store"),
+    ("wxd.db", "import tornado.web", "never import tornado"),
+    ("wxd.wechat.client", "from wxd.store.db import Database", "store is above wechat"),
+    ("wxd.wechat.crypto", "import aiosqlite", "never import aiosqlite"),
+    ("wxd.pushes", "from wxd.admin.base import JsonHandler", "http is above service"),
+    ("wxd.events", "import tornado.web", "never import tornado.web"),
+    ("wxd.webhook", "from wxd.sandbox import FakeWeChat", "only the CLI and the demo"),
+    ("wxd.sandbox.state", "from wxd.store import followers", "base and wechat/ only"),
+    ("wxd.errors", "import tornado", "never import tornado"),
+    ("wxd.linking", "def f():\n    from wxd.store import followers", "function-level"),
+])
+def test_each_rule_catches_a_bad_import(module: str, source: str, broken: str) -> None:
+    found = problems(module, ast.parse(source))
+    assert any(broken in line for line in found), found
+
+
+def test_no_sql_outside_the_store() -> None:
+    """Every SQL statement lives in wxd/store/ (the sandbox keeps no database)."""
+    keywords = ("SELECT ", "INSERT INTO", "UPDATE ", "DELETE FROM", "CREATE TABLE",
+                "CREATE INDEX", "PRAGMA ")
+    offenders = []
     for path in FILES:
-        layer_key(module_name(path))
-
-
-@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
-def test_imports_point_down(path: pathlib.Path) -> None:
-    me = module_name(path)
-    my_key = layer_key(me)
-    my_layer = LAYERS[my_key]
-    for target, line, toplevel in imports(path):
-        where = f"{me}:{line} imports {target}"
-        root = target.split(".")[0]
-        if my_layer <= 1 and root in NO_IO_FRAMEWORKS:
-            pytest.fail(f"{where}: layers 0-1 stay free of tornado/aiosqlite")
-        if root != "wxd" or target == "wxd":
+        if module_name(path).startswith("wxd.store"):
             continue
-        assert toplevel, f"{where}: function-level import of a wxd module"
-        other_key = layer_key(target)
-        if other_key == "wxd.sandbox":
-            assert my_key == "wxd.sandbox" or me in MAY_IMPORT_SANDBOX, \
-                f"{where}: only the CLI and demo may import the sandbox"
-            continue
-        if my_key == "wxd.sandbox":
-            assert other_key in SANDBOX_MAY_IMPORT, f"{where}: the sandbox imports L0/L1 only"
-            continue
-        if other_key == my_key and my_key in ("wxd.admin",):
-            continue  # admin route modules share admin.base
-        if (my_key, other_key) in SAME_LAYER_OK:
-            continue
-        assert LAYERS[other_key] < my_layer, \
-            f"{where}: layer {LAYERS[other_key]} is not below layer {my_layer}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and any(node.value.lstrip().upper().startswith(k) for k in keywords)):
+                offenders.append(f"{module_name(path)}:{node.lineno}")
+    assert offenders == []

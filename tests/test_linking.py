@@ -21,15 +21,15 @@ from Crypto.Util.Padding import pad
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
 from tests.helpers import ADMIN_TOKEN
-from wxd import followers
 from wxd.admin import common_kwargs, make_app
 from wxd.admin.users import routes
-from wxd.db import Database
 from wxd.linking import Linking, LinkingError
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.store import followers
+from wxd.store.db import Database
+from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 # Official MP encryptedData vector (wechat-api.md §13 item 5).
 VECTOR_APPID = "wx4f4bc4dec97d474b"

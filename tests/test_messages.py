@@ -1,4 +1,4 @@
-"""Tests for wxd.messages: §5 samples, hostile XML, dedupe keys, JSON round trip, rendering."""
+"""Tests for wxd.wechat.messages: §5 samples, hostile XML, dedupe keys, JSON round trip, rendering."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wxd.errors import MessageError
-from wxd.messages import (
+from wxd.wechat.messages import (
     MAX_XML_BYTES,
     Message,
     OtherMessage,

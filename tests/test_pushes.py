@@ -19,11 +19,10 @@ from tornado.testing import AsyncHTTPTestCase, gen_test
 
 from tests.helpers import ADMIN_TOKEN
 from tests.sandbox_fixture import FakeClock
-from wxd import followers, pushqueue
 from wxd.admin import common_kwargs, make_app
 from wxd.admin import pushes as pushes_admin
-from wxd.db import Database
 from wxd.metrics import Registry
+from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService, _load_templates, _save_templates
 from wxd.sandbox import (
     LEGACY_TEMPLATE_ID,
@@ -33,10 +32,12 @@ from wxd.sandbox import (
     Person,
     SandboxServer,
 )
+from wxd.store import followers
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import OfficialAccountAPI, WeChatClient
-from wxd.workers import PushWorkers
+from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 TEMPLATES_PATH = "/cgi-bin/template/get_all_private_template"
 SEND_PATH = "/cgi-bin/message/template/send"
@@ -54,7 +55,7 @@ class PushCase(AsyncHTTPTestCase):
 
     mini_program = True
     request_timeout_s = 5.0
-    keep_alive = True  # False: a connection per send, so a reset is never resent by upstream.py
+    keep_alive = True  # False: a connection per send, so a reset is never resent by transport.py
 
     def get_app(self) -> tornado.web.Application:
         self.clock = FakeClock()
@@ -358,8 +359,8 @@ class EnqueueTest(PushCase):
         status, _ = await self.call("POST", "/v1/pushes/p_nope/cancel")
         self.assertEqual(status, 404)
         now = self.clock()
-        await self.db.write(lambda c: (pushqueue.lease(c, now, 1, 60),
-                                       pushqueue.mark_failed(c, b, now, 43004, "rejected",
+        await self.db.write(lambda c: (push_store.lease(c, now, 1, 60),
+                                       push_store.mark_failed(c, b, now, 43004, "rejected",
                                                              "require subscribe")))
         status, answer = await self.call("POST", f"/v1/pushes/{b}/retry")
         self.assertEqual((status, answer["status"], answer["attempts"]), (200, "queued", 0))
@@ -432,7 +433,7 @@ class NoMiniProgramTest(PushCase):
 def test_template_cache_rows_roundtrip(tmp_path: Any) -> None:
     import sqlite3
 
-    from wxd.db import migrate
+    from wxd.store.db import migrate
 
     conn = sqlite3.connect(str(tmp_path / "t.db"), isolation_level=None)
     conn.row_factory = sqlite3.Row

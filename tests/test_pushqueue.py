@@ -1,4 +1,4 @@
-"""wxd.pushqueue: the push state machine, one contract suite on :memory: and on a file DB."""
+"""wxd.store.pushes: the push state machine, one contract suite on :memory: and on a file DB."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from wxd import pushqueue
-from wxd.db import migrate
+from wxd.store import pushes as push_store
+from wxd.store.db import migrate
 
 NOW = 1_700_000_000.0
 
@@ -28,8 +28,8 @@ def add(conn: sqlite3.Connection, n: int = 1, *, key: str | None = None, now: fl
         openid: str = "oA") -> list[str]:
     ids = []
     for _ in range(n):
-        push_id = pushqueue.new_push_id()
-        pushqueue.insert(conn, pushqueue.NewPush(
+        push_id = push_store.new_push_id()
+        push_store.insert(conn, push_store.NewPush(
             push_id, key, {"unionid": "u1"}, openid, "T1",
             {"touser": openid, "template_id": "T1", "data": {"k": {"value": "中文"}}}), now)
         ids.append(push_id)
@@ -37,13 +37,13 @@ def add(conn: sqlite3.Connection, n: int = 1, *, key: str | None = None, now: fl
 
 
 def status(conn: sqlite3.Connection, push_id: str) -> str:
-    push = pushqueue.get(conn, push_id)
+    push = push_store.get(conn, push_id)
     assert push is not None
     return str(push["status"])
 
 
 def test_push_ids_fit_client_msg_id() -> None:
-    ids = {pushqueue.new_push_id() for _ in range(1000)}
+    ids = {push_store.new_push_id() for _ in range(1000)}
     assert len(ids) == 1000
     for push_id in ids:
         assert len(push_id) == 22 and push_id.startswith("p_")
@@ -52,95 +52,95 @@ def test_push_ids_fit_client_msg_id() -> None:
 
 def test_insert_and_get(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn, key="order-1")
-    push = pushqueue.get(conn, push_id)
+    push = push_store.get(conn, push_id)
     assert push is not None
     assert push["status"] == "queued" and push["attempts"] == 0
     assert push["to"] == {"unionid": "u1"} and push["oa_openid"] == "oA"
     assert push["next_attempt_at"] == NOW and push["client_msg_id"] == push_id
-    assert pushqueue.by_idempotency_key(conn, "order-1") == push
-    assert pushqueue.get(conn, "p_missing") is None
+    assert push_store.by_idempotency_key(conn, "order-1") == push
+    assert push_store.get(conn, "p_missing") is None
     with pytest.raises(sqlite3.IntegrityError):
         add(conn, key="order-1")
 
 
 def test_lease_records_the_attempt_and_body_carries_client_msg_id(conn: sqlite3.Connection) -> None:
     ids = add(conn, 3)
-    leased = pushqueue.lease(conn, NOW + 1, 2, 60)
+    leased = push_store.lease(conn, NOW + 1, 2, 60)
     assert len(leased) == 2
     for item in leased:
         assert item.attempts == 1
         body = item.wechat_body()
         assert body["client_msg_id"] == item.id and body["data"]["k"]["value"] == "中文"
-        push = pushqueue.get(conn, item.id)
+        push = push_store.get(conn, item.id)
         assert push is not None
         assert push["status"] == "sending" and push["last_attempt_at"] == NOW + 1
-    rest = pushqueue.lease(conn, NOW + 1, 10, 60)
+    rest = push_store.lease(conn, NOW + 1, 10, 60)
     assert [r.id for r in rest] == [i for i in ids if i not in {x.id for x in leased}]
-    assert pushqueue.lease(conn, NOW + 1, 10, 60) == []
+    assert push_store.lease(conn, NOW + 1, 10, 60) == []
 
 
 def test_lease_only_due(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn)
-    assert len(pushqueue.lease(conn, NOW, 1, 60)) == 1
-    assert pushqueue.mark_retry(conn, push_id, NOW, NOW + 30, -1, "wechat_error", "system error")
-    push = pushqueue.get(conn, push_id)
+    assert len(push_store.lease(conn, NOW, 1, 60)) == 1
+    assert push_store.mark_retry(conn, push_id, NOW, NOW + 30, -1, "wechat_error", "system error")
+    push = push_store.get(conn, push_id)
     assert push is not None
     assert push["status"] == "queued" and push["attempts"] == 1 and push["errcode"] == -1
     assert push["next_attempt_at"] == NOW + 30
-    assert pushqueue.next_due(conn) == NOW + 30
-    assert pushqueue.lease(conn, NOW + 29, 5, 60) == []
-    [again] = pushqueue.lease(conn, NOW + 30, 5, 60)
+    assert push_store.next_due(conn) == NOW + 30
+    assert push_store.lease(conn, NOW + 29, 5, 60) == []
+    [again] = push_store.lease(conn, NOW + 30, 5, 60)
     assert again.attempts == 2
 
 
 def test_sent_then_report(conn: sqlite3.Connection) -> None:
     a, b = add(conn, 2)
-    pushqueue.lease(conn, NOW, 2, 60)
-    assert pushqueue.mark_sent(conn, a, "1001", NOW + 1) == "sent"
-    assert pushqueue.mark_sent(conn, b, "1002", NOW + 1) == "sent"
-    assert pushqueue.mark_sent(conn, b, "1002", NOW + 1) == ""  # no longer sending
-    assert pushqueue.report_delivery(conn, 1001, "success", "oA", NOW + 2)
-    assert pushqueue.report_delivery(conn, "1002", "failed:user block", "oA", NOW + 2)
+    push_store.lease(conn, NOW, 2, 60)
+    assert push_store.mark_sent(conn, a, "1001", NOW + 1) == "sent"
+    assert push_store.mark_sent(conn, b, "1002", NOW + 1) == "sent"
+    assert push_store.mark_sent(conn, b, "1002", NOW + 1) == ""  # no longer sending
+    assert push_store.report_delivery(conn, 1001, "success", "oA", NOW + 2)
+    assert push_store.report_delivery(conn, "1002", "failed:user block", "oA", NOW + 2)
     assert status(conn, a) == "delivered"
-    failed = pushqueue.get(conn, b)
+    failed = push_store.get(conn, b)
     assert failed is not None
     assert failed["status"] == "failed" and failed["error"] == "failed:user block"
     assert failed["error_code"] == "delivery_failed" and failed["msgid"] == "1002"
     # A repeated report matches and changes nothing.
-    assert pushqueue.report_delivery(conn, "1001", "failed: system failed", "oA", NOW + 3)
+    assert push_store.report_delivery(conn, "1001", "failed: system failed", "oA", NOW + 3)
     assert status(conn, a) == "delivered"
 
 
 def test_report_before_send_answer_is_applied_at_mark_sent(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn)
-    pushqueue.lease(conn, NOW, 1, 60)
-    assert not pushqueue.report_delivery(conn, "2001", "success", "oA", NOW + 1)
-    assert pushqueue.mark_sent(conn, push_id, "2001", NOW + 2) == "delivered"
+    push_store.lease(conn, NOW, 1, 60)
+    assert not push_store.report_delivery(conn, "2001", "success", "oA", NOW + 1)
+    assert push_store.mark_sent(conn, push_id, "2001", NOW + 2) == "delivered"
     assert status(conn, push_id) == "delivered"
     assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
 
 
 def test_early_report_for_another_openid_does_not_apply(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn)
-    pushqueue.lease(conn, NOW, 1, 60)
-    assert not pushqueue.report_delivery(conn, "3001", "success", "oSomeoneElse", NOW)
-    assert pushqueue.mark_sent(conn, push_id, "3001", NOW) == "sent"
+    push_store.lease(conn, NOW, 1, 60)
+    assert not push_store.report_delivery(conn, "3001", "success", "oSomeoneElse", NOW)
+    assert push_store.mark_sent(conn, push_id, "3001", NOW) == "sent"
 
 
 def test_unmatched_reports_are_pruned(conn: sqlite3.Connection) -> None:
-    pushqueue.report_delivery(conn, "1", "success", "o", NOW)
-    pushqueue.report_delivery(conn, "2", "success", "o", NOW + 100)
-    assert pushqueue.prune_reports(conn, NOW + 50) == 1
+    push_store.report_delivery(conn, "1", "success", "o", NOW)
+    push_store.report_delivery(conn, "2", "success", "o", NOW + 100)
+    assert push_store.prune_reports(conn, NOW + 50) == 1
 
 
 def test_failed_and_release(conn: sqlite3.Connection) -> None:
     a, b, c = add(conn, 3)
-    pushqueue.lease(conn, NOW, 3, 60)
-    assert pushqueue.mark_failed(conn, a, NOW, 43004, "rejected", "require subscribe")
-    assert not pushqueue.mark_failed(conn, a, NOW, 43004, "rejected", "again")
-    assert pushqueue.release(conn, [b], NOW, refund=True) == 1
-    assert pushqueue.release(conn, [c], NOW, refund=False) == 1
-    pa, pb, pc = (pushqueue.get(conn, x) for x in (a, b, c))
+    push_store.lease(conn, NOW, 3, 60)
+    assert push_store.mark_failed(conn, a, NOW, 43004, "rejected", "require subscribe")
+    assert not push_store.mark_failed(conn, a, NOW, 43004, "rejected", "again")
+    assert push_store.release(conn, [b], NOW, refund=True) == 1
+    assert push_store.release(conn, [c], NOW, refund=False) == 1
+    pa, pb, pc = (push_store.get(conn, x) for x in (a, b, c))
     assert pa is not None and pb is not None and pc is not None
     assert (pa["status"], pa["errcode"], pa["error"]) == ("failed", 43004, "require subscribe")
     assert (pb["status"], pb["attempts"]) == ("queued", 0)
@@ -154,72 +154,72 @@ def test_recover(conn: sqlite3.Connection, policy: str) -> None:
                  (NOW - 60, fresh))
     conn.execute("UPDATE pushes SET status='sending', attempts=1, last_attempt_at=? WHERE id=?",
                  (NOW - 601, stale))
-    counts = pushqueue.recover(conn, NOW, policy)
+    counts = push_store.recover(conn, NOW, policy)
     assert counts["stale"] == 1
     assert status(conn, fresh) == "queued" and status(conn, queued) == "queued"
-    pushed = pushqueue.get(conn, fresh)
+    pushed = push_store.get(conn, fresh)
     assert pushed is not None and pushed["client_msg_id"] == fresh and pushed["attempts"] == 1
     if policy == "resend":
         assert counts == {"requeued": 2, "stale": 1, "failed": 0}
         assert status(conn, stale) == "queued"
     else:
         assert counts == {"requeued": 1, "stale": 1, "failed": 1}
-        held = pushqueue.get(conn, stale)
+        held = push_store.get(conn, stale)
         assert held is not None
         assert (held["status"], held["error_code"]) == ("failed", "outcome_unknown")
 
 
 def test_operator_retry_and_cancel(conn: sqlite3.Connection) -> None:
     a, b, c = add(conn, 3)
-    assert pushqueue.operator_retry(conn, a, NOW) == ("invalid_state", "queued")
-    assert pushqueue.cancel(conn, a, NOW) == ("ok", "cancelled")
-    assert pushqueue.cancel(conn, a, NOW) == ("invalid_state", "cancelled")
-    assert pushqueue.cancel(conn, "p_nope", NOW) == ("not_found", None)
-    assert pushqueue.lease(conn, NOW, 5, 60) and status(conn, a) == "cancelled"
-    pushqueue.mark_failed(conn, b, NOW, 47003, "rejected", "argument invalid!")
-    assert pushqueue.cancel(conn, b, NOW) == ("invalid_state", "failed")
-    assert pushqueue.operator_retry(conn, b, NOW + 5) == ("ok", "queued")
-    retried = pushqueue.get(conn, b)
+    assert push_store.operator_retry(conn, a, NOW) == ("invalid_state", "queued")
+    assert push_store.cancel(conn, a, NOW) == ("ok", "cancelled")
+    assert push_store.cancel(conn, a, NOW) == ("invalid_state", "cancelled")
+    assert push_store.cancel(conn, "p_nope", NOW) == ("not_found", None)
+    assert push_store.lease(conn, NOW, 5, 60) and status(conn, a) == "cancelled"
+    push_store.mark_failed(conn, b, NOW, 47003, "rejected", "argument invalid!")
+    assert push_store.cancel(conn, b, NOW) == ("invalid_state", "failed")
+    assert push_store.operator_retry(conn, b, NOW + 5) == ("ok", "queued")
+    retried = push_store.get(conn, b)
     assert retried is not None
     assert (retried["attempts"], retried["errcode"], retried["client_msg_id"]) == (0, None, b)
     # Accepted by WeChat, then delivery failed: a retry needs a new client_msg_id.
-    pushqueue.mark_sent(conn, c, "77", NOW)
-    pushqueue.report_delivery(conn, "77", "failed: system failed", "oA", NOW)
-    assert pushqueue.operator_retry(conn, c, NOW) == ("ok", "queued")
-    leased = {item.id: item for item in pushqueue.lease(conn, NOW + 10, 5, 60)}
+    push_store.mark_sent(conn, c, "77", NOW)
+    push_store.report_delivery(conn, "77", "failed: system failed", "oA", NOW)
+    assert push_store.operator_retry(conn, c, NOW) == ("ok", "queued")
+    leased = {item.id: item for item in push_store.lease(conn, NOW + 10, 5, 60)}
     assert leased[c].wechat_body()["client_msg_id"] == f"{c}-r1"
-    redo = pushqueue.get(conn, c)
+    redo = push_store.get(conn, c)
     assert redo is not None and redo["client_msg_id"] == f"{c}-r1" and redo["msgid"] is None
     assert len(redo["client_msg_id"]) <= 32
 
 
 def test_list_newest_first_with_cursor(conn: sqlite3.Connection) -> None:
     ids = add(conn, 7)
-    pushqueue.cancel(conn, ids[0], NOW)
-    page, cursor = pushqueue.list_pushes(conn, None, 3)
+    push_store.cancel(conn, ids[0], NOW)
+    page, cursor = push_store.list_pushes(conn, None, 3)
     assert [p["id"] for p in page] == ids[::-1][:3] and cursor
-    page2, cursor2 = pushqueue.list_pushes(conn, None, 3, cursor)
+    page2, cursor2 = push_store.list_pushes(conn, None, 3, cursor)
     assert [p["id"] for p in page2] == ids[::-1][3:6] and cursor2
-    page3, cursor3 = pushqueue.list_pushes(conn, None, 3, cursor2)
+    page3, cursor3 = push_store.list_pushes(conn, None, 3, cursor2)
     assert [p["id"] for p in page3] == [ids[0]] and cursor3 is None
-    cancelled, _ = pushqueue.list_pushes(conn, "cancelled", 10)
+    cancelled, _ = push_store.list_pushes(conn, "cancelled", 10)
     assert [p["id"] for p in cancelled] == [ids[0]]
     for bad in ("", "zzz", "eDE", "!!", "cy0x"):
         with pytest.raises(ValueError):
-            pushqueue.decode_cursor(bad)
+            push_store.decode_cursor(bad)
 
 
 def test_pause_and_stats(conn: sqlite3.Connection) -> None:
-    assert pushqueue.paused_until(conn) is None
-    pushqueue.set_paused_until(conn, NOW + 3600.5)
-    assert pushqueue.paused_until(conn) == NOW + 3600.5
+    assert push_store.paused_until(conn) is None
+    push_store.set_paused_until(conn, NOW + 3600.5)
+    assert push_store.paused_until(conn) == NOW + 3600.5
     ids = add(conn, 3)
-    pushqueue.cancel(conn, ids[0], NOW)
+    push_store.cancel(conn, ids[0], NOW)
     conn.execute("UPDATE pushes SET created_at = ? WHERE id = ?", (NOW - 50, ids[1]))
-    stats = pushqueue.push_stats(conn)
+    stats = push_store.push_stats(conn)
     assert stats["by_status"] == {"queued": 2, "sending": 0, "sent": 0, "delivered": 0,
                                   "failed": 0, "cancelled": 1}
     assert stats["total"] == 3 and stats["paused_until"] == NOW + 3600.5
-    assert pushqueue.queue_depth(conn) == (2, NOW - 50)
-    pushqueue.set_paused_until(conn, None)
-    assert pushqueue.paused_until(conn) is None
+    assert push_store.queue_depth(conn) == (2, NOW - 50)
+    push_store.set_paused_until(conn, None)
+    assert push_store.paused_until(conn) is None

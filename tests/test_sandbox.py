@@ -26,8 +26,6 @@ from tornado.httpclient import HTTPClientError
 from tornado.testing import bind_unused_port, gen_test
 
 from tests.sandbox_fixture import START, FakeClock, SandboxTestCase, sandbox  # noqa: F401
-from wxd.crypto import MessageCrypto, decode_aes_key, sign
-from wxd.messages import parse_xml
 from wxd.sandbox import (
     LEGACY_TEMPLATE_ID,
     NOTICE_TEMPLATE_ID,
@@ -41,6 +39,8 @@ from wxd.sandbox import (
 )
 from wxd.sandbox.shapes import encode_json, strings_json, user_info, user_info_json
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, check_data
+from wxd.wechat.crypto import MessageCrypto, decode_aes_key, sign
+from wxd.wechat.messages import parse_xml
 
 CC = "client_credential"
 SEND = "/cgi-bin/message/template/send"

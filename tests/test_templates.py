@@ -1,4 +1,4 @@
-"""wxd.templates: placeholders, request parsing, data forms, misplaced keys, §7.4 value rules."""
+"""wxd.wechat.templates: placeholders, request parsing, data forms, misplaced keys, §7.4 value rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, Template, check_data
-from wxd.templates import (
+from wxd.wechat.templates import (
     PushRejected,
     check_against_template,
     check_keys,

@@ -18,13 +18,13 @@ from tests.sandbox_fixture import START, FakeClock
 from tests.test_wechat import ClientCase, capture_logs, exception_text
 from wxd import admin
 from wxd.admin import tokens as admin_tokens
-from wxd.db import Database
 from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.sandbox import FakeWeChat, SandboxServer
+from wxd.store.db import Database
 from wxd.tokens import TokenManager, fetch_counts, next_utc_midnight, utc_day
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.transport import KeepAliveClient
 
 STABLE = "/cgi-bin/stable_token"
 LEGACY = "/cgi-bin/token"

@@ -1,4 +1,4 @@
-"""wxd.upstream.KeepAliveClient over real loopback sockets: reuse, bounds, stale retry, errors.
+"""wxd.wechat.transport.KeepAliveClient over real loopback sockets: reuse, bounds, stale retry, errors.
 
 Well-behaved origins are tornado HTTPServers; misbehaving ones (close without answering, hang,
 HTTP/1.0, oversized answers) are raw asyncio servers that write exactly the bytes given.
@@ -22,7 +22,7 @@ import tornado.web
 from tornado.testing import AsyncTestCase, bind_unused_port, gen_test
 
 from wxd.metrics import Registry
-from wxd.upstream import FetchError, KeepAliveClient
+from wxd.wechat.transport import FetchError, KeepAliveClient
 
 
 class Echo(tornado.web.RequestHandler):

@@ -20,13 +20,13 @@ from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 from wechatpy.crypto import WeChatCrypto
 
 from tests.helpers import AES_KEY, OA_APPID, WEBHOOK_TOKEN
-from wxd import inbox
-from wxd.crypto import MessageCrypto, sign
-from wxd.db import Database
-from wxd.messages import flat_fields, parse_xml, render_event_xml, render_text_reply
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, SignedRequest, WebhookSender
+from wxd.store import inbox
+from wxd.store.db import Database
 from wxd.webhook import Webhook, make_app
+from wxd.wechat.crypto import MessageCrypto, sign
+from wxd.wechat.messages import flat_fields, parse_xml, render_event_xml, render_text_reply
 
 NOW = 1_700_000_000
 CREDS = Credentials(webhook_token=WEBHOOK_TOKEN, encoding_aes_key=AES_KEY, oa_appid=OA_APPID,

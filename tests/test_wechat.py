@@ -1,4 +1,4 @@
-"""wxd.wechat against the sandbox over real HTTP: errcode table, errors, token retry, no leaks."""
+"""wxd.wechat.client against the sandbox over real HTTP: errcode table, errors, token retry, no leaks."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from tests.sandbox_fixture import SandboxTestCase
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.sandbox import LEGACY_TEMPLATE_ID
-from wxd.upstream import KeepAliveClient
-from wxd.wechat import (
+from wxd.wechat.client import (
     ERROR_KINDS,
     MiniProgramAPI,
     OfficialAccountAPI,
     WeChatClient,
     classify,
 )
+from wxd.wechat.transport import KeepAliveClient
 
 
 class LogCapture(logging.Handler):
@@ -240,7 +240,7 @@ class TestCalls(ClientCase):
             with pytest.raises(TransportError) as info:
                 await oa.user_get()
             assert info.value.status == 500 and info.value.path == "/cgi-bin/user/get"
-            # Twice: a GET reset on a reused keep-alive connection is resent once (upstream.py).
+            # Twice: a GET reset on a reused keep-alive connection is resent once (transport.py).
             self.fake.script_fault("/cgi-bin/user/get", "reset", times=2)
             with pytest.raises(TransportError) as reset:
                 await oa.user_get()

@@ -12,9 +12,9 @@ import pytest
 from tornado.testing import gen_test
 
 from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
-from wxd import pushqueue
+from wxd.push_workers import BEIJING, PushWorkers, next_resume, parse_resume_time
 from wxd.sandbox import NOTICE_TEMPLATE_ID, ORDER_TEMPLATE_ID, Person
-from wxd.workers import BEIJING, PushWorkers, next_resume, parse_resume_time
+from wxd.store import pushes as push_store
 
 
 def sends(case: PushCase) -> list[Any]:
@@ -73,7 +73,7 @@ class DeliveryTest(PushCase):
 
 
 class KeepAliveResendTest(PushCase):
-    """upstream.py resends a send reset on a reused connection: same client_msg_id, one
+    """transport.py resends a send reset on a reused connection: same client_msg_id, one
     attempt, one message (WeChat's dedupe would absorb a send that had been processed)."""
 
     @gen_test
@@ -115,7 +115,7 @@ class ErrorClassTest(PushCase):
         return row
 
     async def _attempted(self, push_id: str) -> bool:
-        row = await self.db.read(lambda c: pushqueue.get(c, push_id))
+        row = await self.db.read(lambda c: push_store.get(c, push_id))
         return row is not None and row["attempts"] >= 1 and row["status"] == "queued"
 
     @gen_test
@@ -253,7 +253,7 @@ class QuotaTest(PushCase):
 class DeliveryReportTest(PushCase):
     async def report(self, msgid: Any, status: str, person: Person) -> bool:
         now = self.clock()
-        return bool(await self.db.write(lambda c: pushqueue.report_delivery(
+        return bool(await self.db.write(lambda c: push_store.report_delivery(
             c, msgid, status, person.oa_openid, now)))
 
     @gen_test
@@ -356,7 +356,7 @@ class StopAndRecoveryTest(PushCase):
         self.workers.remove(first)
         # 3. Some more pushes were leased (attempt recorded) but never POSTed.
         now = self.clock()
-        await self.db.write(lambda c: pushqueue.lease(c, now, 10, 60))
+        await self.db.write(lambda c: push_store.lease(c, now, 10, 60))
         states = await self.db.fetchall("SELECT status FROM pushes")
         self.assertEqual({r[0] for r in states}, {"sending"})
         # 4. Restart.
@@ -379,7 +379,7 @@ class StopAndRecoveryTest(PushCase):
     async def test_stale_sending_fail_policy(self) -> None:
         push = await self.push(self.order(self.person()))
         now = self.clock()
-        await self.db.write(lambda c: pushqueue.lease(c, now, 1, 60))
+        await self.db.write(lambda c: push_store.lease(c, now, 1, 60))
         self.clock.advance(601)
         workers = self.make_workers(stale_sending="fail")
         await workers.start()

@@ -16,9 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from wxd import backfillstore, followers
-from wxd.backfillstore import STATES, BackfillState
-from wxd.db import Database
 from wxd.errors import StorageError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.pacing import (
@@ -28,6 +25,10 @@ from wxd.pacing import (
     next_beijing_midnight,
     until_next_minute_s,
 )
+from wxd.store import backfill as backfill_store
+from wxd.store import followers
+from wxd.store.backfill import STATES, BackfillState
+from wxd.store.db import Database
 
 log = logging.getLogger(__name__)
 BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
@@ -150,7 +151,7 @@ class FollowerBackfill:
         """Load the row; resume a run a previous process left running (crash recovery); arm the
         auto-resume of a 45009 pause and, when configured, the periodic re-sync. Idempotent."""
         self._closed = False
-        self._set_row(await self._db.read(backfillstore.load))
+        self._set_row(await self._db.read(backfill_store.load))
         if self._row.state == "running" and not self.running:
             log.info("resuming backfill run %d (%d followers done)", self._row.run,
                      self._row.followers_done)
@@ -193,7 +194,7 @@ class FollowerBackfill:
                     and self._clock() < row.paused_until):
                 return False, self.status()
             self._set_row(await self._db.write(
-                lambda conn: backfillstore.begin_run(conn, self._clock())))
+                lambda conn: backfill_store.begin_run(conn, self._clock())))
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -211,14 +212,14 @@ class FollowerBackfill:
         return self.status()
 
     def status(self) -> dict[str, Any]:
-        """The progress document of GET /v1/backfill: backfillstore.status_document, with
+        """The progress document of GET /v1/backfill: backfill_store.status_document, with
         rate_per_s = followers/s since this process (re)started the run, plus next_run_at
         (auto-resume or re-sync time) and the settings."""
         row, now = self._row, self._clock()
         active = row.state == "running" and self.running
         if active and now > self._session[0]:
             self._rate = (row.followers_done - self._session[1]) / (now - self._session[0])
-        return backfillstore.status_document(
+        return backfill_store.status_document(
             row, now, active=active, rate_per_s=self._rate,
             unsaved_calls=self._unsaved_calls + self._queued_calls,
             page_progress=self._page_progress + self._queued_followers if active else 0,
@@ -398,7 +399,7 @@ class FollowerBackfill:
     async def _store_page(self, run: int, cursor: str, after: str, count: int,
                           total: int | None, batch: followers.InfoBatch, observed: float) -> None:
         """Store the page's followers and count the page (cursor `cursor` → `after`) in one
-        write; backfillstore.advance refuses it (rolling it back) if an earlier page failed."""
+        write; backfill_store.advance refuses it (rolling it back) if an earlier page failed."""
         calls = self._unsaved_calls
         self._unsaved_calls -= calls
         self._queued_calls += calls
@@ -409,7 +410,7 @@ class FollowerBackfill:
             now = self._clock()
             if batch:
                 followers.apply_info_batch(conn, batch, observed, now, run=run)
-            return backfillstore.advance(conn, run, cursor, after, count, calls, total, now)
+            return backfill_store.advance(conn, run, cursor, after, count, calls, total, now)
 
         try:
             row = await self._db.write(store)
@@ -431,7 +432,7 @@ class FollowerBackfill:
             # Only a complete pass may judge who left; events since the run began still win.
             gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
             followers.restore_unionid_index(conn)
-            return backfillstore.finish(conn, run, calls, total, now), gone
+            return backfill_store.finish(conn, run, calls, total, now), gone
 
         row, gone = await self._db.write(finish)
         self._index_deferred = False
@@ -448,7 +449,7 @@ class FollowerBackfill:
 
         def halt(conn: sqlite3.Connection) -> BackfillState:
             followers.restore_unionid_index(conn)  # a halted run may stay halted for long
-            return backfillstore.halt(conn, run, state, calls, self._clock(),
+            return backfill_store.halt(conn, run, state, calls, self._clock(),
                                       last_error=last_error, paused_until=paused_until)
 
         try:

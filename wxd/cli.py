@@ -11,10 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from wxd import __version__, cliadmin, config, daemon, db, demo, logsetup
+from wxd import __version__, cliadmin, config, daemon, demo, logsetup
 from wxd.client import ApiCallFailed, ConnectFailed
 from wxd.errors import ConfigError, StorageError
 from wxd.sandbox import runner as sandbox_runner
+from wxd.store import db
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT = 0, 1, 2, 3
 

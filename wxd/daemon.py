@@ -20,25 +20,27 @@ import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
-from wxd import admin, inbox, pushqueue, tokens, webhook
+from wxd import admin, tokens, webhook
 from wxd.admin import backfill as admin_backfill
 from wxd.admin import openapi, ops, stats, users
 from wxd.admin import pushes as admin_pushes
 from wxd.admin import tokens as admin_tokens
 from wxd.backfill import FollowerBackfill
 from wxd.config import Config, Listen
-from wxd.crypto import MessageCrypto
-from wxd.db import Database
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
+from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService
 from wxd.sdnotify import Notifier
+from wxd.store import inbox
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.upstream import KeepAliveClient
 from wxd.webhook import Webhook
-from wxd.wechat import MiniProgramAPI, OfficialAccountAPI, WeChatClient
-from wxd.workers import PushWorkers
+from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.wechat.crypto import MessageCrypto
+from wxd.wechat.transport import KeepAliveClient
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ class Daemon:
 
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
-                "pushes": pushqueue.push_stats(conn),
+                "pushes": push_store.push_stats(conn),
                 "token_fetches_today": tokens.fetch_counts(conn, tokens.utc_day(now)),
                 "event_jobs": inbox.job_counts(conn),
             }

@@ -13,17 +13,18 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from wxd import followers, inbox, pushqueue
-from wxd.db import Database
 from wxd.errors import MessageError, StorageError, TransportError, WeChatAPIError
-from wxd.messages import (
+from wxd.metrics import Registry
+from wxd.store import followers, inbox
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
+from wxd.wechat.messages import (
     Message,
     ScanEvent,
     SubscribeEvent,
     TemplateSendJobFinish,
     UnsubscribeEvent,
 )
-from wxd.metrics import Registry
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class EventRouter:
     refresher.refresh_follower (user/info → unionid → link); unsubscribe →
     followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
     SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
-    TEMPLATESENDJOBFINISH → pushqueue.report_delivery (an unknown MsgID is stored for late
+    TEMPLATESENDJOBFINISH → push_store.report_delivery (an unknown MsgID is stored for late
     matching there); anything else → nothing (it is in the inbox).
     Upstream errors propagate to the caller (EventWorkers retries them).
     """
@@ -105,7 +106,7 @@ class EventRouter:
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):
             matched, new_status = await self._db.write(
-                lambda conn: pushqueue.apply_delivery_report(conn, msg.msgid, msg.status,
+                lambda conn: push_store.apply_delivery_report(conn, msg.msgid, msg.status,
                                                              openid, now))
             if new_status is not None:
                 self._push_transitions.inc(status=new_status)

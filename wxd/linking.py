@@ -13,9 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from wxd import followers
-from wxd.crypto import decrypt_mp_data
-from wxd.db import Database
 from wxd.errors import (
     SessionKeyError,
     StorageError,
@@ -23,8 +20,11 @@ from wxd.errors import (
     WeChatAPIError,
     WxdError,
 )
-from wxd.followers import Identity
 from wxd.metrics import Counter, Registry
+from wxd.store import followers
+from wxd.store.db import Database
+from wxd.store.followers import Identity
+from wxd.wechat.crypto import decrypt_mp_data
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from wxd import followers, pushqueue
-from wxd.db import Database
 from wxd.errors import WxdError
 from wxd.metrics import Registry
-from wxd.templates import PushRejected, PushRequest, check_against_template, parse_request, placeholders
+from wxd.store import followers
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
+from wxd.wechat.templates import (
+    PushRejected,
+    PushRequest,
+    check_against_template,
+    parse_request,
+    placeholders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +200,7 @@ class PushService:
             except PushRejected as exc:
                 prepared.append(exc)
                 continue
-            prepared.append(_Prepared(item, pushqueue.new_push_id()))
+            prepared.append(_Prepared(item, push_store.new_push_id()))
         now = self._clock()
         if any(isinstance(p, _Prepared) for p in prepared):
             results = await self._db.write(lambda conn: _insert_all(conn, prepared, now))
@@ -216,27 +223,27 @@ class PushService:
     # Operator -------------------------------------------------------------------------------
 
     async def get(self, push_id: str) -> dict[str, Any] | None:
-        return await self._db.read(lambda conn: pushqueue.get(conn, push_id))
+        return await self._db.read(lambda conn: push_store.get(conn, push_id))
 
     async def list(self, status: str | None, limit: int = 50, cursor: str | None = None
                    ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first. ValueError for an unknown status, a bad limit or a bad cursor."""
-        if status is not None and status not in pushqueue.STATUSES:
-            raise ValueError(f"status must be one of {', '.join(pushqueue.STATUSES)}")
+        if status is not None and status not in push_store.STATUSES:
+            raise ValueError(f"status must be one of {', '.join(push_store.STATUSES)}")
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be 1..{MAX_LIST_LIMIT}")
         if cursor is not None:
-            pushqueue.decode_cursor(cursor)
+            push_store.decode_cursor(cursor)
         return await self._db.read(
-            lambda conn: pushqueue.list_pushes(conn, status, limit, cursor))
+            lambda conn: push_store.list_pushes(conn, status, limit, cursor))
 
     async def retry(self, push_id: str) -> tuple[str, dict[str, Any] | None]:
         """failed → queued. ("ok" | "not_found" | "invalid_state", the push or None)."""
-        return await self._operate(push_id, pushqueue.operator_retry, "queued")
+        return await self._operate(push_id, push_store.operator_retry, "queued")
 
     async def cancel(self, push_id: str) -> tuple[str, dict[str, Any] | None]:
         """queued → cancelled. ("ok" | "not_found" | "invalid_state", the push or None)."""
-        return await self._operate(push_id, pushqueue.cancel, "cancelled")
+        return await self._operate(push_id, push_store.cancel, "cancelled")
 
     async def _operate(self, push_id: str,
                        action: Callable[[sqlite3.Connection, str, float], tuple[str, str | None]],
@@ -245,7 +252,7 @@ class PushService:
 
         def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
             outcome, _ = action(conn, push_id, now)
-            return outcome, pushqueue.get(conn, push_id)
+            return outcome, push_store.get(conn, push_id)
 
         outcome, push = await self._db.write(run)
         if outcome == "ok":
@@ -256,8 +263,8 @@ class PushService:
         return outcome, push
 
     async def stats(self) -> dict[str, Any]:
-        """pushqueue.push_stats: counts by status, total, paused_until."""
-        return await self._db.read(pushqueue.push_stats)
+        """push_store.push_stats: counts by status, total, paused_until."""
+        return await self._db.read(push_store.push_stats)
 
 
 def _insert_all(conn: sqlite3.Connection, prepared: Sequence[_Prepared | PushRejected],
@@ -270,7 +277,7 @@ def _insert_all(conn: sqlite3.Connection, prepared: Sequence[_Prepared | PushRej
             continue
         request = item.request
         if request.idempotency_key is not None:
-            existing = pushqueue.by_idempotency_key(conn, request.idempotency_key)
+            existing = push_store.by_idempotency_key(conn, request.idempotency_key)
             if existing is not None:
                 results.append(Enqueued(existing, False))
                 continue
@@ -279,7 +286,7 @@ def _insert_all(conn: sqlite3.Connection, prepared: Sequence[_Prepared | PushRej
         except PushRejected as exc:
             results.append(exc)
             continue
-        pushqueue.insert(conn, pushqueue.NewPush(
+        push_store.insert(conn, push_store.NewPush(
             item.push_id, request.idempotency_key, request.to, oa_openid, request.template_id,
             request.wechat_body(oa_openid)), now)
         results.append(Enqueued({"id": item.push_id, "status": "queued"}, True))

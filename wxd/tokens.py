@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import tornado.ioloop
 
-from wxd.db import Database
 from wxd.errors import TokenBudgetError, WeChatAPIError, WxdError
 from wxd.metrics import Counter, Gauge, Registry
-from wxd.wechat import WeChatClient
+from wxd.store.db import Database
+from wxd.wechat.client import WeChatClient
 
 log = logging.getLogger(__name__)
 

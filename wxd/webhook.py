@@ -1,6 +1,6 @@
 """The OA webhook (WeChat's callback URL): verify, decrypt, parse, deduplicate, store, answer.
 
-Layer L4: tornado.web handlers over wxd.crypto/messages/inbox/db. Imports nothing above L3 and
+Layer L4: tornado.web handlers over wxd.wechat.crypto/messages/inbox/db. Imports nothing above L3 and
 does no event work itself: jobs in the inbox do it later (events.py).
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 import tornado.web
 from tornado.routing import URLSpec
 
-from wxd import inbox
-from wxd.crypto import MessageCrypto, check_signature
-from wxd.db import Database
 from wxd.errors import DecryptError, MessageError, StorageError
-from wxd.messages import Message, parse_message, parse_xml
 from wxd.metrics import Registry
+from wxd.store import inbox
+from wxd.store.db import Database
+from wxd.wechat.crypto import MessageCrypto, check_signature
+from wxd.wechat.messages import Message, parse_message, parse_xml
 
 log = logging.getLogger(__name__)
 

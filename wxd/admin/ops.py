@@ -11,8 +11,8 @@ import tornado.web
 from tornado.routing import URLSpec
 
 from wxd.admin.base import JsonHandler
-from wxd.db import Database
 from wxd.metrics import Registry
+from wxd.store.db import Database
 
 
 class HealthHandler(JsonHandler):

@@ -12,7 +12,7 @@ from tornado.routing import URLSpec
 from wxd.admin.base import ApiError, JsonHandler
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.pushes import PushService
-from wxd.templates import PushRejected
+from wxd.wechat.templates import PushRejected
 
 MAX_BATCH = 5000
 DEFAULT_LIMIT = 50

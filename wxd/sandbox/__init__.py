@@ -1,6 +1,6 @@
 """The WeChat emulator: a seeded fake of api.weixin.qq.com plus the WeChat side of the webhook.
 
-May import only stdlib, tornado, wxd.errors, wxd.crypto and wxd.messages; only the CLI, the demo
+May import only stdlib, tornado, wxd.errors, wxd.wechat.crypto and wxd.wechat.messages; only the CLI, the demo
 and tests import it.
 """
 

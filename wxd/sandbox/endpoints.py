@@ -17,7 +17,7 @@ from typing import Any
 from wxd.sandbox.shapes import encode_json, error_body, strings_json, user_info, user_info_json
 from wxd.sandbox.state import Call, FakeWeChat, decode_body
 from wxd.sandbox.templates import check_data, check_miniprogram
-from wxd.sandbox.tokens import TokenGrant, TokenRecord
+from wxd.sandbox.token_book import TokenGrant, TokenRecord
 
 USER_GET_PAGE = 10_000
 BATCHGET_MAX = 100

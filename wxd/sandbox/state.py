@@ -22,7 +22,7 @@ from typing import Any
 
 from wxd.sandbox.population import Credentials, Person, generate_people
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, Template
-from wxd.sandbox.tokens import TokenBook
+from wxd.sandbox.token_book import TokenBook
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The WeChat side of the webhook: builds signed (and encrypted) event requests and POSTs them.
 
-Imports only stdlib, tornado.httpclient, wxd.crypto, wxd.messages and the sandbox's population.
+Imports only stdlib, tornado.httpclient, wxd.wechat.crypto, wxd.wechat.messages and the sandbox's population.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from wxd.crypto import MessageCrypto, sign
-from wxd.messages import render_event_xml
 from wxd.sandbox.population import Credentials
+from wxd.wechat.crypto import MessageCrypto, sign
+from wxd.wechat.messages import render_event_xml
 
 logger = logging.getLogger(__name__)
 

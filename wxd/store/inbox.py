@@ -1,7 +1,7 @@
 """The webhook inbox (every accepted message, deduplicated) and the durable job queue fed by it.
 
 Layer L2: synchronous functions run inside `Database.write`/`read`; imports only the stdlib and
-L0-L1 (wxd.messages). Storage never interprets a job's payload beyond handing it back.
+L0-L1 (wxd.wechat.messages). Storage never interprets a job's payload beyond handing it back.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from wxd.messages import (
+from wxd.wechat.messages import (
     Message,
     ScanEvent,
     SubscribeEvent,

@@ -1,6 +1,6 @@
 """The upstream WeChat client: one object over an injected HTTP transport, the errcode table.
 
-Layer L2: imports wxd.errors, wxd.metrics and wxd.upstream only; never wxd.tokens (tokens reach
+Layer L2: imports wxd.errors, wxd.metrics and wxd.wechat.transport only; never wxd.tokens (tokens reach
 it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.metrics import Registry
-from wxd.upstream import FetchError, Response
+from wxd.wechat.transport import FetchError, Response
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def classify(errcode: int) -> str:
 
 
 class Transport(Protocol):
-    """How WeChatClient sends a request; upstream.KeepAliveClient satisfies it. Raises
-    upstream.FetchError when there is no HTTP answer; any status is returned."""
+    """How WeChatClient sends a request; transport.KeepAliveClient satisfies it. Raises
+    transport.FetchError when there is no HTTP answer; any status is returned."""
 
     async def fetch(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                     body: bytes | None = None, connect_timeout_s: float = 10.0,
@@ -114,7 +114,7 @@ class WeChatClient:
         With `token`, the access_token is added to the query; on a token-class error the call
         invalidates the token it used (a refresh happens only if that token is still current)
         and is retried exactly once; a second failure surfaces. `replay_safe` lets the transport
-        resend once after a stale keep-alive connection (see wxd.upstream); every WeChat call wxd
+        resend once after a stale keep-alive connection (see wxd.wechat.transport); every WeChat call wxd
         makes may be repeated except a forced stable_token refresh.
         """
         if token is None:

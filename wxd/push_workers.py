@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from wxd import pacing, pushqueue
-from wxd.db import Database
+from wxd import pacing
 from wxd.errors import WeChatAPIError, WxdError
 from wxd.metrics import Registry
+from wxd.store import pushes as push_store
+from wxd.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class PushWorkers:
     One dispatcher task leases due pushes in chunks (the lease IS the attempt record: status
     sending, attempts + 1, committed before any POST), keeping up to 3 × `workers` leased
     ahead, and `workers` sender tasks POST them; outcomes are committed in the background,
-    many per write (with the next lease when busy). pushqueue.Outcomes: errcode 0 → sent (a delivery
+    many per write (with the next lease when busy). push_store.Outcomes: errcode 0 → sent (a delivery
     report that came first is applied at once); transient (-1, 45011, 43117, HTTP errors, timeouts, resets, a
     token error that survived the client's one refresh-and-retry) → queued again after
     backoff_base_s·2^(n-1) with jitter, capped at backoff_max_s, failed after max_attempts;
@@ -98,8 +99,8 @@ class PushWorkers:
         self._doorbell = asyncio.Event()
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._inflight: dict[str, pushqueue.Leased] = {}
-        self._outcomes: list[pushqueue.Outcome] = []
+        self._inflight: dict[str, push_store.Leased] = {}
+        self._outcomes: list[push_store.Outcome] = []
         self._flusher: asyncio.Task[None] | None = None
         self._paused_until: float | None = None
         self._state = "new"
@@ -124,7 +125,7 @@ class PushWorkers:
     async def _collect(self) -> None:
         if self._state != "running" or self._metrics is None:
             return
-        depth, oldest = await self._db.read(pushqueue.queue_depth)
+        depth, oldest = await self._db.read(push_store.queue_depth)
         self._m_depth.set(depth)
         self._m_oldest.set(max(0.0, self._clock() - oldest) if oldest is not None else 0.0)
 
@@ -150,11 +151,11 @@ class PushWorkers:
         now = self._clock()
 
         def recover(conn: sqlite3.Connection) -> tuple[dict[str, int], float | None]:
-            counts = pushqueue.recover(conn, now, self._stale_sending)
-            pushqueue.prune_reports(conn, now - REPORT_KEEP_S)
-            paused = pushqueue.paused_until(conn)
+            counts = push_store.recover(conn, now, self._stale_sending)
+            push_store.prune_reports(conn, now - REPORT_KEEP_S)
+            paused = push_store.paused_until(conn)
             if paused is not None and paused <= now:  # the pause ended while wxd was down
-                pushqueue.set_paused_until(conn, None)
+                push_store.set_paused_until(conn, None)
                 paused = None
             return counts, paused
 
@@ -190,7 +191,7 @@ class PushWorkers:
         unsent: list[str] = []
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if isinstance(item, pushqueue.Leased):
+            if isinstance(item, push_store.Leased):
                 unsent.append(item.id)
         for _ in senders:
             self._queue.put_nowait(_STOP)
@@ -206,8 +207,8 @@ class PushWorkers:
         now = self._clock()
 
         def requeue(conn: sqlite3.Connection) -> None:
-            pushqueue.release(conn, unsent, now, refund=True)
-            pushqueue.release(conn, cut, now, refund=False)
+            push_store.release(conn, unsent, now, refund=True)
+            push_store.release(conn, cut, now, refund=False)
 
         if unsent or cut:
             await self._db.write(requeue)
@@ -229,10 +230,10 @@ class PushWorkers:
                     await self._room.wait()
                     continue
                 self._doorbell.clear()
-                # pushqueue.Outcomes waiting for the flusher ride along in the same commit.
+                # push_store.Outcomes waiting for the flusher ride along in the same commit.
                 pending, self._outcomes = self._outcomes, []
                 statuses, leased = await self._db.write(functools.partial(
-                    pushqueue.apply_and_lease, outcomes=pending, now=self._clock(), limit=room,
+                    push_store.apply_and_lease, outcomes=pending, now=self._clock(), limit=room,
                     lease_s=LEASE_S))
                 self._count(statuses)
                 self._transition("sending", len(leased))
@@ -259,7 +260,7 @@ class PushWorkers:
         """Wait for the doorbell, the next due push (by the injected clock) or idle_max_s."""
         if self._doorbell.is_set():
             return
-        due = await self._db.read(pushqueue.next_due)
+        due = await self._db.read(push_store.next_due)
         wait = self._idle_max_s
         if due is not None:
             wait = min(wait, max(0.0, due - self._clock()))
@@ -276,7 +277,7 @@ class PushWorkers:
             return False
         now = self._clock()
         if now >= until:
-            await self._db.write(lambda conn: pushqueue.set_paused_until(conn, None))
+            await self._db.write(lambda conn: push_store.set_paused_until(conn, None))
             self._set_paused(None)
             log.info("quota pause over; push sending resumes")
             return False
@@ -306,7 +307,7 @@ class PushWorkers:
             del self._inflight[item.id]
             if not self._room.is_set() and self._room_to_lease():
                 self._room.set()
-            # pushqueue.Outcomes are committed in the background, many per write, so the next send need
+            # push_store.Outcomes are committed in the background, many per write, so the next send need
             # not wait for an fsync; stop() waits for the flusher.
             self._outcomes.append(write)
             if self._flusher is None or self._flusher.done():
@@ -323,7 +324,7 @@ class PushWorkers:
                 continue
             try:
                 self._count(await self._db.write(
-                    functools.partial(pushqueue.apply_outcomes, outcomes=batch)))
+                    functools.partial(push_store.apply_outcomes, outcomes=batch)))
             except Exception as exc:  # the pushes stay `sending`; recovery requeues them
                 log.error("recording %d push outcomes failed: %s", len(batch), exc)
 
@@ -332,10 +333,10 @@ class PushWorkers:
             if status:
                 self._transition(status)
 
-    async def _send(self, item: pushqueue.Leased) -> pushqueue.Outcome:
+    async def _send(self, item: push_store.Leased) -> push_store.Outcome:
         """POST one push; return the write fn recording its outcome."""
         if self._paused_until is not None:
-            return lambda conn: pushqueue.noted(pushqueue.release(conn, [item.id], self._clock(),
+            return lambda conn: push_store.noted(push_store.release(conn, [item.id], self._clock(),
                                                          refund=True), "queued")
         if self._limited:
             await self._limiter.acquire()
@@ -352,7 +353,7 @@ class PushWorkers:
                                  "transient", started)
         self._observe(started)
         now = self._clock()
-        return lambda conn: pushqueue.mark_sent(conn, item.id, msgid, now)
+        return lambda conn: push_store.mark_sent(conn, item.id, msgid, now)
 
     def _observe(self, started: float) -> None:
         if self._metrics is not None:
@@ -367,8 +368,8 @@ class PushWorkers:
             delay = max(delay, pacing.until_next_minute_s(now, self._rng))
         return delay
 
-    def _failure(self, item: pushqueue.Leased, errcode: int | None, error: str, kind: str,
-                 started: float) -> pushqueue.Outcome:
+    def _failure(self, item: push_store.Leased, errcode: int | None, error: str, kind: str,
+                 started: float) -> push_store.Outcome:
         self._observe(started)
         now = self._clock()
         if kind == "quota":
@@ -379,8 +380,8 @@ class PushWorkers:
             self._set_paused(until)
 
             def pause(conn: sqlite3.Connection) -> str:
-                pushqueue.set_paused_until(conn, until)
-                return pushqueue.noted(pushqueue.release(conn, [item.id], now, refund=True), "queued")
+                push_store.set_paused_until(conn, until)
+                return push_store.noted(push_store.release(conn, [item.id], now, refund=True), "queued")
 
             return pause
         if kind in ("transient", "token") and item.attempts < self._max_attempts:
@@ -388,7 +389,7 @@ class PushWorkers:
             code = "wechat_error" if errcode is not None else "transport_error"
             log.info("push %s attempt %d failed (%s); retrying in %.1f s", item.id,
                      item.attempts, errcode if errcode is not None else error, due - now)
-            return lambda conn: pushqueue.noted(pushqueue.mark_retry(
+            return lambda conn: push_store.noted(push_store.mark_retry(
                 conn, item.id, now, due, errcode, code, error), "queued")
         if kind in ("transient", "token"):
             code = "attempts_exhausted"
@@ -397,5 +398,5 @@ class PushWorkers:
             if errcode == 40037 and self._on_template_invalid is not None:
                 self._on_template_invalid()
         log.info("push %s failed: %s (errcode %s)", item.id, error, errcode)
-        return lambda conn: pushqueue.noted(pushqueue.mark_failed(
+        return lambda conn: push_store.noted(push_store.mark_failed(
             conn, item.id, now, errcode, code, error), "failed")

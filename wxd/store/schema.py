@@ -102,7 +102,7 @@ MIGRATIONS: list[str] = [
         linked_at REAL NOT NULL
     );
 
-    -- Template-message pushes (wxd/pushqueue.py). `seq` orders lists newest first and stays
+    -- Template-message pushes (wxd/push_store.py). `seq` orders lists newest first and stays
     -- stable across VACUUM; `id` ("p_" + 20 url-safe chars) is public and, with an operator
     -- retry suffix, the client_msg_id. `body` is the template/send JSON without client_msg_id.
     CREATE TABLE pushes (

@@ -1,7 +1,7 @@
 """Follower and MP-user rows and the unionid join between them (the link).
 
 Layer L2: synchronous write/read functions run inside `Database.write`/`read`; imports the
-stdlib and wxd.schema (data). A link is derived (same unionid on both sides); the `links` table
+stdlib and wxd.store.schema (data). A link is derived (same unionid on both sides); the `links` table
 only records linked_at.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from wxd.schema import REBUILT_ON_OPEN
+from wxd.store.schema import REBUILT_ON_OPEN
 
 
 @dataclass(frozen=True)

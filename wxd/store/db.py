@@ -1,6 +1,6 @@
 """Owns wxd's single aiosqlite connection: lock file, PRAGMAs, migrations, group commit, backup.
 
-Layer L2: imports wxd.errors, wxd.schema, wxd.metrics and aiosqlite only. Every write in wxd goes
+Layer L2: imports wxd.errors, wxd.store.schema, wxd.metrics and aiosqlite only. Every write in wxd goes
 through `Database.write`, so durability and batching are decided here and nowhere else.
 """
 
@@ -19,7 +19,7 @@ import aiosqlite
 
 from wxd.errors import LockedError, StorageError
 from wxd.metrics import Registry
-from wxd.schema import MIGRATIONS, REBUILT_ON_OPEN
+from wxd.store.schema import MIGRATIONS, REBUILT_ON_OPEN
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
