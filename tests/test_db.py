@@ -9,6 +9,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
+from typing import Any
 
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
@@ -162,6 +164,91 @@ class DatabaseTest(AsyncTestCase):
             keys = [r[0] for r in await db.fetchall("SELECT key FROM meta")]
             assert keys == ["good"]
         finally:
+            await db.close()
+
+    @gen_test
+    async def test_write_many_applies_waiting_items_in_one_call(self) -> None:
+        db = await Database.open(self.path)
+        calls: list[list[str]] = []
+
+        def put(conn: sqlite3.Connection, keys: list[str]) -> list[int]:
+            calls.append(list(keys))
+            return [int(conn.execute("INSERT INTO meta (key, value) VALUES (?, 'v')",
+                                     (key,)).lastrowid or 0) for key in keys]
+
+        try:
+            before = db.commits
+            ids = await asyncio.gather(*(db.write_many(put, f"k{i}") for i in range(50)))
+            assert db.commits - before == 1 and calls == [[f"k{i}" for i in range(50)]]
+            assert ids == sorted(ids) and len(set(ids)) == 50  # each caller its own result
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_write_many_failure_is_each_callers_own(self) -> None:
+        db = await Database.open(self.path)
+
+        def put(conn: sqlite3.Connection, keys: list[str]) -> list[str]:
+            for key in keys:
+                if key == "bug":
+                    raise KeyError(key)  # a programming error keeps its type
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, 'v')", (key,))
+            return keys
+
+        try:
+            results = await asyncio.gather(
+                db.write_many(put, "a"), db.write_many(put, "bug"), db.write_many(put, "b"),
+                db.write_many(put, "a"), return_exceptions=True)
+            assert results[0] == "a" and results[2] == "b"
+            assert isinstance(results[1], KeyError)
+            assert isinstance(results[3], sqlite3.IntegrityError)  # a duplicate of "a"
+            keys = sorted(r[0] for r in await db.fetchall("SELECT key FROM meta"))
+            assert keys == ["a", "b"]
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_a_fault_of_the_database_is_a_storage_error(self) -> None:
+        db = await Database.open(self.path)
+
+        def full(conn: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        try:
+            with pytest.raises(StorageError, match="disk is full"):
+                await db.write(full)
+            with pytest.raises(StorageError, match="disk is full"):
+                await db.write_many(lambda conn, items: full(conn), 1)
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_an_item_arriving_during_a_commit_lands_in_the_next_one(self) -> None:
+        db = await Database.open(self.path)
+        release = threading.Event()
+        committed_in: dict[str, int] = {}
+
+        def blocker(conn: sqlite3.Connection) -> None:
+            release.wait(10)
+
+        def put(conn: sqlite3.Connection, keys: list[str]) -> list[str]:
+            return keys
+
+        async def note(name: str, write: Any) -> None:
+            await write
+            committed_in[name] = db.commits
+
+        try:
+            first = asyncio.ensure_future(note("blocker", db.write(blocker)))
+            await asyncio.sleep(0.05)  # commit N is now running (blocked on the db thread)
+            others = [asyncio.ensure_future(note("other", db.write(lambda conn: None))),
+                      asyncio.ensure_future(note("item", db.write_many(put, "x")))]
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(first, *others)
+            assert committed_in["item"] == committed_in["other"] == committed_in["blocker"] + 1
+        finally:
+            release.set()
             await db.close()
 
     @gen_test

@@ -7,8 +7,10 @@ import base64
 import logging
 import os
 import tempfile
+import threading
 import urllib.parse
 from typing import Any
+from unittest import mock
 
 import pytest
 from Crypto.Cipher import AES
@@ -26,7 +28,7 @@ from wxd.store import inbox
 from wxd.store.db import Database
 from wxd.webhook import Webhook, make_app
 from wxd.wechat.crypto import MessageCrypto, sign
-from wxd.wechat.messages import flat_fields, parse_xml, render_event_xml, render_text_reply
+from wxd.wechat.messages import flat_fields, parse_message, parse_xml, render_event_xml, render_text_reply
 
 NOW = 1_700_000_000
 CREDS = Credentials(webhook_token=WEBHOOK_TOKEN, encoding_aes_key=AES_KEY, oa_appid=OA_APPID,
@@ -386,6 +388,70 @@ class RefusalTest(WebhookCase):
         assert response.code == 503 and response.body != b"success"
         assert self.result("storage_error") == 1
         self.db = await Database.open(self.path)  # for tearDown
+
+
+class BatchingTest(WebhookCase):
+    """The webhook stores through the database's one batched write (no flusher of its own)."""
+
+    def message(self, openid: str) -> Any:
+        return parse_message(parse_xml(subscribe_xml(openid).encode()))
+
+    @gen_test
+    async def test_a_message_arriving_during_a_commit_lands_in_the_very_next_one(self) -> None:
+        release = threading.Event()
+        committed_in: dict[str, int] = {}
+
+        async def note(name: str, write: Any) -> None:
+            await write
+            committed_in[name] = self.db.commits
+
+        # Commit N holds a first message and is slow; a second message and another writer's
+        # write arrive while it runs. Both must be in commit N + 1.
+        first = [asyncio.ensure_future(note("first", self.webhook.store(self.message("oA")))),
+                 asyncio.ensure_future(note("blocked", self.db.write(lambda c: release.wait(10))))]
+        await asyncio.sleep(0.05)
+        others = [asyncio.ensure_future(note("worker", self.db.write(lambda c: None))),
+                  asyncio.ensure_future(note("second", self.webhook.store(self.message("oB"))))]
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(*first, *others)
+        assert committed_in["first"] == committed_in["blocked"]
+        assert committed_in["second"] == committed_in["worker"] == committed_in["first"] + 1
+        assert await self.counts() == (2, 2)
+
+    @gen_test
+    async def test_concurrent_messages_share_one_insert(self) -> None:
+        calls: list[int] = []
+        real = inbox.store_prepared
+
+        def counting(conn: Any, batch: Any) -> list[bool]:
+            calls.append(len(batch))
+            return real(conn, batch)
+
+        with mock.patch.object(inbox, "store_prepared", counting):
+            stored = await asyncio.gather(*(self.webhook.store(self.message(f"o{i}"))
+                                            for i in range(20)))
+        assert all(stored) and sum(calls) == 20 and len(calls) <= 2
+        assert await self.counts() == (20, 20)
+
+    def test_a_programming_error_is_a_500_with_its_traceback(self) -> None:
+        def broken(conn: Any, batch: Any) -> list[bool]:
+            raise TypeError("a bug in the store")
+
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger = logging.getLogger("tornado.application")
+        logger.addHandler(handler)
+        try:
+            with mock.patch.object(inbox, "store_prepared", broken):
+                response = self.fetch("/wechat?" + urllib.parse.urlencode(self.signed_query()),
+                                      method="POST", body=subscribe_xml())
+        finally:
+            logger.removeHandler(handler)
+        assert response.code == 500 and self.result("storage_error") == 0
+        errors = [r for r in records if r.exc_info and r.exc_info[0] is TypeError]
+        assert errors, [r.getMessage() for r in records]
 
 
 class RetryTest(WebhookCase):

@@ -6,8 +6,6 @@ does no event work itself: jobs in the inbox do it later (events.py).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import logging
 import re
@@ -122,8 +120,6 @@ class Webhook:
         self.on_stored = on_stored
         self.require_encryption = require_encryption and crypto is not None
         self.nonces = NonceMemory(replay_window_s, nonce_capacity)
-        self._pending: list[tuple[inbox.Prepared, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
         registry = metrics if metrics is not None else Registry()
         self.requests = registry.counter(
             "wxd_webhook_requests_total",
@@ -209,18 +205,16 @@ class Webhook:
     async def store(self, message: Message) -> bool:
         """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell.
 
-        Messages arriving together share one write function (one multi-row INSERT) inside
-        the database's group commit, so the per-message cost on the database thread is small.
+        Messages arriving together are inserted by one store_prepared call (one multi-row
+        INSERT) through the database's batched write. A fault of the database answers 503
+        (WeChat retries, and the dedupe key keeps that harmless); any other exception is a bug
+        and propagates with its traceback.
         """
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((inbox.prepare(message), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="wxd-webhook-store")
         try:
-            stored = await future
+            stored = await self.db.write_many(inbox.store_prepared,
+                                              inbox.prepare(message, self.clock()))
         except StorageError as exc:
             self.requests.inc(result="storage_error")
-            # 503 without `success`: WeChat retries, and the dedupe key keeps that harmless.
             raise Rejected(503, "storage_error", f"not stored: {exc}") from None
         if stored:
             self.requests.inc(result="accepted")
@@ -231,24 +225,6 @@ class Webhook:
         else:
             self.requests.inc(result="duplicate")
         return stored
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            prepared = [item for item, _ in batch]
-            now = self.clock()
-            try:
-                results = await self.db.write(
-                    functools.partial(inbox.store_prepared, batch=prepared, now=now))
-            except Exception as exc:  # every waiter must get an answer
-                error = exc if isinstance(exc, StorageError) else StorageError(str(exc))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), stored in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(stored)
 
 
 class WebhookHandler(tornado.web.RequestHandler):

@@ -69,12 +69,13 @@ class Prepared:
     create_time: int
     message: str
     actionable: bool
+    received_at: float
 
 
-def prepare(message: Message) -> Prepared:
+def prepare(message: Message, received_at: float) -> Prepared:
     return Prepared(message.dedupe_key, message.msg_type, message.event, message.from_user,
                     message.create_time, message_to_json(message),
-                    isinstance(message, ACTIONABLE))
+                    isinstance(message, ACTIONABLE), received_at)
 
 
 def store_message(conn: sqlite3.Connection, message: Message, now: float) -> bool:
@@ -84,16 +85,16 @@ def store_message(conn: sqlite3.Connection, message: Message, now: float) -> boo
     job are committed (or not) together. A duplicate (WeChat's retry, a replay, a resend after a
     restart) changes nothing. Runs inside `db.write`.
     """
-    return store_prepared(conn, [prepare(message)], now)[0]
+    return store_prepared(conn, [prepare(message, now)])[0]
 
 
-def store_prepared(conn: sqlite3.Connection, batch: Sequence[Prepared], now: float) -> list[bool]:
+def store_prepared(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[bool]:
     """store_message for many messages at once: one multi-row INSERT for the inbox rows and one
     for their jobs (per _CHUNK rows). Returns, in order, True for each message stored and False
     for each duplicate (of a stored row, or of an earlier message of the same batch)."""
     results: list[bool] = []
     for start in range(0, len(batch), _CHUNK):
-        results.extend(_store_chunk(conn, batch[start:start + _CHUNK], now))
+        results.extend(_store_chunk(conn, batch[start:start + _CHUNK]))
     return results
 
 
@@ -110,12 +111,13 @@ def _sql(template: str, row: str, count: int) -> str:
     return template.format(rows=",".join([row] * count))
 
 
-def _store_chunk(conn: sqlite3.Connection, chunk: Sequence[Prepared], now: float) -> list[bool]:
+def _store_chunk(conn: sqlite3.Connection, chunk: Sequence[Prepared]) -> list[bool]:
     if not chunk:
         return []
     params: list[object] = []
     for p in chunk:
-        params += (p.dedupe_key, p.msg_type, p.event, p.from_user, p.create_time, p.message, now)
+        params += (p.dedupe_key, p.msg_type, p.event, p.from_user, p.create_time, p.message,
+                   p.received_at)
     # Only "?" placeholders are joined into the SQL text; every value is a parameter.
     rows = conn.execute(_sql(_INBOX_INSERT, "(?, ?, ?, ?, ?, ?, ?)", len(chunk)),
                         params).fetchall()
@@ -126,7 +128,7 @@ def _store_chunk(conn: sqlite3.Connection, chunk: Sequence[Prepared], now: float
         row_id = new_ids.pop(p.dedupe_key, None)  # pop: a repeat within the chunk is a duplicate
         results.append(row_id is not None)
         if row_id is not None and p.actionable:
-            jobs += (EVENT_JOB, f'{{"inbox_id": {row_id}}}', now, now)
+            jobs += (EVENT_JOB, f'{{"inbox_id": {row_id}}}', p.received_at, p.received_at)
     if jobs:
         conn.execute(_sql(_JOBS_INSERT, "(?, ?, 'queued', ?, ?)", len(jobs) // 4), jobs)
     return results
