@@ -214,11 +214,14 @@ class DatabaseTest(AsyncTestCase):
         def full(conn: sqlite3.Connection) -> None:
             raise sqlite3.OperationalError("database or disk is full")
 
+        def full_batch(conn: sqlite3.Connection, items: list[int]) -> list[None]:
+            raise sqlite3.OperationalError("database or disk is full")
+
         try:
             with pytest.raises(StorageError, match="disk is full"):
                 await db.write(full)
             with pytest.raises(StorageError, match="disk is full"):
-                await db.write_many(lambda conn, items: full(conn), 1)
+                await db.write_many(full_batch, 1)
         finally:
             await db.close()
 

@@ -439,8 +439,12 @@ class BatchingTest(WebhookCase):
             raise TypeError("a bug in the store")
 
         records: list[logging.LogRecord] = []
-        handler = logging.Handler()
-        handler.emit = records.append  # type: ignore[method-assign]
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        handler = Keep()
         logger = logging.getLogger("tornado.application")
         logger.addHandler(handler)
         try:
