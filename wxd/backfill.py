@@ -1,6 +1,6 @@
 """FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
 
-Layer L3: imports wxd L0–L2 only (db, followers, backfillstore, pacing, errors, metrics); the API
+Imports base modules, pacing and wxd.store (db, followers, backfill) only; the API
 arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
 """
 

@@ -1,6 +1,6 @@
 """The `wxd` command line: argparse subcommands and exit codes.
 
-Layer L5: with cliadmin.py the only code that reads files, the environment and argv, and prints.
+With cliadmin.py the only code that reads files, the environment and argv, and prints.
 """
 
 from __future__ import annotations

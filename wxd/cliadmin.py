@@ -1,6 +1,6 @@
 """CLI commands that talk to a running daemon's admin API: push, backfill, users, stats, token.
 
-Layer L5. Output is a human-readable table by default and JSON with --json. Exit codes:
+Output is a human-readable table by default and JSON with --json. Exit codes:
 0 ok, 1 API error, 2 usage/config error, 3 cannot connect.
 """
 

@@ -1,6 +1,6 @@
 """A small synchronous client for the admin API, used by the CLI commands and `wxd demo`.
 
-Layer L5 (standard library only, urllib). Raises ConnectFailed when the daemon cannot be reached
+Standard library only (urllib). Raises ConnectFailed when the daemon cannot be reached
 and ApiCallFailed when it answers with an error; both map to CLI exit codes.
 """
 

@@ -1,6 +1,6 @@
 """Read the INI configuration into frozen dataclasses, validate it once, keep secrets out of reprs.
 
-Pure (L0): imports only the standard library and wxd.errors. Only cli.py reads files and the
+Pure: imports only the standard library and wxd.errors. Only cli.py reads files and the
 environment; it passes the text and `os.environ` in.
 """
 

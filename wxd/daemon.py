@@ -1,6 +1,6 @@
 """Composition root: builds every component from Config, starts them in order, stops in reverse.
 
-Layer L5: the only module that knows every concrete class. Components get only their own values.
+The only module that knows every concrete class. Components get only their own values.
 """
 
 from __future__ import annotations

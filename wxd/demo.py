@@ -1,7 +1,7 @@
 """`wxd demo`: the sandbox and the daemon in one process on a temporary database, walking
 through the whole job (tokens, backfill, follow, MP login + link, push + delivery, refusal).
 
-Layer L5: composes the daemon with the sandbox; talks to the daemon only through its public
+Composes the daemon with the sandbox; talks to the daemon only through its public
 interfaces (admin API over HTTP, webhook over HTTP), as a real deployment would.
 """
 

@@ -1,7 +1,8 @@
 """Event handling: EventRouter turns a stored webhook message into follower/push state;
 EventWorkers drain the durable job queue (inbox.py) through it, with retries.
 
-Layer L3: imports L0-L2 only; linking (refresh_follower) is injected through a Protocol.
+Imports base modules, wxd.wechat.messages and wxd.store only; linking (refresh_follower) is
+injected through a Protocol.
 """
 
 from __future__ import annotations

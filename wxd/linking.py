@@ -1,6 +1,6 @@
 """MP login, encryptedData and follower refreshes → one identity per person (linked by unionid).
 
-Layer L3: imports L0–L2 only (followers, crypto, db, errors, metrics); the WeChat APIs arrive as
+Imports base modules, wxd.wechat.crypto and wxd.store (followers, db) only; the WeChat APIs arrive as
 constructor arguments typed with small Protocols. The session_key never leaves this module's
 storage calls: it is not logged, returned or put into an exception.
 """

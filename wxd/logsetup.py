@@ -1,4 +1,4 @@
-"""Logging to stderr for journald: one line per event, text or JSON lines. Pure (L0)."""
+"""Logging to stderr for journald: one line per event, text or JSON lines. Standard library only."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A small Prometheus text-format registry: counters, gauges, histograms, with labels.
 
-Pure (L0): standard library only. Components receive the Registry they report to (dependency
+Pure: standard library only. Components receive the Registry they report to (dependency
 injection, no globals); `/metrics` awaits the registered collectors, then renders.
 """
 

@@ -1,6 +1,6 @@
 """PushWorkers: a dispatcher that leases due pushes and N sender coroutines that POST them.
 
-Layer L3: imports L0–L2 only (pushqueue, pacing, db, errors, metrics); never pushes.py or
+Imports base modules, pacing and wxd.store (pushes, db) only; never pushes.py or
 tornado.web (the upstream API and the template-cache hook arrive as constructor arguments).
 """
 

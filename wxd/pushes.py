@@ -1,7 +1,7 @@
 """PushService: validates push requests, resolves recipients, caches the OA's templates, enqueues.
 
-Layer L3: imports L0–L2 only (templates, pushqueue, followers, db, metrics); never workers.py
-(the doorbell arrives as a callback) and never tornado.web.
+Imports base modules, wxd.wechat.templates and wxd.store (pushes, followers, db) only; never
+push_workers.py (the doorbell arrives as a callback) and never tornado.web.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """systemd notification protocol (sd_notify) over a plain AF_UNIX datagram socket, no dependency.
 
-Pure (L0): standard library only. Does nothing when NOTIFY_SOCKET is absent.
+Pure: standard library only. Does nothing when NOTIFY_SOCKET is absent.
 """
 
 from __future__ import annotations

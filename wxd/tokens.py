@@ -1,7 +1,7 @@
 """TokenManager: one app's access_token, persisted, refreshed ahead with jitter, fetched once.
 
-Layer L3: imports wxd L0-L2 (errors, metrics, db, wechat) and tornado.ioloop for the timer;
-never another L3 module and never tornado.web.
+Imports base modules, wxd.store.db, wxd.wechat.client and tornado.ioloop (for the timer);
+never another service module and never tornado.web.
 """
 
 from __future__ import annotations

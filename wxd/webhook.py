@@ -1,7 +1,7 @@
 """The OA webhook (WeChat's callback URL): verify, decrypt, parse, deduplicate, store, answer.
 
-Layer L4: tornado.web handlers over wxd.wechat.crypto/messages/inbox/db. Imports nothing above L3 and
-does no event work itself: jobs in the inbox do it later (events.py).
+tornado.web handlers over wxd.wechat.crypto/messages and wxd.store.inbox/db; imports no service
+module and does no event work itself: jobs in the inbox do it later (events.py).
 """
 
 from __future__ import annotations

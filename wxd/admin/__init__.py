@@ -1,4 +1,4 @@
-"""The local admin API (JSON over HTTP, bearer token). Layer L4.
+"""The local admin API (JSON over HTTP, bearer token).
 
 Each feature module exposes `routes(common, ...) -> list[URLSpec]`; the composition root
 (daemon.py) decides which groups exist and passes them to `make_app`.

@@ -1,6 +1,6 @@
 """Backfill routes: POST /v1/backfill (start or resume, idempotent) and GET /v1/backfill (progress).
 
-Layer L4: translates FollowerBackfill's status into JSON; no storage or WeChat calls here.
+Translates FollowerBackfill's status into JSON; no storage or WeChat calls here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared plumbing of the admin API: bearer auth, JSON bodies, JSON errors, request metrics.
 
-Layer L4: imports tornado.web and lower wxd layers only. Handlers get collaborators through
+Imports tornado.web and no service module; handlers get collaborators through
 `initialize()` (tornado URL-spec kwargs); nothing here reads config or the environment.
 """
 

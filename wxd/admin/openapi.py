@@ -1,6 +1,6 @@
 """The admin API described as an OpenAPI 3 document, served at `GET /v1/openapi.json`.
 
-Layer L4. tests/test_openapi.py walks the daemon's routes and this document both ways, so a
+tests/test_openapi.py walks the daemon's routes and this document both ways, so a
 route cannot be added or removed without updating its description here.
 """
 

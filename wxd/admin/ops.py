@@ -1,6 +1,4 @@
 """Operational admin routes: /healthz (no auth) and /metrics (Prometheus text format).
-
-Layer L4.
 """
 
 from __future__ import annotations

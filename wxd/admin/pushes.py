@@ -1,5 +1,5 @@
 """Admin routes of the push pipeline: enqueue (one or a batch), show, list, retry, cancel, and
-the OA template cache. Layer L4: thin handlers over pushes.PushService; no SQL here.
+the OA template cache: thin handlers over pushes.PushService; no SQL here.
 """
 
 from __future__ import annotations

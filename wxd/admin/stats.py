@@ -1,6 +1,6 @@
 """`GET /v1/stats`: counts across the daemon (followers, links, MP users, pushes, tokens, backfill).
 
-Layer L4. The composition root passes one async provider that gathers the figures from each
+The composition root passes one async provider that gathers the figures from each
 component, so this handler knows no component.
 """
 

@@ -1,7 +1,7 @@
 """Token sharing for other local processes: GET /v1/tokens/{oa|mp} (WeChat's "central server").
 
-Layer L4: imports tornado.web, wxd.admin.base and lower layers. The only route that returns an
-access_token; it never returns or logs the app secret.
+Imports tornado.web and wxd.admin.base. The only route that returns an access_token; it never
+returns or logs the app secret.
 """
 
 from __future__ import annotations

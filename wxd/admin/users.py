@@ -1,6 +1,6 @@
 """Identity routes: POST /v1/mp/login, POST /v1/mp/decrypt, GET /v1/users.
 
-Layer L4: translates Linking's results and errors into JSON; no storage or WeChat calls here.
+Translates Linking's results and errors into JSON; no storage or WeChat calls here.
 Responses never carry the session_key (Identity.to_json has none; decrypt returns the user data).
 """
 

@@ -1,6 +1,6 @@
 """The follower backfill's persisted state: the single `backfill` row (state, run, cursor, counters).
 
-Layer L2: imports wxd.errors and the standard library only. Every function takes a
+Imports wxd.errors and the standard library only. Every function takes a
 sqlite3.Connection and is meant to run inside `Database.write` / `Database.read`.
 """
 

@@ -1,6 +1,6 @@
 """Follower and MP-user rows and the unionid join between them (the link).
 
-Layer L2: synchronous write/read functions run inside `Database.write`/`read`; imports the
+Synchronous write/read functions run inside `Database.write`/`read`; imports the
 stdlib and wxd.store.schema (data). A link is derived (same unionid on both sides); the `links` table
 only records linked_at.
 """

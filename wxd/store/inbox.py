@@ -1,7 +1,7 @@
 """The webhook inbox (every accepted message, deduplicated) and the durable job queue fed by it.
 
-Layer L2: synchronous functions run inside `Database.write`/`read`; imports only the stdlib and
-L0-L1 (wxd.wechat.messages). Storage never interprets a job's payload beyond handing it back.
+Synchronous functions run inside `Database.write`/`read`; imports only the stdlib and
+wxd.wechat.messages. Storage never interprets a job's payload beyond handing it back.
 """
 
 from __future__ import annotations

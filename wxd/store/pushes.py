@@ -1,6 +1,6 @@
 """The durable push queue: push rows and their state machine, delivery reports, send outcomes.
 
-Layer L2: stdlib and wxd L0 only (every function takes a sqlite3 connection and runs inside the
+Stdlib and wxd base modules only (every function takes a sqlite3 connection and runs inside the
 caller's db.write / db.read); never imports tornado, aiosqlite or a service module.
 
     queued ─lease─▶ sending ─▶ sent ─report─▶ delivered | failed

@@ -1,6 +1,6 @@
 """The database schema as an ordered list of migrations; version = PRAGMA user_version.
 
-Pure data (L2 with db.py). Migration N takes a database at version N-1 to version N. Never edit a
+Pure data, read by db.py. Migration N takes a database at version N-1 to version N. Never edit a
 released migration; append a new one.
 """
 

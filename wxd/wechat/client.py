@@ -1,6 +1,6 @@
 """The upstream WeChat client: one object over an injected HTTP transport, the errcode table.
 
-Layer L2: imports wxd.errors, wxd.metrics and wxd.wechat.transport only; never wxd.tokens (tokens reach
+Imports wxd.errors, wxd.metrics and wxd.wechat.transport only; never wxd.tokens (tokens reach
 it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
 """
 

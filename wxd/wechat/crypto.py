@@ -1,6 +1,6 @@
 """WeChat signatures, OA message encryption (AES-256-CBC) and MP encryptedData (AES-128-CBC).
 
-Layer L1, pure and synchronous: stdlib, wxd.errors and pycryptodome only; never tornado/aiosqlite.
+Pure and synchronous: stdlib, wxd.errors and pycryptodome only; never tornado/aiosqlite.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """WeChat XML <-> typed Message dataclasses, and rendering of passive replies / WeChat-shaped XML.
 
-Layer L1, pure and synchronous: stdlib, wxd.errors and xmltodict only; never tornado/aiosqlite.
+Pure and synchronous: stdlib, wxd.errors and xmltodict only; never tornado/aiosqlite.
 """
 
 from __future__ import annotations

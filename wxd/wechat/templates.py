@@ -1,6 +1,6 @@
 """Template-message rules: placeholders, push-request parsing, data normalisation, value rules.
 
-Pure (L1): imports only the standard library and wxd.errors; never tornado or aiosqlite.
+Pure: imports only the standard library and wxd.errors; never tornado or aiosqlite.
 Everything here runs before a push is queued, so WeChat never sees what it would refuse.
 """
 

@@ -1,6 +1,6 @@
 """KeepAliveClient: HTTP/1.1 requests over a bounded pool of persistent connections.
 
-Layer L2: imports tornado (TCPClient, HTTP1Connection), wxd.metrics and the standard library.
+Imports tornado (TCPClient, HTTP1Connection), wxd.metrics and the standard library.
 tornado's own AsyncHTTPClient (simple_httpclient) opens and closes a TCP (and TLS) connection
 for every request; for the backfill's 10,000 batchgets and the push workers' sends that
 handshake is the largest cost after the answer itself. This client keeps connections open.
