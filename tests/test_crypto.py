@@ -1,4 +1,7 @@
-"""Known-answer, tamper, interop and property tests for wxd.wechat.crypto (wechat-api.md §4, §8.3, §13)."""
+"""Known-answer, tamper, interop and property tests for wxd.wechat.crypto.
+
+The vectors are WeChat's own examples, wechatpy's tests and self-generated ones (each cited below).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from wxd.wechat.crypto import (
     sign,
 )
 
-# §13.3: WeCom vector from wechatpy's tests (corp id in place of the appid).
+# WeCom vector from wechatpy's tests (corp id in place of the appid):
+# https://github.com/wechatpy/wechatpy/blob/master/tests/test_crypto.py
 V3_TOKEN = "123456"
 V3_KEY = "kWxPEV2UEDyxWpmPdKC3F4dgPDmOvfKX1HGnEUDS1aR"
 V3_ID = "wx49f0ab532d5d035a"
@@ -48,7 +52,8 @@ V3_XML = (
     "</xml>"
 )
 
-# §13.4: self-generated OA vector with the fixed random prefix.
+# Self-generated OA vector with the fixed random prefix, made with the scheme of
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Message_encryption_and_decryption_instructions.html
 V4_TOKEN = "testtoken"
 V4_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 V4_APPID = "wx1234567890abcdef"
@@ -70,7 +75,8 @@ V4_ENCRYPT = (
 )
 V4_MSG_SIGNATURE = "196e68f4db1d73e10fe5a519d4fb557efec40e83"
 
-# §13.5: official MP encryptedData sample.
+# Official MP encryptedData sample:
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/signature.html
 V5_APPID = "wx4f4bc4dec97d474b"
 V5_SESSION_KEY = "tiihtNczf5v6AKRyjwEUhQ=="
 V5_IV = "r7BXXKkLb8qrSNn05n0qiA=="
@@ -126,7 +132,9 @@ def pad16(data: bytes) -> bytes:
     return data + bytes([p]) * p
 
 
-# --- §13.1, §13.2: signatures ---------------------------------------------------------------
+# --- signatures ---------------------------------------------------------------------------------
+# The official examples:
+# https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
 
 
 def test_vector1_url_verification_signature() -> None:
@@ -191,7 +199,7 @@ def test_message_crypto_rejects_bad_keys() -> None:
         MessageCrypto(V4_TOKEN, V4_KEY, V4_APPID, previous_encoding_aes_key=V4_KEY + "A")
 
 
-# --- §13.3: WeCom vector ------------------------------------------------------------------------
+# --- WeCom vector --------------------------------------------------------------------------------
 
 
 def test_vector3_decrypt() -> None:
@@ -209,7 +217,7 @@ def test_vector3_msg_signature_is_not_url_signature() -> None:
     assert not crypto.check_msg_signature(V3_MSG_SIGNATURE, V3_TIMESTAMP, "461056295", V3_ENCRYPT)
 
 
-# --- §13.4: self-generated OA vector ------------------------------------------------------------
+# --- self-generated OA vector --------------------------------------------------------------------
 
 
 def test_vector4_encrypt_reproduces_known_answer() -> None:
@@ -449,7 +457,7 @@ def test_wechatpy_decrypts_known_answer_vector() -> None:
     assert theirs.decrypt_message(envelope, V4_MSG_SIGNATURE, V4_TIMESTAMP, V4_NONCE) == V4_XML
 
 
-# --- §13.5: MP encryptedData --------------------------------------------------------------------
+# --- MP encryptedData ----------------------------------------------------------------------------
 
 
 def test_vector5_mp_decrypt() -> None:
@@ -547,7 +555,10 @@ def test_mp_bad_plaintext(plain: bytes, reason: str) -> None:
     assert mp_reason(key, data, iv) == reason
 
 
-# --- §13.6, §13.7 ---------------------------------------------------------------------------------
+# --- rawData and session signatures -------------------------------------------------------------
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/signature.html
+# https://developers.weixin.qq.com/miniprogram/dev/OpenApiDoc/user-login/checkSessionKey.html
+# (the session signature of the empty message is self-computed)
 
 
 def test_vector6_raw_data_signature() -> None:

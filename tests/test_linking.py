@@ -31,7 +31,8 @@ from wxd.store.db import Database
 from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
 from wxd.wechat.transport import KeepAliveClient
 
-# Official MP encryptedData vector (wechat-api.md §13 item 5).
+# Official MP encryptedData vector:
+# https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/signature.html
 VECTOR_APPID = "wx4f4bc4dec97d474b"
 VECTOR_SESSION_KEY = "tiihtNczf5v6AKRyjwEUhQ=="
 VECTOR_IV = "r7BXXKkLb8qrSNn05n0qiA=="

@@ -1,4 +1,4 @@
-"""Tests for wxd.wechat.messages: §5 samples, hostile XML, dedupe keys, JSON round trip, rendering."""
+"""Tests for wxd.wechat.messages: official samples, hostile XML, dedupe keys, JSON round trip, rendering."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def event(**fields: str | int) -> Message:
     return parse_message(parse_xml(render_event_xml({**HEADER, **fields})))
 
 
-# --- §5 samples -----------------------------------------------------------------------------------
+# --- official samples -----------------------------------------------------------------------------
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_event_pushes.html
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 
 
 def test_subscribe() -> None:

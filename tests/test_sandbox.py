@@ -1,7 +1,7 @@
 """Tests of the WeChat emulator (wxd.sandbox): shapes, error codes, quirks, faults, webhook side.
 
-The webhook signer is pinned to the known-answer vectors of wechat-api.md §13, so the emulator
-is checked against WeChat itself, not only against wxd's own crypto.
+The webhook signer is pinned to known-answer vectors (WeChat's own examples, see test_crypto), so
+the emulator is checked against WeChat itself, not only against wxd's own crypto.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class TokenTests(SandboxTestCase):
         assert self.errcode(self.get_token(appid="")) == 41002
         assert self.errcode(self.get_token(secret="")) == 41004
         assert self.errcode(self.get_token(grant_type="password")) == 40002
-        # The MP's credentials get an MP token, which the OA APIs refuse (isolation, §1).
+        # The MP's credentials get an MP token, which the OA APIs refuse (isolation).
+        # https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
         mp = self.get_token(appid=creds.mp_appid, secret=creds.mp_secret)["access_token"]
         assert self.errcode(self.user_get(mp)) == 48001
 
@@ -759,7 +760,7 @@ def test_random_faults_are_seeded() -> None:
     assert dispatch(fixed, "GET", "/cgi-bin/user/get", {}, b"").delay_s == 0.25
 
 
-# The WeChat side of the webhook: known-answer vectors (wechat-api.md §13) -------------------------
+# The WeChat side of the webhook: known-answer vectors (see test_crypto) -----------------------------
 
 
 VECTOR4_CREDS = Credentials(

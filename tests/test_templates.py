@@ -1,4 +1,7 @@
-"""wxd.wechat.templates: placeholders, request parsing, data forms, misplaced keys, §7.4 value rules."""
+"""wxd.wechat.templates: placeholders, request parsing, data forms, misplaced keys, value rules.
+
+https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+"""
 
 from __future__ import annotations
 

@@ -119,7 +119,10 @@ class WebhookCase(AsyncHTTPTestCase):
 
 
 class VectorTest(WebhookCase):
-    """wechat-api.md §13 vectors 1, 2 and 4."""
+    """The official signature examples and the self-generated OA vector of test_crypto.
+
+    https://developers.weixin.qq.com/miniprogram/dev/framework/server-ability/message-push.html
+    """
 
     @gen_test
     async def test_vector1_get_echoes_echostr(self) -> None:

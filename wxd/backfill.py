@@ -31,7 +31,9 @@ from wxd.store.backfill import STATES, BackfillState
 from wxd.store.db import Database
 
 log = logging.getLogger(__name__)
-BATCHGET_MAX = 100          # openids per /cgi-bin/user/info/batchget call (wechat-api.md §6.3)
+# openids per /cgi-bin/user/info/batchget call:
+# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
+BATCHGET_MAX = 100
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (~1 MB each)
 # A first sync builds the unionid index at its end (followers.defer_unionid_index) when it starts
 # at the head of the list with fewer rows stored than this, for an account of more than one page
@@ -79,7 +81,8 @@ class _Stopping(Exception):
 
 def _parse_page(answer: dict[str, Any]) -> tuple[list[str], str, int | None]:
     """(openids, next_openid, total) of a user/get answer; no openids = the list is exhausted
-    (count 0 and no `data` after the last page or on an empty account, wechat-api.md §6.1)."""
+    (count 0 and no `data` after the last page or on an empty account).
+    https://developers.weixin.qq.com/doc/offiaccount/User_Management/Getting_a_User_List.html"""
     data, total, nxt = answer.get("data"), answer.get("total"), answer.get("next_openid")
     raw = data.get("openid") if isinstance(data, dict) else None
     openids = [o for o in raw if isinstance(o, str) and o] if isinstance(raw, list) else []

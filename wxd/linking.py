@@ -28,7 +28,8 @@ from wxd.wechat.crypto import decrypt_mp_data
 
 log = logging.getLogger(__name__)
 
-# jscode2session errcodes that are the caller's problem, with the API code they map to (§8.1).
+# jscode2session errcodes that are the caller's problem, with the API code they map to.
+# https://developers.weixin.qq.com/miniprogram/dev/OpenApiDoc/user-login/code2Session.html
 _LOGIN_ERRORS: Mapping[int, tuple[str, str]] = {
     40029: ("invalid_code", "the login code is invalid or expired; call wx.login again"),
     40163: ("invalid_code", "the login code was already used; call wx.login again"),

@@ -18,7 +18,8 @@ _RNG = random.Random()  # jitter only, never secrets
 def next_beijing_midnight(now: float) -> float:
     """The next 00:00 Asia/Shanghai (UTC+8, no DST) strictly after `now`, unix seconds.
 
-    WeChat's daily quotas (45009) are assumed to reset then (wechat-api.md §10: unconfirmed).
+    WeChat's daily quotas (45009) are assumed to reset then (unconfirmed):
+    https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html
     """
     offset = BEIJING_UTC_OFFSET_S
     return (math.floor((now + offset) / DAY_S) + 1) * DAY_S - offset

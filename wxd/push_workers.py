@@ -50,7 +50,8 @@ def parse_resume_time(text: str) -> float:
 
 def next_resume(now: float, time_of_day_s: float) -> float:
     """The next Beijing (UTC+8) time of day `time_of_day_s` strictly after `now` (unix s).
-    WeChat's daily quotas are assumed to reset at midnight Beijing time (§10, unconfirmed)."""
+    WeChat's daily quotas are assumed to reset at midnight Beijing time (unconfirmed;
+    https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html)."""
     return pacing.next_beijing_midnight(now - time_of_day_s) + time_of_day_s
 
 

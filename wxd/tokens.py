@@ -25,8 +25,10 @@ from wxd.wechat.client import WeChatClient
 log = logging.getLogger(__name__)
 
 MODES = ("stable", "legacy")
-# /cgi-bin/token: the previous token keeps working for 5 minutes after a new one is issued
-# (wechat-api.md §2.1). A stable token is never superseded by a normal-mode fetch (§2.2).
+# /cgi-bin/token: the previous token keeps working for 5 minutes after a new one is issued:
+# https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
+# A stable token is never superseded by a normal-mode fetch:
+# https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/getStableAccessToken.html
 OVERLAP_S = 300.0
 USE_GUARD_S = 60.0  # get() fetches rather than hand out a token this close to its expiry
 JITTER_FRACTION = 0.2  # the refresh point moves earlier by up to this share of the margin

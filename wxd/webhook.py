@@ -276,7 +276,8 @@ class WebhookHandler(tornado.web.RequestHandler):
 
     def get(self) -> None:
         self.webhook.requests.inc(result="echo")
-        # For the OA the echostr is plaintext in every mode (wechat-api.md §4.2).
+        # For the OA the echostr is plaintext in every mode:
+        # https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Access_Overview.html
         self.finish(self._arg("echostr"))
 
     async def post(self) -> None:

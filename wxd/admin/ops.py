@@ -1,5 +1,4 @@
-"""Operational admin routes: /healthz (no auth) and /metrics (Prometheus text format).
-"""
+"""Operational admin routes: /healthz (no auth) and /metrics (Prometheus text format)."""
 
 from __future__ import annotations
 

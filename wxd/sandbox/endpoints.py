@@ -101,7 +101,8 @@ class _Ctx:
         if isinstance(checked, int):
             raise _Reject(checked)
         self.app = checked.app
-        # Tokens are isolated per app: an MP token on an OA API is 48001 (§1).
+        # Tokens are isolated per app: an MP token on an OA API is 48001.
+        # https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
         if checked.app != app:
             raise _Reject(48001)
         return checked
@@ -187,7 +188,8 @@ def _batchget(ctx: _Ctx) -> _Encoded:
     if not isinstance(user_list, list):
         raise _Reject(47001)
     # WeChat's limit is 100 entries; the sandbox answers 40032 "invalid openid list size" to an
-    # empty or longer list (the fact sheet names no code for this).
+    # empty or longer list (WeChat's global code for that; the batchget doc names none):
+    # https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
     if not user_list or len(user_list) > BATCHGET_MAX:
         raise _Reject(40032)
     by_oa_openid = ctx.fake.by_oa_openid
@@ -215,14 +217,14 @@ def _template_send(ctx: _Ctx) -> dict[str, Any]:
         raise _Reject(47001)
     if client_msg_id:
         # Same openid + client_msg_id within 10 minutes: WeChat sends only one message. The
-        # sandbox answers success with the first msgid (the exact answer is unconfirmed, §15),
+        # sandbox answers success with the first msgid (the exact answer is unconfirmed),
         # before any other check, so a retry after an unfollow still learns the msgid.
         msgid = fake.deduped_msgid(touser, client_msg_id)
         if msgid is not None:
             return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
     template_id = body.get("template_id")
     if not isinstance(template_id, str) or not template_id:
-        raise _Reject(40036)  # e.g. the field misspelled as "temlate_id" (§7.6)
+        raise _Reject(40036)  # e.g. the field misspelled as "temlate_id" (community reports)
     template = fake.templates.get(template_id)
     if template is None:
         raise _Reject(40037)

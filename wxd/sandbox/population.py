@@ -11,7 +11,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-# Subscribe scenes as user/info reports them (wechat-api.md §6.2). Weighted towards search and QR.
+# Subscribe scenes as user/info reports them. Weighted towards search and QR.
+# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
 SUBSCRIBE_SCENES: tuple[str, ...] = (
     "ADD_SCENE_SEARCH",
     "ADD_SCENE_QR_CODE",

@@ -13,8 +13,9 @@ from typing import Any
 from wxd.sandbox.population import Person
 from wxd.sandbox.state import FakeWeChat
 
-# errmsg texts as WeChat words them (wechat-api.md §2.3, §11). A " rid: ..." suffix is appended,
-# as current WeChat errors carry one; clients must match on errcode only.
+# errmsg texts as WeChat words them. A " rid: ..." suffix is appended, as current WeChat errors
+# carry one; clients must match on errcode only.
+# https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
 ERRMSG: Mapping[int, str] = {
     -1: "system error",
     40001: "invalid credential, access_token is invalid or not latest",
@@ -71,9 +72,10 @@ def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dic
 
 
 def user_info(person: Person) -> dict[str, Any]:
-    """The user/info shape. Non-followers get subscribe=0 and no unionid (§6.2); nickname,
+    """The user/info shape. Non-followers get subscribe=0 and no unionid; nickname,
     avatar, sex and region are blank since 2021/2023 but the keys remain.
-    user_info_json writes the same shape as text: change both together."""
+    user_info_json writes the same shape as text: change both together.
+    https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html"""
     base: dict[str, Any] = {
         "subscribe": 1 if person.follows else 0,
         "openid": person.oa_openid,

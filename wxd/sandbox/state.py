@@ -26,8 +26,12 @@ from wxd.sandbox.token_book import TokenBook
 
 logger = logging.getLogger(__name__)
 
-LOGIN_CODE_LIFETIME_S = 300  # wx.login codes live 5 minutes and are single use (§8.1)
-CLIENT_MSG_ID_WINDOW_S = 600  # template/send dedupes openid+client_msg_id for 10 minutes (§7.2)
+# wx.login codes live 5 minutes and are single use:
+# https://developers.weixin.qq.com/miniprogram/dev/api/open-api/login/wx.login.html
+LOGIN_CODE_LIFETIME_S = 300
+# template/send dedupes openid + client_msg_id for 10 minutes:
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+CLIENT_MSG_ID_WINDOW_S = 600
 
 DEFAULT_FAULT_KINDS: tuple[str, ...] = ("-1", "45009", "45011", "http500", "hang", "reset")
 # "hang_after"/"reset_after" process the call (state changes, e.g. a message is accepted) and then
@@ -36,7 +40,9 @@ _TRANSPORT_FAULTS = frozenset({"http500", "hang", "reset", "hang_after", "reset_
 _FAULT_RE = re.compile(r"-?[0-9]+|delay:[0-9]+(?:\.[0-9]+)?")
 
 MODES = ("plain", "compat", "safe")
-_MSGID_BASE = 3_487_542_469_355_618_313  # msgids are large int64s, like real ones (§5.5)
+# Template msgids are large int64s, like real ones (community samples; the API's page:
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html).
+_MSGID_BASE = 3_487_542_469_355_618_313
 # From this many people on, FakeWeChat ends its set-up with a full GC collection (0.3 s a million).
 _COLLECT_FROM_USERS = 100_000
 

@@ -1,4 +1,6 @@
-"""OA template definitions and WeChat's template/send payload rules (wechat-api.md §7).
+"""OA template definitions and WeChat's template/send payload rules.
+
+https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 
 Pure: stdlib only; must not import tornado or any other part of wxd.
 """
@@ -28,7 +30,8 @@ _DATE = r"(?:\d{4}年\d{1,2}月\d{1,2}日|\d{4}-\d{1,2}-\d{1,2}|\d{4}/\d{1,2}/\d
 _TIME = r"(?:[01]?\d|2[0-3]):[0-5]\d(?::[0-5]\d)?"
 _TIME_POINT_RE = re.compile(f"(?:{_DATE}\\s*{_TIME}|{_DATE}|{_TIME})")
 
-# Per-type limits of §7.4. short_thing's limit is undocumented; the sandbox applies thing's.
+# Per-type limits of category-template values (see the module docstring's page). short_thing's
+# limit is undocumented (unconfirmed); the sandbox applies thing's.
 _LENGTH_LIMITS: Mapping[str, int] = {
     "thing": 20,
     "short_thing": 20,
@@ -57,7 +60,7 @@ class Template:
         object.__setattr__(self, "keys", keys)
 
     def as_json(self) -> dict[str, str]:
-        """The item shape of get_all_private_template (§7.5)."""
+        """The item shape of get_all_private_template."""
         return {
             "template_id": self.template_id,
             "title": self.title,
@@ -132,7 +135,7 @@ def _value_ok(kind: str, value: str) -> bool:
 
 
 def check_data(template: Template, data: Mapping[str, Any]) -> Rejection | None:
-    """Apply §7.4 to a template/send `data` object; None when acceptable.
+    """Apply the category-template value rules to a template/send `data` object; None when acceptable.
 
     Every typed key of the template must be present with a non-empty string value (47003
     "... is emtpy", WeChat's spelling) obeying its type. Legacy keys may be absent or empty.

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 TOKEN_LIFETIME_S = 7200
 # WeChat keeps the previous /cgi-bin/token token working for 5 minutes after a new one is issued,
-# and rotates a stable token 5 minutes before it expires (wechat-api.md §2.1, §2.2).
+# and rotates a stable token 5 minutes before it expires.
+# https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
+# https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/getStableAccessToken.html
 OVERLAP_S = 300
 FORCE_REFRESH_PER_DAY = 20
 FORCE_REFRESH_SPACING_S = 30
@@ -22,7 +24,8 @@ FORCE_REFRESH_SPACING_S = 30
 # answered 40014 (malformed); a well-formed token the emulator never issued gets 40001.
 _TOKEN_RE = re.compile(r"[0-9]{1,4}_[A-Za-z0-9_-]{20,600}")
 
-# Quotas reset at midnight Beijing time (UTC+8); the exact hour is unconfirmed (§10).
+# Quotas reset at midnight Beijing time (UTC+8); the exact hour is unconfirmed.
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html
 _BEIJING_OFFSET_S = 8 * 3600
 
 

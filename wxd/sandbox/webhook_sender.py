@@ -20,7 +20,8 @@ from wxd.wechat.messages import render_event_xml
 
 logger = logging.getLogger(__name__)
 
-# WeChat waits 5 s for an answer; with none it retries, "a maximum of three retries" (§4.5).
+# WeChat waits 5 s for an answer; with none it retries, "a maximum of three retries".
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Passive_user_reply_message.html
 WECHAT_TIMEOUT_S = 5.0
 WECHAT_RETRIES = 3
 
@@ -111,7 +112,9 @@ class WebhookSender:
         """A follow; through a parametric QR code EventKey is "qrscene_<scene>" plus Ticket."""
         fields = self._header(openid, "event", create_time)
         fields["Event"] = "subscribe"
-        # Plain follows arrive with an empty EventKey element (§5.1).
+        # Plain follows arrive with an empty EventKey element (community logs; the official sample
+        # has none):
+        # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_event_pushes.html
         fields["EventKey"] = f"qrscene_{scene}" if scene is not None else ""
         if scene is not None:
             fields["Ticket"] = ticket or self._ticket()
@@ -127,7 +130,8 @@ class WebhookSender:
         self, openid: str, scene: str, ticket: str | None = None, create_time: int | None = None
     ) -> dict[str, str | int]:
         """An already-following user scans a QR: Event "SCAN" (upper case), EventKey without
-        the qrscene_ prefix (§5.4)."""
+        the qrscene_ prefix.
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_event_pushes.html"""
         fields = self._header(openid, "event", create_time)
         fields.update(Event="SCAN", EventKey=scene, Ticket=ticket or self._ticket())
         return fields
@@ -143,7 +147,8 @@ class WebhookSender:
     def template_finished_fields(
         self, openid: str, msgid: int, status: str, create_time: int | None = None
     ) -> dict[str, str | int]:
-        """TEMPLATESENDJOBFINISH: note "MsgID" with a capital D, unlike MsgId elsewhere (§5.5)."""
+        """TEMPLATESENDJOBFINISH: note "MsgID" with a capital D, unlike MsgId elsewhere.
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html"""
         fields = self._header(openid, "event", create_time)
         fields.update(Event="TEMPLATESENDJOBFINISH", MsgID=msgid, Status=status)
         return fields

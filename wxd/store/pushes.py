@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.paused_until"
-# WeChat drops a repeated openid + client_msg_id for 10 minutes, no guarantee after (§7.2).
+# WeChat drops a repeated openid + client_msg_id for 10 minutes, no guarantee after.
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 CLIENT_MSG_ID_WINDOW_S = 600.0
 DELIVERY_SUCCESS = "success"
 # One encoder for every row (json.dumps with options builds a new encoder per call). UTF-8 text
-# without \u escapes, as template/send wants it (wechat-api.md §7.2).
+# without \u escapes, as wechatpy sends it: some WeChat APIs refuse \u escapes with 40033, and
+# whether template/send does is unconfirmed.
+# https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 

@@ -19,7 +19,9 @@ from wxd.wechat.transport import FetchError, Response
 
 log = logging.getLogger(__name__)
 
-# The one table of errcode classes (wechat-api.md §2.3, §7.6, §11). Anything absent is terminal.
+# The one table of errcode classes. Anything absent is terminal.
+# https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 #   token     - the access_token is invalid, superseded or expired: refresh, retry once.
 #   transient - WeChat is busy or throttling (per minute, or per user for 43117): back off, retry.
 #   quota     - a daily quota is spent: stop this kind of call until the quota resets.

@@ -18,7 +18,8 @@ from Crypto.Cipher import AES
 from wxd.config import check_aes_key
 from wxd.errors import DecryptError, SessionKeyError, WatermarkError
 
-# The OA scheme pads to 32 bytes, not to the 16-byte AES block (wechat-api.md §4.4).
+# The OA scheme pads to 32 bytes, not to the 16-byte AES block.
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Message_encryption_and_decryption_instructions.html
 _OA_PAD_BLOCK = 32
 _MP_PAD_BLOCK = 16
 _RANDOM_LEN = 16

@@ -21,8 +21,9 @@ MAX_XML_BYTES: int = 64 * 1024
 _MAX_DEPTH = 16
 _JSON_VERSION = 1
 
-# Wrappers whose <List> children are documented (wechat-api.md §5.6). A single item arrives as
-# one <List>, several as repeated <List>; both are normalised to a JSON array.
+# Wrappers whose <List> children are documented. A single item arrives as one <List>, several as
+# repeated <List>; both are normalised to a JSON array.
+# https://developers.weixin.qq.com/doc/offiaccount/Subscription_Messages/api.html
 _LIST_WRAPPERS = frozenset({"SubscribeMsgPopupEvent", "SubscribeMsgChangeEvent", "SubscribeMsgSentEvent"})
 _CDATA_RE = re.compile(rb"<!\[CDATA\[.*?\]\]>", re.DOTALL)
 _DECL_RE = re.compile(rb"<!(doctype|entity)", re.IGNORECASE)
@@ -222,10 +223,12 @@ class Message:
 
     @property
     def dedupe_key(self) -> str:
-        """Idempotency key for WeChat's retries (wechat-api.md §4.5).
+        """Idempotency key for WeChat's retries.
 
         "msg:<MsgId>" when MsgId is present, else
         "evt:<FromUserName>:<CreateTime>:<Event or MsgType>[:<EventKey>]".
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_standard_messages.html
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_event_pushes.html
         """
         msg_id = _text(self.raw.get("MsgId"))
         if msg_id:

@@ -14,14 +14,16 @@ from typing import Any
 
 from wxd.errors import WxdError
 
-# wechat-api.md §7.5: placeholders are {{key.DATA}}; `{{ }}` is reserved syntax.
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+# Placeholders are {{key.DATA}}; `{{ }}` is reserved syntax.
 PLACEHOLDER_RE = re.compile(r"\{\{\s*(\w+)\.DATA\s*\}\}")
-# §7.4: category-library keys are "<type><n>" (thing3, character_string12). Longest names first,
+# Category-library keys are "<type><n>" (thing3, character_string12). Longest names first,
 # so that short_thing4 is not read as thing4.
 TYPED_KEY_RE = re.compile(
     r"(short_thing|character_string|phone_number|car_number|thing|time|amount|const|phrase)(\d+)"
 )
-# Keys of legacy templates that WeChat stopped displaying on 2023-05-04 (§7.3); a push may omit them.
+# Keys of legacy templates that WeChat stopped displaying on 2023-05-04; a push may omit them.
+# https://developers.weixin.qq.com/community/develop/doc/000a2ae286cdc0f41a8face4c51801
 OPTIONAL_LEGACY_KEYS = frozenset({"first", "remark"})
 RECIPIENT_FIELDS = ("unionid", "mp_openid", "oa_openid")
 MAX_IDEMPOTENCY_KEY = 128
@@ -32,12 +34,13 @@ _PHRASE_RE = re.compile(f"[{_CJK}]+")
 _ASCII_PRINTABLE_RE = re.compile(r"[\x20-\x7e]+")
 _AMOUNT_RE = re.compile(r"[¥￥$€£]?(?P<digits>[0-9][0-9,]*(?:\.[0-9]+)?)元?")
 _CAR_RE = re.compile(f"[{_CJK}A-Za-z0-9][A-Za-z0-9]*[{_CJK}A-Za-z0-9]?")
-# time: 24-hour time, optionally with a date, ranges joined by "~" (§7.4). The exact accepted
+# time: 24-hour time, optionally with a date, ranges joined by "~". The exact accepted
 # date formats are not published, so only the alphabet and the clock fields are checked.
 _TIME_ALPHABET_RE = re.compile(r"[0-9年月日时分秒:\-/.~ 至]+")
 _CLOCK_RE = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 
-# (limit in characters, rule description) per type; None = no length limit published.
+# (limit in characters, rule description) per type; None = no length limit published. The limits
+# are WeChat's table for category templates as community copies and staff answers give it.
 _RULES: Mapping[str, tuple[int | None, str]] = {
     "thing": (20, "at most 20 characters"),
     "character_string": (32, "at most 32 characters: digits, letters and symbols, no Chinese"),
@@ -49,7 +52,9 @@ _RULES: Mapping[str, tuple[int | None, str]] = {
     "phrase": (5, "at most 5 characters, Chinese only"),
 }
 
-# Where a key found inside `data` really belongs (wechat-api.md §7.2, §12 mistake 7).
+# Where a key found inside `data` really belongs (top-level fields of template/send; putting them
+# in `data` is a mistake community answers report often).
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 MISPLACED: Mapping[str, str] = {
     "miniprogram": "miniprogram belongs at the top level of the push "
                    '({"miniprogram": {"pagepath": ...}}), not inside data',
@@ -98,7 +103,7 @@ class PushRequest:
 
     def wechat_body(self, oa_openid: str) -> dict[str, Any]:
         """The template/send body without client_msg_id (added per attempt). miniprogram is
-        top level; data values are wrapped as {"value": v} (§7.2)."""
+        top level; data values are wrapped as {"value": v}."""
         body: dict[str, Any] = {
             "touser": oa_openid,
             "template_id": self.template_id,
@@ -118,7 +123,7 @@ def placeholders(content: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=4096)
 def key_type(key: str) -> str | None:
-    """The §7.4 value type of a category-template key (thing3 -> "thing"); None for legacy
+    """The value type of a category-template key (thing3 -> "thing"); None for legacy
     keys (keyword1, first) and for short_thing, whose limit is unpublished."""
     match = TYPED_KEY_RE.fullmatch(key)
     if match is None or match.group(1) == "short_thing":
@@ -222,8 +227,8 @@ def normalize_data(data: Any, template_keys: Iterable[str] | None = None) -> dic
 
 
 def value_problem(key: str, value: str) -> str | None:
-    """The §7.4 rule `value` breaks for the type named by `key`, or None when it is fine (or
-    the type is unknown: legacy keys are not type-checked by WeChat)."""
+    """The category-template value rule `value` breaks for the type named by `key`, or None when
+    it is fine (or the type is unknown: legacy keys are not type-checked by WeChat)."""
     kind = key_type(key)
     if kind is None:
         return None
@@ -260,7 +265,7 @@ def _time_ok(value: str) -> bool:
 
 
 def check_values(values: Mapping[str, str]) -> None:
-    """Raise `value_invalid` (naming the key and rule) for the first value breaking §7.4."""
+    """Raise `value_invalid` (naming the key and rule) for the first value breaking a value rule."""
     for key, value in values.items():
         problem = value_problem(key, value)
         if problem is not None:
