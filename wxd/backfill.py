@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 # openids per /cgi-bin/user/info/batchget call:
 # https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
 BATCHGET_MAX = 100
-QUEUED_PAGES = 3            # page writes that may wait for the group commit (~1 MB each)
+QUEUED_PAGES = 3            # page writes that may wait for the group commit (each a page of rows)
 # A first sync builds the unionid index at its end (followers.defer_unionid_index) when it starts
 # at the head of the list with fewer rows stored than this, for an account of more than one page
-# and at most DEFER_INDEX_MAX_TOTAL followers (building the index blocks writes ~2 s per 1M).
+# and at most DEFER_INDEX_MAX_TOTAL followers (building the index blocks writes, the longer the
+# more rows there are).
 DEFER_INDEX_MAX_ROWS = 10_000
 DEFER_INDEX_MAX_TOTAL = 2_000_000
 
@@ -98,8 +99,8 @@ class FollowerBackfill:
     0 = unlimited); each page is stored by ONE db.write that also moves the
     cursor and counters, so a crash never loses or repeats a counted page. Page writes are
     submitted in order while the next page is fetched; up to QUEUED_PAGES wait, so the group
-    commit stores several pages per transaction when SQLite is the slower side (at 1M
-    followers each transaction rewrites random pages of the unionid index: fewer, larger
+    commit stores several pages per transaction when SQLite is the slower side (on a large
+    account each transaction rewrites random pages of the unionid index: fewer, larger
     transactions cost less per follower). Pages wait as prepared rows (followers.InfoBatch).
     With `defer_index`, a first sync (see DEFER_INDEX_MAX_ROWS) builds the unionid index once at
     its end, or when it halts, instead of row by row; meanwhile lookups by unionid scan.

@@ -43,7 +43,8 @@ MODES = ("plain", "compat", "safe")
 # Template msgids are large int64s, like real ones (community samples; the API's page:
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html).
 _MSGID_BASE = 3_487_542_469_355_618_313
-# From this many people on, FakeWeChat ends its set-up with a full GC collection (0.3 s a million).
+# From this many people on, FakeWeChat ends its set-up with a full GC collection (its cost grows
+# with the population; small set-ups skip it). Cost measured: docs/internals.md.
 _COLLECT_FROM_USERS = 100_000
 
 

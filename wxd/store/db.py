@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
-# SQLite's page cache (default 2 MB). The follower table's two indexes are ~80 MB at 1M rows;
-# 32 MB cuts the backfill's B-tree page reads and is only filled as pages are touched.
+# SQLite's page cache (default 2 MB). The follower table's two indexes outgrow it on a large
+# account; 32 MB cuts the backfill's B-tree page reads and is only filled as pages are touched
+# (figures: docs/internals.md, "Measured").
 CACHE_KB = 32 * 1024
 WriteFn = Callable[[sqlite3.Connection], Any]
 BatchFn = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]

@@ -190,8 +190,8 @@ _UPDATE_INFO = (
     " synced_at = excluded.synced_at, updated_at = excluded.updated_at"
 )
 # An UPDATE that sets unionid rewrites the row's followers_unionid entry even when the value is
-# the same: in a re-sync, a random index page written per row (at 1M followers, ~4,000 WAL pages
-# per 5,000 rows instead of ~160). So _UPSERT_INFOS leaves alone the rows whose unionid changes (it
+# the same: in a re-sync, a random index page written per row instead of a few per batch (figures:
+# docs/internals.md). So _UPSERT_INFOS leaves alone the rows whose unionid changes (it
 # then reports fewer changes than rows) and _UPSERT_INFOS_NEW_UNIONID updates just those.
 _UPSERT_INFOS = (
     _INSERT_INFOS + _UPDATE_INFO
