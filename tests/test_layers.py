@@ -21,7 +21,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "wxd"
 
 LEVELS = ("base", "wechat", "store", "service", "http", "top")
-BASE = {"wxd", "wxd.errors", "wxd.config", "wxd.metrics", "wxd.clock", "wxd.logsetup",
+BASE = {"wxd", "wxd.errors", "wxd.config", "wxd.aeskey", "wxd.metrics", "wxd.clock", "wxd.logsetup",
         "wxd.sdnotify"}
 HTTP_SURFACE = {"wxd.webhook", "wxd.admin", "wxd.ui"}
 TOP = {"wxd.daemon", "wxd.cli", "wxd.cliadmin", "wxd.client", "wxd.demo", "wxd.doctor",

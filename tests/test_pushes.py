@@ -124,7 +124,7 @@ class PushCase(AsyncHTTPTestCase):
     def make_workers(self, **options: Any) -> PushWorkers:
         settings: dict[str, Any] = {
             "workers": 2, "rate_per_s": 0, "max_attempts": 4, "backoff_base_s": 2.0,
-            "backoff_max_s": 600.0, "quota_resume_time": "00:05", "stale_sending": "resend",
+            "backoff_max_s": 600.0, "quota_resume_s": 300.0, "stale_sending": "resend",
             "clock": self.clock, "metrics": self.metrics, "idle_max_s": 0.05,
             "on_template_invalid": self.service.invalidate_templates, "drain_timeout_s": 2.0,
         }

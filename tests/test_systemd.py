@@ -29,7 +29,7 @@ def test_unit_matches_the_daemon() -> None:
     assert service["Restart"] == "on-failure"
     assert service["StateDirectory"] == "wxd"
     assert "wxd run -c /etc/wxd/wxd.conf" in service["ExecStart"]
-    drain = float(config.SPEC["wxd"]["shutdown_timeout_s"].default or 0)
+    drain = float(config.SECTIONS["wxd"].keys["shutdown_timeout_s"].default or 0)
     # The daemon allows the drain bound plus 5 s for the rest of the stop.
     assert float(service["TimeoutStopSec"]) > drain + 5
     for setting in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):

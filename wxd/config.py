@@ -1,105 +1,57 @@
-"""Read the INI configuration into frozen dataclasses, validate it once, keep secrets out of reprs.
+"""Read the INI configuration into frozen section dataclasses, validated once; no secret in reprs.
 
-Pure: imports only the standard library and wxd.errors. Only cli.py reads files and the
-environment; it passes the text and `os.environ` in.
+Each key is declared once, as a `key(...)` field of its section's dataclass; the loader, the
+WXD_<SECTION>_<KEY> overrides and the documentation test all walk those fields. Base: imports the
+standard library, wxd.errors and wxd.aeskey only. Only cli.py reads files and the environment.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import configparser
+import dataclasses
 import ipaddress
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from wxd.aeskey import check_aes_key
 from wxd.errors import ConfigError
 
 APPID_RE = re.compile(r"^wx[0-9a-fA-F]{16}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "WXD_"
+
+Cast = Callable[[str], Any]
+"""Turns a key's stripped text into its value; ValueError("must ...") never quoting the text."""
 
 
 @dataclass(frozen=True)
-class Key:
-    """One documented configuration key: its type, default (None = required) and constraints."""
+class KeySpec:
+    """How one key is read: its default text (None = required), its cast, whether it is secret.
 
-    kind: str  # "str" | "int" | "float" | "bool" | "listen" | "choice" | "appid" | "aeskey"
+    A secret is left out of reprs, and a required secret that is empty counts as missing.
+    """
+
     default: str | None
+    cast: Cast
     secret: bool = False
-    choices: tuple[str, ...] = ()
-    minimum: float | None = None
 
 
-# The single table of every key wxd reads. wxd.conf.example documents each one (a test checks).
-SPEC: dict[str, dict[str, Key]] = {
-    "wxd": {
-        "database": Key("str", "/var/lib/wxd/wxd.db"),
-        "shutdown_timeout_s": Key("float", "10", minimum=0.1),
-        "log_level": Key("choice", "info", choices=LOG_LEVELS),
-        "log_format": Key("choice", "text", choices=("text", "json")),
-    },
-    "webhook": {
-        "listen": Key("listen", "0.0.0.0:8080"),
-        "path": Key("str", "/wechat"),
-        "token": Key("str", None, secret=True),
-        "encoding_aes_key": Key("aeskey", "", secret=True),
-        "previous_encoding_aes_key": Key("aeskey", "", secret=True),
-        "require_encryption": Key("bool", "false"),
-        "replay_window_s": Key("float", "300", minimum=1),
-        "max_body_bytes": Key("int", "65536", minimum=1024),
-    },
-    "admin": {
-        "listen": Key("listen", "127.0.0.1:8081"),
-        "token": Key("str", None, secret=True),
-        "allow_remote": Key("bool", "false"),
-        "max_body_bytes": Key("int", "8388608", minimum=1024),
-    },
-    "official_account": {
-        "appid": Key("appid", None),
-        "secret": Key("str", None, secret=True),
-    },
-    "mini_program": {
-        "appid": Key("appid", None),
-        "secret": Key("str", None, secret=True),
-    },
-    "wechat": {
-        "api_base": Key("str", "https://api.weixin.qq.com"),
-        "token_mode": Key("choice", "stable", choices=("stable", "legacy")),
-        "connect_timeout_s": Key("float", "5", minimum=0.1),
-        "request_timeout_s": Key("float", "10", minimum=0.1),
-        "max_clients": Key("int", "64", minimum=1),
-        "token_refresh_margin_s": Key("float", "900", minimum=60),
-        "token_check_interval_s": Key("float", "30", minimum=1),
-        "token_daily_budget": Key("int", "1500", minimum=1),
-    },
-    "pushes": {
-        "workers": Key("int", "8", minimum=1),
-        "rate_per_s": Key("float", "0", minimum=0),
-        "max_attempts": Key("int", "8", minimum=1),
-        "backoff_base_s": Key("float", "2", minimum=0.01),
-        "backoff_max_s": Key("float", "600", minimum=0.01),
-        "quota_resume_time": Key("str", "00:05"),
-        "stale_sending": Key("choice", "resend", choices=("resend", "fail")),
-        "template_cache_s": Key("float", "3600", minimum=0),
-    },
-    "events": {
-        "workers": Key("int", "2", minimum=1),
-        "max_attempts": Key("int", "10", minimum=1),
-    },
-    "backfill": {
-        "concurrency": Key("int", "4", minimum=1),
-        "rate_per_s": Key("float", "100", minimum=0),
-        "resync_interval_s": Key("float", "0", minimum=0),
-        "defer_unionid_index": Key("bool", "true"),
-    },
-    "followers": {
-        "purge_on_unsubscribe": Key("bool", "false"),
-    },
-}
-OPTIONAL_SECTIONS = frozenset({"mini_program"})
-ENV_PREFIX = "WXD_"
+_SPEC = "wxd.config"  # the dataclasses.field metadata entry holding a KeySpec
+
+
+def key(default: str | None, cast: Cast, *, secret: bool = False) -> Any:
+    """Declare a section field as a configuration key (its one declaration).
+
+    `default` is the text an absent key takes, exactly as wxd.conf.example spells it.
+    """
+    return dataclasses.field(repr=not secret, metadata={_SPEC: KeySpec(default, cast, secret)})
+
+
+# Values ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -123,115 +75,73 @@ class Listen:
 
 
 @dataclass(frozen=True)
-class WxdConfig:
-    database: str
-    shutdown_timeout_s: float
-    log_level: str
-    log_format: str
+class TimeOfDay:
+    """A wall-clock time of day (HH:MM); the key that holds it says which time zone."""
+
+    hour: int
+    minute: int
+
+    def __str__(self) -> str:
+        return f"{self.hour:02d}:{self.minute:02d}"
+
+    @property
+    def seconds(self) -> float:
+        """Seconds after midnight."""
+        return self.hour * 3600.0 + self.minute * 60.0
 
 
-@dataclass(frozen=True)
-class WebhookConfig:
-    listen: Listen
-    path: str
-    token: str = field(repr=False)
-    encoding_aes_key: str = field(repr=False)
-    previous_encoding_aes_key: str = field(repr=False)
-    require_encryption: bool
-    replay_window_s: float
-    max_body_bytes: int
+# Casts ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: Listen
-    token: str = field(repr=False)
-    allow_remote: bool
-    max_body_bytes: int
+def string(value: str) -> str:
+    return value
 
 
-@dataclass(frozen=True)
-class AppConfig:
-    """Credentials of one WeChat app (the OA or the MP)."""
-
-    appid: str
-    secret: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class WeChatConfig:
-    api_base: str
-    token_mode: str
-    connect_timeout_s: float
-    request_timeout_s: float
-    max_clients: int
-    token_refresh_margin_s: float
-    token_check_interval_s: float
-    token_daily_budget: int
+def boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
-@dataclass(frozen=True)
-class PushesConfig:
-    workers: int
-    rate_per_s: float
-    max_attempts: int
-    backoff_base_s: float
-    backoff_max_s: float
-    quota_resume_time: str
-    stale_sending: str
-    template_cache_s: float
+def choice(*options: str) -> Cast:
+    """One of `options`, case-insensitive; the value is lower-cased."""
+    def cast(value: str) -> str:
+        if value.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value.lower()
+    return cast
 
 
-@dataclass(frozen=True)
-class EventsConfig:
-    workers: int
-    max_attempts: int
+def integer(minimum: int) -> Cast:
+    def cast(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("must be an integer") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        return number
+    return cast
 
 
-@dataclass(frozen=True)
-class BackfillConfig:
-    concurrency: int
-    rate_per_s: float
-    resync_interval_s: float
-    defer_unionid_index: bool
+def number(minimum: float) -> Cast:
+    def cast(value: str) -> float:
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if parsed < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        return parsed
+    return cast
 
 
-@dataclass(frozen=True)
-class FollowersConfig:
-    purge_on_unsubscribe: bool
-
-
-@dataclass(frozen=True)
-class Config:
-    wxd: WxdConfig
-    webhook: WebhookConfig
-    admin: AdminConfig
-    official_account: AppConfig
-    mini_program: AppConfig | None
-    wechat: WeChatConfig
-    pushes: PushesConfig
-    events: EventsConfig
-    backfill: BackfillConfig
-    followers: FollowersConfig
-
-
-SECTION_TYPES: dict[str, type[Any]] = {
-    "wxd": WxdConfig,
-    "webhook": WebhookConfig,
-    "admin": AdminConfig,
-    "official_account": AppConfig,
-    "mini_program": AppConfig,
-    "wechat": WeChatConfig,
-    "pushes": PushesConfig,
-    "events": EventsConfig,
-    "backfill": BackfillConfig,
-    "followers": FollowersConfig,
-}
-
-
-def parse_listen(text: str) -> Listen:
+def parse_listen(value: str) -> Listen:
     """Parse `host:port` or `[v6]:port`; ValueError with a short reason otherwise."""
-    host, sep, port_text = text.strip().rpartition(":")
+    host, sep, port_text = value.strip().rpartition(":")
     if not sep or not host:
         raise ValueError("expected host:port")
     if host.startswith("[") and host.endswith("]"):
@@ -246,61 +156,203 @@ def parse_listen(text: str) -> Listen:
     return Listen(host, int(port_text))
 
 
-def check_aes_key(value: str) -> None:
-    """EncodingAESKey: 43 characters of [A-Za-z0-9] decoding (with '=') to 32 bytes."""
-    if len(value) != 43:
-        raise ValueError(f"must be 43 characters, got {len(value)}")
-    if not value.isascii() or not value.isalnum():
+def wechat_appid(value: str) -> str:
+    if not APPID_RE.match(value):
+        raise ValueError("must be 'wx' followed by 16 hex characters")
+    return value
+
+
+def aes_key(value: str) -> str:
+    """An EncodingAESKey, or empty for none."""
+    if value:
+        check_aes_key(value)
+    return value
+
+
+def url_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with /")
+    return value
+
+
+def http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value
+
+
+def alnum_token(value: str) -> str:
+    """The webhook Token: WeChat's console accepts letters and digits only."""
+    if value and (not value.isascii() or not value.isalnum()):
         raise ValueError("must contain only letters and digits")
-    try:
-        key = base64.b64decode(value + "=", validate=True)
-    except binascii.Error:
-        raise ValueError("is not valid base64") from None
-    if len(key) != 32:
-        raise ValueError("must decode to 32 bytes")
+    return value
 
 
-def _cast(name: str, spec: Key, raw: str) -> Any:
-    value = raw.strip()
-    if spec.kind in ("str", "aeskey"):
-        if spec.kind == "aeskey" and value:
-            check_aes_key(value)
-        return value
-    if spec.kind == "appid":
-        if not APPID_RE.match(value):
-            raise ValueError("must be 'wx' followed by 16 hex characters")
-        return value
-    if spec.kind == "choice":
-        if value.lower() not in spec.choices:
-            raise ValueError(f"must be one of {', '.join(spec.choices)}")
-        return value.lower()
-    if spec.kind == "bool":
-        lowered = value.lower()
-        if lowered in ("1", "yes", "true", "on"):
-            return True
-        if lowered in ("0", "no", "false", "off"):
-            return False
-        raise ValueError("must be true or false")
-    if spec.kind == "listen":
-        return parse_listen(value)
-    number: float
-    try:
-        number = int(value) if spec.kind == "int" else float(value)
-    except ValueError:
-        raise ValueError(f"must be {'an integer' if spec.kind == 'int' else 'a number'}") from None
-    if spec.minimum is not None and number < spec.minimum:
-        raise ValueError(f"must be at least {spec.minimum:g}")
-    return number
+def long_token(value: str) -> str:
+    if value and len(value) < 16:
+        raise ValueError("must be at least 16 characters")
+    return value
+
+
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+def beijing_time(value: str) -> TimeOfDay:
+    """HH:MM (00:00..23:59), Beijing time."""
+    match = _HH_MM.fullmatch(value)
+    if match is None:
+        raise ValueError("must be HH:MM (Beijing time)")
+    return TimeOfDay(int(match[1]), int(match[2]))
+
+
+# The table: one frozen dataclass per section, one field per key ------------------------------------
+
+
+@dataclass(frozen=True)
+class WxdConfig:
+    database: str = key("/var/lib/wxd/wxd.db", string)
+    shutdown_timeout_s: float = key("10", number(0.1))
+    log_level: str = key("info", choice(*LOG_LEVELS))
+    log_format: str = key("text", choice("text", "json"))
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    listen: Listen = key("0.0.0.0:8080", parse_listen)
+    path: str = key("/wechat", url_path)
+    token: str = key(None, alnum_token, secret=True)
+    encoding_aes_key: str = key("", aes_key, secret=True)
+    previous_encoding_aes_key: str = key("", aes_key, secret=True)
+    require_encryption: bool = key("false", boolean)
+    replay_window_s: float = key("300", number(1))
+    max_body_bytes: int = key("65536", integer(1024))
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Listen = key("127.0.0.1:8081", parse_listen)
+    token: str = key(None, long_token, secret=True)
+    allow_remote: bool = key("false", boolean)
+    max_body_bytes: int = key("8388608", integer(1024))
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Credentials of one WeChat app (the OA or the MP)."""
+
+    appid: str = key(None, wechat_appid)
+    secret: str = key(None, string, secret=True)
+
+
+@dataclass(frozen=True)
+class WeChatConfig:
+    api_base: str = key("https://api.weixin.qq.com", http_url)
+    token_mode: str = key("stable", choice("stable", "legacy"))
+    connect_timeout_s: float = key("5", number(0.1))
+    request_timeout_s: float = key("10", number(0.1))
+    max_clients: int = key("64", integer(1))
+    token_refresh_margin_s: float = key("900", number(60))
+    token_check_interval_s: float = key("30", number(1))
+    token_daily_budget: int = key("1500", integer(1))
+
+
+@dataclass(frozen=True)
+class PushesConfig:
+    workers: int = key("8", integer(1))
+    rate_per_s: float = key("0", number(0))
+    max_attempts: int = key("8", integer(1))
+    backoff_base_s: float = key("2", number(0.01))
+    backoff_max_s: float = key("600", number(0.01))
+    quota_resume_time: TimeOfDay = key("00:05", beijing_time)
+    stale_sending: str = key("resend", choice("resend", "fail"))
+    template_cache_s: float = key("3600", number(0))
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    workers: int = key("2", integer(1))
+    max_attempts: int = key("10", integer(1))
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    concurrency: int = key("4", integer(1))
+    rate_per_s: float = key("100", number(0))
+    resync_interval_s: float = key("0", number(0))
+    defer_unionid_index: bool = key("true", boolean)
+
+
+@dataclass(frozen=True)
+class FollowersConfig:
+    purge_on_unsubscribe: bool = key("false", boolean)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One field per [section], in file order; a section typed `X | None` is optional (absent → None)."""
+
+    wxd: WxdConfig
+    webhook: WebhookConfig
+    admin: AdminConfig
+    official_account: AppConfig
+    mini_program: AppConfig | None
+    wechat: WeChatConfig
+    pushes: PushesConfig
+    events: EventsConfig
+    backfill: BackfillConfig
+    followers: FollowersConfig
+
+
+# The index the loader walks, derived from the table above -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """One [section]: its dataclass, whether it may be absent, and its keys in declaration order."""
+
+    cls: type[Any]
+    optional: bool
+    keys: Mapping[str, KeySpec]
+
+    @classmethod
+    def of(cls, section: type[Any], optional: bool = False) -> Section:
+        """Index a section dataclass; TypeError if one of its fields was not declared with key()."""
+        keys: dict[str, KeySpec] = {}
+        for spec_field in dataclasses.fields(section):
+            spec = spec_field.metadata.get(_SPEC)
+            if not isinstance(spec, KeySpec):
+                raise TypeError(f"{section.__name__}.{spec_field.name} is not declared with key()")
+            keys[spec_field.name] = spec
+        return cls(section, optional, types.MappingProxyType(keys))
+
+
+def _sections(root: type[Any]) -> dict[str, Section]:
+    """Index `root`'s fields: each names a section; a field typed `X | None` is optional."""
+    hints = typing.get_type_hints(root)
+    found: dict[str, Section] = {}
+    for section_field in dataclasses.fields(root):
+        hint = hints[section_field.name]
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        optional = bool(members) and len(members) < len(typing.get_args(hint))
+        found[section_field.name] = Section.of(members[0] if optional else hint, optional)
+    return found
+
+
+SECTIONS: Mapping[str, Section] = types.MappingProxyType(_sections(Config))
+"""Every section wxd reads, by name. wxd.conf.example documents each key (a test checks)."""
+
+
+# Loading -------------------------------------------------------------------------------------------
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], str]:
     """Map WXD_<SECTION>_<KEY> variables onto known (section, key) pairs."""
     found: dict[tuple[str, str], str] = {}
-    for section, keys in SPEC.items():
-        for key in keys:
-            name = f"{ENV_PREFIX}{section}_{key}".upper()
-            if name in environ:
-                found[(section, key)] = environ[name]
+    for section, spec in SECTIONS.items():
+        for name in spec.keys:
+            variable = f"{ENV_PREFIX}{section}_{name}".upper()
+            if variable in environ:
+                found[(section, name)] = environ[variable]
     return found
 
 
@@ -315,43 +367,45 @@ def load_text(text: str, environ: Mapping[str, str] | None = None, source: str =
 
     raw: dict[str, dict[str, str]] = {}
     for section in parser.sections():
-        if section not in SPEC:
+        if section not in SECTIONS:
             problems.append(f"[{section}]: unknown section")
             continue
         raw[section] = {}
-        for key, value in parser.items(section):
-            if key not in SPEC[section]:
-                problems.append(f"[{section}] {key}: unknown key")
+        for name, value in parser.items(section):
+            if name not in SECTIONS[section].keys:
+                problems.append(f"[{section}] {name}: unknown key")
                 continue
-            raw[section][key] = value
-    for (section, key), value in _env_overrides(environ or {}).items():
-        raw.setdefault(section, {})[key] = value
+            raw[section][name] = value
+    for (section, name), value in _env_overrides(environ or {}).items():
+        raw.setdefault(section, {})[name] = value
 
     values: dict[str, dict[str, Any]] = {}
-    for section, keys in SPEC.items():
-        if section in OPTIONAL_SECTIONS and section not in raw:
+    for section, spec in SECTIONS.items():
+        if spec.optional and section not in raw:
             continue
         given = raw.get(section, {})
         values[section] = {}
-        for key, spec in keys.items():
-            text_value = given.get(key, spec.default)
-            if text_value is None or (spec.secret and spec.default is None and not text_value.strip()):
-                problems.append(f"[{section}] {key}: required but missing")
+        for name, key_spec in spec.keys.items():
+            text_value = given.get(name, key_spec.default)
+            if text_value is None or (key_spec.secret and key_spec.default is None
+                                      and not text_value.strip()):
+                problems.append(f"[{section}] {name}: required but missing")
                 continue
             try:
-                values[section][key] = _cast(key, spec, text_value)
+                values[section][name] = key_spec.cast(text_value.strip())
             except ValueError as exc:
-                problems.append(f"[{section}] {key}: {exc}")
+                problems.append(f"[{section}] {name}: {exc}")
 
     problems.extend(_cross_checks(values))
     if problems:
         raise ConfigError(problems)
-    built = {name: SECTION_TYPES[name](**fields) for name, fields in values.items()}
-    built.setdefault("mini_program", None)
+    built: dict[str, Any] = {section: SECTIONS[section].cls(**values[section]) if section in values
+                             else None for section in SECTIONS}
     return Config(**built)
 
 
 def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
+    """Rules that relate two keys (a rule about one key lives in its cast)."""
     problems: list[str] = []
     admin = values.get("admin", {})
     listen = admin.get("listen")
@@ -360,26 +414,11 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
             "[admin] listen: not a loopback address; set [admin] allow_remote = true to expose "
             "the admin API beyond this host"
         )
-    token = admin.get("token")
-    if isinstance(token, str) and token and len(token) < 16:
-        problems.append("[admin] token: must be at least 16 characters")
     webhook = values.get("webhook", {})
-    path = webhook.get("path")
-    if isinstance(path, str) and not path.startswith("/"):
-        problems.append("[webhook] path: must start with /")
-    wtoken = webhook.get("token")
-    if isinstance(wtoken, str) and wtoken and (not wtoken.isascii() or not wtoken.isalnum()):
-        problems.append("[webhook] token: must contain only letters and digits")
     if webhook.get("require_encryption") and not webhook.get("encoding_aes_key"):
         problems.append("[webhook] require_encryption: needs encoding_aes_key")
     if webhook.get("previous_encoding_aes_key") and not webhook.get("encoding_aes_key"):
         problems.append("[webhook] previous_encoding_aes_key: set only with encoding_aes_key")
-    base = values.get("wechat", {}).get("api_base")
-    if isinstance(base, str) and not base.startswith(("http://", "https://")):
-        problems.append("[wechat] api_base: must start with http:// or https://")
-    resume = values.get("pushes", {}).get("quota_resume_time")
-    if isinstance(resume, str) and not re.match(r"^([01]\d|2[0-3]):[0-5]\d$", resume):
-        problems.append("[pushes] quota_resume_time: must be HH:MM (Beijing time)")
     return problems
 
 

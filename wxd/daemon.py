@@ -170,7 +170,7 @@ class Daemon:
         self.workers = PushWorkers(
             db, oa_api, workers=p.workers, rate_per_s=p.rate_per_s, max_attempts=p.max_attempts,
             backoff_base_s=p.backoff_base_s, backoff_max_s=p.backoff_max_s,
-            quota_resume_time=p.quota_resume_time, stale_sending=p.stale_sending, clock=clock,
+            quota_resume_s=p.quota_resume_time.seconds, stale_sending=p.stale_sending, clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
             # Idle polling is a safety net only: enqueue rings the doorbell, retries wake at
             # their due time. A long idle wait keeps an idle daemon from waking every 2 s.

@@ -39,15 +39,6 @@ class SendAPI(Protocol):
     async def send_template(self, body: Mapping[str, Any]) -> str: ...
 
 
-def parse_resume_time(text: str) -> float:
-    """"HH:MM" (Beijing time) → seconds after midnight; ValueError otherwise."""
-    hour, sep, minute = text.strip().partition(":")
-    if (not sep or not hour.isdigit() or not minute.isdigit() or len(minute) != 2
-            or not 0 <= int(hour) <= 23 or not 0 <= int(minute) <= 59):
-        raise ValueError(f"quota_resume_time must be HH:MM, not {text!r}")
-    return int(hour) * 3600.0 + int(minute) * 60.0
-
-
 def next_resume(now: float, time_of_day_s: float) -> float:
     """The next Beijing (UTC+8) time of day `time_of_day_s` strictly after `now` (unix s).
     WeChat's daily quotas are assumed to reset at midnight Beijing time (unconfirmed;
@@ -66,13 +57,13 @@ class PushWorkers:
     token error that survived the client's one refresh-and-retry) → queued again after
     backoff_base_s·2^(n-1) with jitter, capped at backoff_max_s, failed after max_attempts;
     45009 → back to queued without using the attempt and ALL sending paused until the next
-    quota_resume_time (Beijing), persisted in meta; anything else → failed at once (40037 also
+    quota_resume_s (after Beijing midnight), persisted in meta; anything else → failed at once (40037 also
     calls `on_template_invalid`). `rate_per_s` caps sends per second (0 = unlimited).
     """
 
     def __init__(self, db: Database, oa_api: SendAPI, *, workers: int = 8,
                  rate_per_s: float = 0.0, max_attempts: int = 8, backoff_base_s: float = 2.0,
-                 backoff_max_s: float = 600.0, quota_resume_time: str = "00:05",
+                 backoff_max_s: float = 600.0, quota_resume_s: float = 300.0,
                  stale_sending: str = "resend", clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
@@ -89,7 +80,7 @@ class PushWorkers:
         self._max_attempts = max_attempts
         self._base_s = backoff_base_s
         self._max_s = backoff_max_s
-        self._resume_at = parse_resume_time(quota_resume_time)
+        self._resume_at = quota_resume_s
         self._stale_sending = stale_sending
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()

@@ -15,7 +15,7 @@ from typing import Any
 
 from Crypto.Cipher import AES
 
-from wxd.config import check_aes_key
+from wxd.aeskey import check_aes_key
 from wxd.errors import DecryptError, SessionKeyError, WatermarkError
 
 # The OA scheme pads to 32 bytes, not to the 16-byte AES block.
