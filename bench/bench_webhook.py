@@ -9,7 +9,12 @@ a duplicate), same run:
   bare      a Tornado handler that only answers `success`
   wechatpy  a Tornado handler that checks the signature, decrypts and parses with wechatpy,
             stores nothing
-Event workers do not run (the jobs wait in the durable queue); the figure is ingest.
+  daemon    the whole daemon as a new user runs it (`wxd run`, every component on, event
+            workers calling user/info against a sandbox process with 20 ms latency per call),
+            fed with subscribe events of the sandbox's own followers
+In the `wxd` row event workers do not run (the jobs wait in the durable queue): ingest alone.
+The `daemon` row is ingest while the events are processed too; its notes say how long the
+backlog took to drain after the load stopped and how many user/info and batchget calls it took.
 `python -m bench.bench_webhook [--quick]`.
 """
 
@@ -34,7 +39,8 @@ import urllib.parse
 import tornado.httpserver
 import tornado.web
 
-from bench.common import Result, format_table, wrk_path
+from bench.common import Result, SandboxProcess, Started, format_table, wrk_path
+from wxd.sandbox import FakeWeChat
 from wxd.wechat.crypto import MessageCrypto, sign
 from wxd.wechat.messages import render_event_xml
 
@@ -43,7 +49,10 @@ AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 APPID = "wx1234567890abcdef"
 PATH = "/wechat"
 CONNECTIONS = 64
-SERVERS = ("bare", "wechatpy", "wxd")
+SERVERS = ("bare", "wechatpy", "wxd", "daemon")
+DAEMON_USERS = 20_000
+DAEMON_LATENCY_S = 0.02
+ADMIN_TOKEN = "bench-admin-token-0123456789"
 
 LUA = r"""
 local requests = {}
@@ -150,25 +159,109 @@ async def _serve(kind: str, db_path: str) -> None:
 # Driver ---------------------------------------------------------------------------------------
 
 
-def generate(path: str, count: int, seed: int = 1) -> None:
-    """Write `count` distinct signed safe-mode subscribe requests, one "path?query\\tbody" a line."""
-    crypto = MessageCrypto(TOKEN, AES_KEY, APPID)
+def generate(path: str, count: int, seed: int = 1, token: str = TOKEN, aes_key: str = AES_KEY,
+             appid: str = APPID, openids: list[str] | None = None) -> None:
+    """Write `count` distinct signed safe-mode subscribe requests, one "path?query\\tbody" a line.
+
+    With `openids`, the senders cycle through them (each round with another CreateTime, so no
+    request is a duplicate of another); otherwise every sender is a new random openid.
+    """
+    crypto = MessageCrypto(token, aes_key, appid)
     rng = random.Random(seed)
     ts = str(int(time.time()))
     with open(path, "w", encoding="utf-8") as out:
         for n in range(count):
             nonce = f"{n:07d}{rng.randrange(10**6):06d}"
-            xml = render_event_xml({"ToUserName": "gh_0123456789ab",
-                                    "FromUserName": f"oBench{n:08d}{rng.randrange(10**6):06d}",
-                                    "CreateTime": int(ts) - n % 100, "MsgType": "event",
+            if openids:
+                sender, created = openids[n % len(openids)], int(ts) - n // len(openids)
+            else:
+                sender, created = f"oBench{n:08d}{rng.randrange(10**6):06d}", int(ts) - n % 100
+            xml = render_event_xml({"ToUserName": "gh_0123456789ab", "FromUserName": sender,
+                                    "CreateTime": created, "MsgType": "event",
                                     "Event": "subscribe", "EventKey": ""})
             encrypt = crypto.encrypt(xml, random_prefix=rng.randbytes(16))
             query = urllib.parse.urlencode({
-                "signature": sign(TOKEN, ts, nonce), "timestamp": ts, "nonce": nonce,
-                "openid": "oBench", "encrypt_type": "aes",
-                "msg_signature": sign(TOKEN, ts, nonce, encrypt)})
+                "signature": sign(token, ts, nonce), "timestamp": ts, "nonce": nonce,
+                "openid": sender, "encrypt_type": "aes",
+                "msg_signature": sign(token, ts, nonce, encrypt)})
             body = render_event_xml({"ToUserName": "gh_0123456789ab", "Encrypt": encrypt})
             out.write(f"{PATH}?{query}\t{body}\n")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _daemon_config(tmp: str, db_path: str, fake: FakeWeChat, api_base: str, port: int) -> str:
+    c = fake.credentials
+    text = f"""
+[wxd]
+database = {db_path}
+log_level = warning
+[webhook]
+listen = 127.0.0.1:{port}
+path = {PATH}
+token = {c.webhook_token}
+encoding_aes_key = {c.encoding_aes_key}
+[admin]
+listen = 127.0.0.1:{_free_port()}
+token = {ADMIN_TOKEN}
+[official_account]
+appid = {c.oa_appid}
+secret = {c.oa_secret}
+[mini_program]
+appid = {c.mp_appid}
+secret = {c.mp_secret}
+[wechat]
+api_base = {api_base}
+"""
+    path = os.path.join(tmp, "daemon.conf")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
+
+
+def _backlog(db_path: str) -> int:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'leased')").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _measure_daemon(tmp: str, requests_file: str, lua: str, duration_s: float, round_no: int,
+                    connections: int, sandbox: SandboxProcess, fake: FakeWeChat
+                    ) -> dict[str, float]:
+    """Ingest of `wxd run` with everything on, then the time its backlog took to drain."""
+    db_path = os.path.join(tmp, f"daemon-{round_no}.db")
+    port = _free_port()
+    conf = _daemon_config(tmp, db_path, fake, sandbox.base_url, port)
+    calls_before = {p: sandbox.count_calls(p)
+                    for p in ("/cgi-bin/user/info", "/cgi-bin/user/info/batchget")}
+    daemon = Started([sys.executable, "-m", "wxd", "run", "-c", conf], tmp, f"daemon-{round_no}")
+    try:
+        rate, total, failed = _wrk(port, requests_file, lua, duration_s, connections)
+        stopped = time.perf_counter()
+        backlog_at_stop = _backlog(db_path)
+        while _backlog(db_path) and time.perf_counter() - stopped < 300:
+            time.sleep(0.2)
+        drain_s = time.perf_counter() - stopped
+    finally:
+        daemon.stop()
+    conn = sqlite3.connect(db_path)
+    try:
+        stored = conn.execute("SELECT COUNT(*) FROM inbox").fetchone()[0]
+        done = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+    finally:
+        conn.close()
+    calls = {p: sandbox.count_calls(p) - n for p, n in calls_before.items()}
+    return {"rate": rate, "total": total, "failed": failed, "stored": stored,
+            "jobs_done": done, "backlog_at_stop": backlog_at_stop, "drain_s": drain_s,
+            "user_info_calls": calls["/cgi-bin/user/info"],
+            "batchget_calls": calls["/cgi-bin/user/info/batchget"]}
 
 
 def _start_server(kind: str, db_path: str) -> tuple[subprocess.Popen[str], int]:
@@ -224,27 +317,39 @@ def _measure(kind: str, tmp: str, requests_file: str, lua: str, duration_s: floa
 
 
 def run(quick: bool, connections: int = CONNECTIONS) -> list[Result]:
-    """Events/s of wxd, bare Tornado and wechatpy+Tornado; ratios against both references."""
+    """Events/s of wxd (ingest), the whole daemon, bare Tornado and wechatpy+Tornado."""
     if wrk_path() is None:
         raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
     duration_s = 3.0 if quick else 6.0
     rounds = 1 if quick else 5
     count = 40_000 if quick else 120_000
     results: dict[str, list[dict[str, float]]] = {kind: [] for kind in SERVERS}
-    with tempfile.TemporaryDirectory(dir=os.getcwd(), prefix=".bench-webhook-") as tmp:
+    fake = FakeWeChat(users=DAEMON_USERS, seed=7, follow_ratio=1.0)
+    with tempfile.TemporaryDirectory(dir=os.getcwd(), prefix=".bench-webhook-") as tmp, \
+            SandboxProcess(DAEMON_USERS, 7, DAEMON_LATENCY_S) as sandbox:
         requests_file = os.path.join(tmp, "requests.tsv")
+        daemon_requests = os.path.join(tmp, "daemon-requests.tsv")
         lua = os.path.join(tmp, "cycle.lua")
         with open(lua, "w", encoding="utf-8") as handle:
             handle.write(LUA)
         generate(requests_file, count)
+        c = fake.credentials
+        generate(daemon_requests, count, token=c.webhook_token, aes_key=c.encoding_aes_key,
+                 appid=c.oa_appid, openids=fake.follower_openids)
         for round_no in range(rounds):
             # Rotate the order so that no server always runs first (or last) in a round.
-            for kind in SERVERS[round_no % 3:] + SERVERS[:round_no % 3]:
-                results[kind].append(
-                    _measure(kind, tmp, requests_file, lua, duration_s, round_no, connections))
+            shift = round_no % len(SERVERS)
+            for kind in SERVERS[shift:] + SERVERS[:shift]:
+                if kind == "daemon":
+                    figures = _measure_daemon(tmp, daemon_requests, lua, duration_s, round_no,
+                                              connections, sandbox, fake)
+                else:
+                    figures = _measure(kind, tmp, requests_file, lua, duration_s, round_no,
+                                       connections)
+                results[kind].append(figures)
     # Median rate of each server over the rounds; per-round ratios are in the notes.
     rate = {kind: statistics.median(r["rate"] for r in runs) for kind, runs in results.items()}
-    wxd_runs = results["wxd"]
+    wxd_runs, daemon_runs = results["wxd"], results["daemon"]
     notes: dict[str, object] = {
         "connections": connections, "duration_s": duration_s, "rounds": rounds,
         "distinct_requests": count,
@@ -256,19 +361,37 @@ def run(quick: bool, connections: int = CONNECTIONS) -> list[Result]:
         "per_round_vs_wechatpy": [round(w["rate"] / p["rate"], 2)
                                   for w, p in zip(wxd_runs, results["wechatpy"], strict=True)],
     }
-    for r in wxd_runs:
-        if r["total"] > count:
-            notes["warning"] = "more requests than distinct ones: some were duplicates"
-        if r["failed"]:
-            notes["warning"] = "wxd answered some requests with an error"
+    daemon_notes: dict[str, object] = {
+        "sandbox_latency_s": DAEMON_LATENCY_S, "people": DAEMON_USERS,
+        "per_round_vs_bare": [round(d["rate"] / b["rate"], 2)
+                              for d, b in zip(daemon_runs, results["bare"], strict=True)],
+        "stored": [int(r["stored"]) for r in daemon_runs],
+        "jobs_done": [int(r["jobs_done"]) for r in daemon_runs],
+        "backlog_at_stop": [int(r["backlog_at_stop"]) for r in daemon_runs],
+        "drain_s": [round(r["drain_s"], 1) for r in daemon_runs],
+        "user_info_calls": [int(r["user_info_calls"]) for r in daemon_runs],
+        "batchget_calls": [int(r["batchget_calls"]) for r in daemon_runs],
+    }
+    for kind, runs in (("wxd", wxd_runs), ("daemon", daemon_runs)):
+        for r in runs:
+            if r["total"] > count:
+                notes["warning"] = f"{kind}: more requests than distinct ones: some were duplicates"
+            if r["failed"]:
+                notes["warning"] = f"{kind} answered some requests with an error"
+            if kind == "daemon" and r["jobs_done"] != r["stored"]:
+                daemon_notes["warning"] = "not every stored event was processed"
     label = "webhook: encrypted subscribe events, stored + answered"
     bare_ratio = rate["wxd"] / rate["bare"]
     wechatpy_ratio = rate["wxd"] / rate["wechatpy"]
+    daemon_ratio = rate["daemon"] / rate["bare"]
     return [
         Result(label, "events/s", rate["wxd"], "bare tornado `success`", rate["bare"],
                target=">= 0.6x bare", met=bare_ratio >= 0.6, notes=notes),
         Result(label, "events/s", rate["wxd"], "tornado + wechatpy decrypt/parse",
                rate["wechatpy"], target=">= 1.0x wechatpy", met=wechatpy_ratio >= 1.0),
+        Result("webhook, whole daemon (event workers on, user/info at 20 ms)", "events/s",
+               rate["daemon"], "bare tornado `success`", rate["bare"], target=">= 0.6x bare",
+               met=daemon_ratio >= 0.6, notes=daemon_notes),
     ]
 
 
@@ -278,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one 3 s round instead of 5 x 6 s")
     parser.add_argument("--connections", type=int, default=CONNECTIONS,
                         help=f"concurrent connections of the load generator ({CONNECTIONS})")
-    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("bare", "wechatpy", "wxd"), help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:

@@ -6,8 +6,10 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,3 +146,41 @@ class SandboxProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Started:
+    """One subprocess started with NOTIFY_SOCKET; `ready_s` is Popen → READY=1."""
+
+    def __init__(self, argv: list[str], tmp: str, name: str) -> None:
+        address = os.path.join(tmp, f"notify-{name}.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(address)
+        self._sock.settimeout(0.1)
+        env = {**os.environ, "NOTIFY_SOCKET": address}
+        started = time.perf_counter()
+        self._log = open(os.path.join(tmp, f"{name}.log"), "w")  # closed in stop()
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=self._log)
+        deadline = started + 30
+        while True:
+            try:
+                if self._sock.recv(4096).split(b"\n")[0] == b"READY=1":
+                    break
+            except TimeoutError:
+                pass
+            if self.proc.poll() is not None or time.perf_counter() > deadline:
+                self.stop()
+                with open(self._log.name, encoding="utf-8", errors="replace") as handle:
+                    tail = handle.read()[-2000:]
+                raise RuntimeError(f"{name} sent no READY=1 (exit {self.proc.returncode}):\n{tail}")
+        self.ready_s = time.perf_counter() - started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._sock.close()
+        self._log.close()
