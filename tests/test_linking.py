@@ -7,6 +7,7 @@ checks that no session_key, secret or access_token reached a response body or a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -23,6 +24,7 @@ from tornado.testing import AsyncHTTPTestCase, gen_test
 from tests.helpers import ADMIN_TOKEN
 from wxd.admin import common_kwargs, make_app
 from wxd.admin.users import routes
+from wxd.errors import WeChatAPIError
 from wxd.linking import Linking, LinkingError
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
@@ -195,6 +197,10 @@ class LinkingCase(AsyncHTTPTestCase):
         now = self.now
         await self.db.write(lambda c: followers.record_unsubscribe(c, person.oa_openid, now, now))
 
+    async def stored(self, oa_openid: str) -> followers.Identity | None:
+        return await self.db.read(
+            lambda conn: followers.find_identity(conn, oa_openid=oa_openid))
+
     def follower(self) -> Person:
         return next(p for p in self.fake.people if p.follows and p.unionid
                     and p.session_key is None and p.index % 2 == 0)
@@ -315,6 +321,35 @@ class OrdersTest(LinkingCase):
                          (person.oa_openid, True, START + 201))
         self.assertEqual(ident["linked_at"], START)
         self.assertEqual(self.registry.counter("wxd_links_total", "").get(), 1)
+
+
+    @gen_test
+    async def test_a_burst_of_refreshes_shares_batchget_calls(self) -> None:
+        people = [p for p in self.fake.people if p.follows and p.unionid][:250]
+        await asyncio.gather(*(self.linking.refresh_follower(p.oa_openid) for p in people))
+        batchgets = self.fake.count_calls("/cgi-bin/user/info/batchget")
+        user_infos = self.fake.count_calls("/cgi-bin/user/info")
+        # 250 refreshes: at most 4 calls start before the burst has queued, then 100 per call.
+        self.assertLessEqual(batchgets + user_infos, 8)
+        for person in people:
+            stored = await self.stored(person.oa_openid)
+            assert stored is not None and stored.unionid == person.unionid
+
+    @gen_test
+    async def test_an_openid_wechat_refuses_fails_only_its_own_refresh(self) -> None:
+        people = [p for p in self.fake.people if p.follows and p.unionid][:20]
+        openids = [p.oa_openid for p in people]
+        openids.insert(7, "oUnknownToWeChat000000000000")  # batchget answers 40003 for all
+        results = await asyncio.gather(*(self.linking.refresh_follower(o) for o in openids),
+                                       return_exceptions=True)
+        failed = [o for o, r in zip(openids, results, strict=True) if isinstance(r, Exception)]
+        self.assertEqual(failed, ["oUnknownToWeChat000000000000"])
+        error = results[7]
+        assert isinstance(error, WeChatAPIError)
+        self.assertEqual(error.errcode, 40003)
+        for person in people:
+            stored = await self.stored(person.oa_openid)
+            assert stored is not None and stored.unionid == person.unionid
 
 
 class DecryptTest(LinkingCase):

@@ -270,7 +270,7 @@ class PushesConfig:
 
 @dataclass(frozen=True)
 class EventsConfig:
-    workers: int = key("2", integer(1))
+    workers: int = key("16", integer(1))
     max_attempts: int = key("10", integer(1))
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from wxd.coalesce import Coalescer
 from wxd.errors import (
     SessionKeyError,
     StorageError,
@@ -24,6 +25,7 @@ from wxd.metrics import Counter, Registry
 from wxd.store import followers
 from wxd.store.db import Database
 from wxd.store.followers import Identity
+from wxd.wechat.client import BATCHGET_MAX
 from wxd.wechat.crypto import decrypt_mp_data
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class UserInfoAPI(Protocol):
 
     async def user_info(self, openid: str) -> dict[str, Any]: ...
 
+    async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]: ...
+
 
 class LinkingError(WxdError):
     """A refusal the caller can act on; `code` is the stable admin API error code.
@@ -72,8 +76,11 @@ class Linking:
 
     def __init__(self, db: Database, mp_api: SessionAPI | None, oa_api: UserInfoAPI, *,
                  mp_appid: str | None, clock: Callable[[], float] = time.time,
-                 metrics: Registry | None = None) -> None:
+                 metrics: Registry | None = None, refresh_in_flight: int = 4) -> None:
         self._db = db
+        self._refreshes: Coalescer[str, None] = Coalescer(
+            self._refresh_many, max_batch=BATCHGET_MAX, max_in_flight=refresh_in_flight,
+            name="follower-refresh")
         self._mp_api = mp_api
         self._oa_api = oa_api
         self._mp_appid = mp_appid
@@ -211,19 +218,48 @@ class Linking:
     async def refresh_follower(self, oa_openid: str) -> None:
         """Fetch user/info for a follower and store it (unionid → link). Used after subscribe.
 
+        Refreshes waiting at the same moment share one batchget of up to 100 openids (a burst
+        of follows costs one call per 100, not one per follower); a lone one is a user/info.
         Upstream errors propagate (the event job retries). "Events win" applies: the data is
         stamped with the time just before the request.
         """
+        await self._refreshes.submit(oa_openid)
+
+    async def _refresh_many(self, openids: list[str]) -> list[BaseException | None]:
         observed_at = self._clock()
-        info = await self._oa_api.user_info(oa_openid)
+        if len(openids) == 1:
+            infos = [await self._oa_api.user_info(openids[0])]
+            outcomes: list[BaseException | None] = [None]
+        else:
+            try:
+                infos = await self._oa_api.batchget(openids)
+                outcomes = [None] * len(openids)
+            except WeChatAPIError as exc:
+                if exc.kind != "terminal":
+                    raise
+                # One openid WeChat refuses (40003, 50005) fails the whole batchget: ask each
+                # alone, so that only that follower's job sees the error.
+                infos, outcomes = await self._one_by_one(openids)
         now = self._clock()
         newly = await self._db.write(
-            lambda conn: followers.apply_user_infos(conn, [info], observed_at, now)
-        )
+            lambda conn: followers.apply_user_infos(conn, infos, observed_at, now))
         self._count_links(len(newly))
         if newly:
-            log.info("linked follower %s (on user/info)", oa_openid)
+            log.info("linked %d followers (on user/info)", len(newly))
         await self.check_unionid()
+        return outcomes
+
+    async def _one_by_one(self, openids: list[str]
+                          ) -> tuple[list[dict[str, Any]], list[BaseException | None]]:
+        infos: list[dict[str, Any]] = []
+        outcomes: list[BaseException | None] = []
+        for openid in openids:
+            try:
+                infos.append(await self._oa_api.user_info(openid))
+                outcomes.append(None)
+            except WxdError as exc:
+                outcomes.append(exc)
+        return infos, outcomes
 
     async def check_unionid(self) -> bool:
         """Recompute unionid_missing from storage; warn once per process when it turns True."""
