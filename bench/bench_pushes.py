@@ -218,7 +218,7 @@ class WxdStack:
 
     async def deliver(self) -> tuple[float, float]:
         """(wall, CPU) seconds for fresh PushWorkers to record every queued push as sent."""
-        workers = PushWorkers(self.db, self.oa, workers=self.concurrency, clock=time.time,
+        workers = PushWorkers(self.db, self.oa, workers=self.concurrency,
                               metrics=self.metrics)
         commits = self.db.commits
         started, cpu = time.perf_counter(), time.process_time()

@@ -1,19 +1,129 @@
-"""Shared test helpers: config text factory, free ports, daemon subprocess runner."""
+"""Shared test helpers: a fake clock, config text factory, free ports, daemon subprocess runner."""
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 WEBHOOK_TOKEN = "testtoken"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 OA_APPID = "wx1234567890abcdef"
 MP_APPID = "wxfedcba0987654321"
+START = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+
+
+class _FakeTimer:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeClock:
+    """A wxd.clock.Clock whose time moves only when told: tests advance() instead of sleeping.
+
+    Sleepers, call_later timers and wait() timeouts fire when advance()/set() reaches their
+    instant (in time order), so "nothing happened for 30 s" takes no real time. Calling the
+    clock returns now() (the sandbox takes a plain callable). With `autojump`, sleep(s) itself
+    moves the time by s (and yields once) instead of waiting for advance(): code that paces
+    itself (rate limits, backoff) then runs at full speed. Every sleep is recorded in `sleeps`.
+    """
+
+    def __init__(self, start: float = START, *, autojump: bool = False) -> None:
+        self._now = start
+        self.autojump = autojump
+        self.sleeps: list[float] = []
+        self._timers: list[tuple[float, int, _FakeTimer, Callable[[], object]]] = []
+        self._order = itertools.count()
+
+    def now(self) -> float:
+        return self._now
+
+    __call__ = now
+    monotonic = now
+
+    def set(self, at: float) -> None:
+        """Move the time to `at` (forward or back), firing what falls due."""
+        self._now = at
+        while self._timers and self._timers[0][0] <= self._now:
+            _, _, timer, fn = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.cancelled = True
+                fn()
+
+    def advance(self, seconds: float) -> None:
+        self.set(self._now + seconds)
+
+    def call_later(self, seconds: float, fn: Callable[[], object]) -> _FakeTimer:
+        timer = _FakeTimer()
+        if seconds <= 0:
+            asyncio.get_running_loop().call_soon(lambda: timer.cancelled or fn())
+        else:
+            heapq.heappush(self._timers, (self._now + seconds, next(self._order), timer, fn))
+        return timer
+
+    def pending(self) -> list[float]:
+        """The instants of the timers and sleepers not yet due (sorted)."""
+        return sorted(at for at, _, timer, _ in self._timers if not timer.cancelled)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.autojump or seconds <= 0:
+            self.advance(max(seconds, 0.0))
+            await asyncio.sleep(0)
+            return
+        await self._until(seconds, None)
+
+    async def wait(self, event: asyncio.Event, timeout: float | None) -> bool:
+        if event.is_set():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        await self._until(timeout, event)
+        return event.is_set()
+
+    async def _until(self, seconds: float | None, event: asyncio.Event | None) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def fire() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        timer = self.call_later(seconds, fire) if seconds is not None else None
+        waiter = asyncio.ensure_future(event.wait()) if event is not None else None
+        if waiter is not None:
+            waiter.add_done_callback(lambda _: fire())
+        try:
+            await done
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+
+
+class FakeTime:
+    """`self.now` reads and moves `self.clock`, a FakeClock every component shares."""
+
+    clock: FakeClock
+
+    @property
+    def now(self) -> float:
+        return self.clock.now()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.clock.set(value)
 
 
 def config_text(database: str, sections: Mapping[str, Mapping[str, object]] | None = None,

@@ -16,22 +16,10 @@ import pytest
 from tornado.httpclient import HTTPResponse
 from tornado.testing import AsyncHTTPTestCase
 
+from tests.helpers import START, FakeClock
 from wxd.sandbox import FakeWeChat, SandboxApplication, SandboxThread, make_app
 
-START = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
-
-
-class FakeClock:
-    """A settable clock: tests call advance() instead of sleeping."""
-
-    def __init__(self, start: float = START) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+__all__ = ["START", "FakeClock", "SandboxTestCase", "sandbox"]
 
 
 @pytest.fixture

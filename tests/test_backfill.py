@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import random
 import sqlite3
 import tempfile
 import time
@@ -26,7 +27,8 @@ from wxd import admin
 from wxd.admin import backfill as backfill_admin
 from wxd.backfill import DEFER_INDEX_MAX_ROWS, FollowerBackfill
 from wxd.metrics import Registry
-from wxd.pacing import RateLimiter, backoff_s, next_beijing_midnight, until_next_minute_s
+from wxd.pacing import RateLimiter
+from wxd.retry import Backoff, next_beijing_midnight, until_next_minute_s
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.sandbox.population import Person
 from wxd.store import backfill as backfill_store
@@ -58,16 +60,6 @@ class StableToken:
             self._token = None
 
 
-def virtual_sleep(clock: FakeClock) -> Any:
-    """A sleep that moves the fake clock by `delay` at once and yields once."""
-
-    async def sleep(delay: float) -> None:
-        clock.advance(max(delay, 0.0))
-        await asyncio.sleep(0)
-
-    return sleep
-
-
 class BackfillTestCase(AsyncTestCase):
     """Each test gets a sandbox on a loopback port, a SQLite file, an OA API client."""
 
@@ -75,8 +67,8 @@ class BackfillTestCase(AsyncTestCase):
         super().setUp()
         self._tmp = tempfile.TemporaryDirectory()
         self.db_path = f"{self._tmp.name}/wxd.db"
-        self.clock = FakeClock()
-        self.sleeps: list[float] = []
+        self.clock = FakeClock(autojump=True)  # rate-limit and backoff sleeps move it at once
+        self.sleeps = self.clock.sleeps
         self.server: SandboxServer | None = None
         self.db: Database | None = None
         self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
@@ -112,15 +104,8 @@ class BackfillTestCase(AsyncTestCase):
 
     def backfill(self, **options: Any) -> FollowerBackfill:
         assert self.db is not None
-        sleep = virtual_sleep(self.clock)
-
-        async def recording_sleep(delay: float) -> None:
-            self.sleeps.append(delay)
-            await sleep(delay)
-
         options.setdefault("rate_per_s", 0)
-        instance = FollowerBackfill(self.db, self.api, clock=self.clock, sleep=recording_sleep,
-                                    **options)
+        instance = FollowerBackfill(self.db, self.api, clock=self.clock, **options)
         self.instances.append(instance)
         return instance
 
@@ -447,7 +432,7 @@ class TestFaults(BackfillTestCase):
         assert status["next_run_at"] == status["paused_until"]
         started, again = await instance.begin_run()
         assert not started and again["state"] == "paused"  # not before paused_until
-        self.clock.now = status["paused_until"] + 1
+        self.clock.set(status["paused_until"] + 1)
         status = await self.run_to_end(instance)
         assert (status["state"], status["followers_done"], status["run"]) == ("done", 15_000, 1)
         assert status["last_error"] is None and status["paused_until"] is None
@@ -600,15 +585,15 @@ class TestRateLimit(BackfillTestCase):
 
 
 def test_rate_limiter_spacing() -> None:
-    clock = FakeClock(0.0)
-    limiter = RateLimiter(10, 3, clock, virtual_sleep(clock))
+    clock = FakeClock(0.0, autojump=True)
+    limiter = RateLimiter(10, 3, clock)
 
     async def go() -> list[float]:
         times = []
         for _ in range(8):
             await limiter.acquire()
             times.append(clock())
-        limiter.hold_until(clock() + 60)
+        limiter.hold_for(60)
         await limiter.acquire()
         times.append(clock())
         return times
@@ -620,11 +605,13 @@ def test_rate_limiter_spacing() -> None:
 
 
 def test_backoff_and_minute_wait() -> None:
-    delays = [backoff_s(attempt, 0.5, 30.0) for attempt in range(1, 10)]
+    backoff = Backoff(0.5, 30.0)
+    delays = [backoff.delay(attempt) for attempt in range(1, 10)]
     assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0 and delays[-1] <= 30.0
     assert 15.0 <= delays[-1]
-    assert 40.0 <= until_next_minute_s(1_700_000_000.0) <= 41.0  # :20 past → 40 s + jitter
-    assert 0.0 < until_next_minute_s(1_700_000_039.9) <= 1.1
+    rng = random.Random()
+    assert 40.0 <= until_next_minute_s(1_700_000_000.0, rng) <= 41.0  # :20 past → 40 s + jitter
+    assert 0.0 < until_next_minute_s(1_700_000_039.9, rng) <= 1.1
 
 
 def test_next_beijing_midnight() -> None:
@@ -724,9 +711,9 @@ class TestTimers(BackfillTestCase):
         await self.until(lambda: instance.status()["run"] == 2
                          and instance.status()["state"] == "done")
         await instance.stop()
+        assert self.clock.pending() == []  # stopped: no timer armed, no more runs
         self.clock.advance(1)
-        await asyncio.sleep(0.1)
-        assert instance.status()["run"] == 2  # stopped: no more runs
+        assert instance.status()["run"] == 2
 
     @gen_test(timeout=30)
     async def test_no_resync_by_default(self) -> None:
@@ -744,7 +731,7 @@ class TestTimers(BackfillTestCase):
         paused = await self.run_to_end(first)
         assert paused["state"] == "paused"
         await first.stop()
-        self.clock.now = paused["paused_until"] + 5  # the process restarts the next day
+        self.clock.set(paused["paused_until"] + 5)  # the process restarts the next day
         second = self.backfill()
         await second.start()
         await self.until(lambda: second.status()["state"] == "done")
@@ -759,5 +746,5 @@ class TestTimers(BackfillTestCase):
         await first.stop()
         second = self.backfill()
         await second.start()
-        await asyncio.sleep(0.05)
+        assert self.clock.pending() == []  # nothing will resume it
         assert second.status()["state"] == "failed" and not second.running

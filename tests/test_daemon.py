@@ -71,8 +71,13 @@ class InProcessDaemonTest(AsyncTestCase):
     @gen_test(timeout=20)
     async def test_healthz_auth_and_unknown_routes(self) -> None:
         daemon = Daemon(self.config)
+        assert daemon.state == "new"
         await daemon.start()
+        services = [*daemon.tokens.values(), daemon.workers, daemon.events, daemon.backfill]
         try:
+            # One lifecycle vocabulary: every long-running service reports the same states.
+            assert daemon.state == "running"
+            assert [s.state for s in services] == ["running"] * len(services)  # type: ignore[union-attr]
             assert await self.fetch(daemon, "/healthz", token=None) == (200, {"status": "ok"})
             code, body = await self.fetch(daemon, "/metrics", token="wrong-token-wrong-token")
             assert code == 401 and body["error"]["code"] == "unauthorized"  # type: ignore[index]
@@ -83,6 +88,7 @@ class InProcessDaemonTest(AsyncTestCase):
         finally:
             await daemon.stop()
         assert daemon.state == "stopped"
+        assert [s.state for s in services] == ["stopped"] * len(services)  # type: ignore[union-attr]
         await daemon.stop()  # idempotent
 
     @gen_test(timeout=20)

@@ -11,10 +11,13 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
 
-from wxd.errors import TransportError, WeChatAPIError
-from wxd.events import EventRouter, EventWorkers, backoff_s, is_retryable
+from tests.helpers import FakeClock, FakeTime
+from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
+from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
+from wxd.pacing import IDLE_MAX_S
+from wxd.retry import Fail, Pause, Retry, decide
 from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
 from wxd.store import followers, inbox
 from wxd.store import pushes as push_store
@@ -57,19 +60,19 @@ class FakeRefresher:
         await self.db.write(lambda conn: followers.apply_user_infos(conn, [info], now, now))
 
 
-class EventsCase(AsyncTestCase):
+class EventsCase(FakeTime, AsyncTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.tmp = tempfile.TemporaryDirectory()
-        self.now = T0
+        self.clock = FakeClock(T0)
         self.metrics = Registry()
         self.db = self.io_loop.run_sync(
             lambda: Database.open(os.path.join(self.tmp.name, "wxd.db")))
-        self.refresher = FakeRefresher(self.db, lambda: self.now)
-        self.router = EventRouter(self.db, self.refresher, clock=lambda: self.now,
+        self.refresher = FakeRefresher(self.db, self.clock)
+        self.router = EventRouter(self.db, self.refresher, clock=self.clock,
                                   metrics=self.metrics)
         self.workers = EventWorkers(self.db, self.router, workers=2, max_attempts=3,
-                                    clock=lambda: self.now, metrics=self.metrics)
+                                    clock=self.clock, metrics=self.metrics)
 
     def tearDown(self) -> None:
         self.io_loop.run_sync(self.workers.stop)
@@ -115,7 +118,7 @@ class RouterTest(EventsCase):
         assert (row["subscribed"], row["unsubscribed_at"], row["unionid"], row["qr_scene"]) == \
             (0, T0 + 10, "u-oA", 5)
         purging = EventRouter(self.db, self.refresher, purge_on_unsubscribe=True,
-                              clock=lambda: self.now)
+                              clock=self.clock)
         await self.router.handle(event("oB", "subscribe", EventKey="qrscene_6", Ticket="t"))
         await purging.handle(event("oB", "unsubscribe", create_time=int(T0) + 10))
         row = await self.follower("oB")
@@ -229,19 +232,35 @@ class WorkersTest(EventsCase):
         assert (await self.jobs())["queued"] == 1
 
     def test_classification_and_backoff(self) -> None:
-        assert is_retryable(TransportError("x", "/p"))
-        assert is_retryable(WeChatAPIError(45009, "quota", "/p", kind="quota"))
-        assert not is_retryable(WeChatAPIError(40003, "openid", "/p", kind="terminal"))
-        assert 1.6 <= backoff_s(1) <= 2.4 and 6.4 <= backoff_s(3) <= 9.6
-        assert backoff_s(40) <= 600 * 1.2
+        policy = EventWorkers(self.db, self.router, max_attempts=50).policy
+
+        def delay(exc: Exception, attempts: int = 1) -> float:
+            decision = decide(exc, attempts, T0, policy)
+            assert isinstance(decision, Retry), decision
+            return decision.delay_s
+
+        assert 1.6 <= delay(TransportError("x", "/p")) <= 2.4
+        assert 6.4 <= delay(WeChatAPIError(45009, "quota", "/p", kind="quota"), 3) <= 9.6
+        assert delay(WeChatAPIError(-1, "busy", "/p"), 40) <= 600 * 1.2
+        assert decide(WeChatAPIError(40003, "openid", "/p"), 1, T0, policy) == Fail("terminal")
+        assert isinstance(decide(TokenBudgetError("spent"), 1, T0, policy), Pause)
 
     @gen_test
     async def test_doorbell_wakes_workers_and_stop_drains(self) -> None:
         await self.workers.start()
         await self.workers.start()  # idempotent
-        await asyncio.sleep(0.3)  # the idle wait has backed off by now
+        # Nothing to do: the idle waits back off (fake time) until both wait IDLE_MAX_S.
+        for _ in range(1000):
+            pending = self.clock.pending()
+            if len(pending) == 2 and all(at == self.now + IDLE_MAX_S for at in pending):
+                break
+            if pending:
+                self.clock.set(pending[0])
+            await asyncio.sleep(0.002)
+        else:
+            raise AssertionError(f"the idle wait did not back off: {self.clock.pending()}")
         await self.store(event("oA", "subscribe"))
-        self.workers.ring()
+        self.workers.ring()  # wakes them at once: no time passes
         for _ in range(100):
             if (await self.jobs())["done"] == 1:
                 break
@@ -253,7 +272,7 @@ class WorkersTest(EventsCase):
         self.workers.ring()
         while self.refresher.calls != ["oA", "oB"]:
             await asyncio.sleep(0.01)
-        stopping = asyncio.ensure_future(self.workers.stop(timeout_s=5))
+        stopping = asyncio.ensure_future(self.workers.stop())  # drain_timeout_s: 5 s
         await asyncio.sleep(0.05)
         gate.set()
         await stopping
@@ -267,10 +286,11 @@ class WorkersTest(EventsCase):
         await self.workers.start()
         while not self.refresher.calls:
             await asyncio.sleep(0.01)
-        await self.workers.stop(timeout_s=0.05)
+        self.workers.drain_timeout_s = 0.05
+        await self.workers.stop()
         assert (await self.jobs())["leased"] == 1
         self.refresher.gate = None
-        again = EventWorkers(self.db, self.router, clock=lambda: self.now)
+        again = EventWorkers(self.db, self.router, clock=self.clock)
         await again.start()  # requeues the orphaned lease, due at once
         try:
             for _ in range(100):
@@ -288,14 +308,14 @@ class WorkersTest(EventsCase):
         assert 'wxd_events_jobs{state="queued"} 1' in self.metrics.render()
 
 
-class EndToEndTest(AsyncHTTPTestCase):
+class EndToEndTest(FakeTime, AsyncHTTPTestCase):
     """Sandbox fires events at the webhook; real workers, Linking, TokenManager, sandbox API."""
 
     def get_app(self) -> Any:
-        self.now = T0
+        self.clock = FakeClock(T0)
         self.tmp = tempfile.TemporaryDirectory()
         self.path = os.path.join(self.tmp.name, "wxd.db")
-        self.fake = FakeWeChat(users=20, seed=3, clock=lambda: self.now, follow_ratio=0.0)
+        self.fake = FakeWeChat(users=20, seed=3, clock=self.clock, follow_ratio=0.0)
         self.io_loop.run_sync(self._start)
         return make_app("/wechat", self.webhook)
 
@@ -310,14 +330,14 @@ class EndToEndTest(AsyncHTTPTestCase):
         self.db = await Database.open(self.path)
         client = WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0)
         self.tokens = TokenManager("oa", creds.oa_appid, creds.oa_secret, client, self.db,
-                                   clock=lambda: self.now)
+                                   clock=self.clock)
         self.linking = Linking(self.db, None, OfficialAccountAPI(client, self.tokens),
-                               mp_appid=None, clock=lambda: self.now)
-        router = EventRouter(self.db, self.linking, clock=lambda: self.now)
-        self.workers = EventWorkers(self.db, router, clock=lambda: self.now)
+                               mp_appid=None, clock=self.clock)
+        router = EventRouter(self.db, self.linking, clock=self.clock)
+        self.workers = EventWorkers(self.db, router, clock=self.clock)
         await self.workers.start()
         crypto = MessageCrypto(creds.webhook_token, creds.encoding_aes_key, creds.oa_appid)
-        self.webhook = Webhook(creds.webhook_token, crypto, self.db, clock=lambda: self.now,
+        self.webhook = Webhook(creds.webhook_token, crypto, self.db, clock=self.clock,
                                on_stored=self.workers.ring)
 
     async def _close(self) -> None:
@@ -348,7 +368,7 @@ class EndToEndTest(AsyncHTTPTestCase):
         person = self.fake.person(4)
         self.fake.follow(person, scene="ADD_SCENE_QR_CODE", qr_scene_str="bind_ab12")
         sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "safe",
-                               clock=lambda: self.now, http_client=self.http_client)
+                               clock=self.clock, http_client=self.http_client)
         request = sender.build(sender.subscribe_fields(person.oa_openid, scene="bind_ab12"))
         for _ in range(2):  # WeChat's retry: same URL, same body
             delivery = await sender.send(request)
@@ -383,7 +403,7 @@ class EndToEndTest(AsyncHTTPTestCase):
         person = self.fake.person(2)
         self.fake.follow(person)
         sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "compat",
-                               clock=lambda: self.now, http_client=self.http_client, seed=1)
+                               clock=self.clock, http_client=self.http_client, seed=1)
         assert (await sender.subscribe(person.oa_openid)).body == b"success"
         await self.settled()
         self.now += 60

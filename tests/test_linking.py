@@ -21,7 +21,7 @@ from Crypto.Cipher import AES
 from Crypto.Util.Padding import pad
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, FakeClock, FakeTime
 from wxd.admin import common_kwargs, make_app
 from wxd.admin.users import routes
 from wxd.errors import WeChatAPIError
@@ -98,14 +98,14 @@ class OATokens:
             self.current = None
 
 
-class LinkingCase(AsyncHTTPTestCase):
+class LinkingCase(FakeTime, AsyncHTTPTestCase):
     """Admin app (users routes) + sandbox on a second port + a real SQLite file."""
 
     mini_program = True
     unionid_ratio = 1.0
 
     def get_app(self) -> tornado.web.Application:
-        self.now = START
+        self.clock = FakeClock(START)
         self.tmp = tempfile.TemporaryDirectory()
         self.capture = Capture()
         root = logging.getLogger()
@@ -113,7 +113,7 @@ class LinkingCase(AsyncHTTPTestCase):
         root.addHandler(self.capture)
         root.setLevel(logging.DEBUG)
         self.creds = Credentials(mp_appid=VECTOR_APPID)
-        self.fake = FakeWeChat(users=40, seed=7, credentials=self.creds, clock=lambda: self.now,
+        self.fake = FakeWeChat(users=40, seed=7, credentials=self.creds, clock=self.clock,
                                follow_ratio=0.5, mp_ratio=0.0, unionid_ratio=self.unionid_ratio)
         self.bodies: list[str] = []
         self.registry = Registry()
@@ -132,7 +132,7 @@ class LinkingCase(AsyncHTTPTestCase):
         self.db = await Database.open(os.path.join(self.tmp.name, "wxd.db"))
         self.linking = Linking(self.db, mp_api, OfficialAccountAPI(client, self.tokens),
                                mp_appid=self.creds.mp_appid if self.mini_program else None,
-                               clock=lambda: self.now, metrics=self.registry)
+                               clock=self.clock, metrics=self.registry)
 
     async def _stop(self) -> None:
         await self.sandbox.stop()

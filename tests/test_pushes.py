@@ -130,7 +130,7 @@ class PushCase(AsyncHTTPTestCase):
         }
         settings.update(options)
         workers = PushWorkers(self.db, self.oa, **settings)
-        self.service.set_doorbell(workers.wake)
+        self.service.set_doorbell(workers.ring)
         self.workers.append(workers)
         return workers
 

@@ -20,9 +20,10 @@ from wxd import admin
 from wxd.admin import tokens as admin_tokens
 from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
+from wxd.retry import next_utc_midnight
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.store.db import Database
-from wxd.tokens import TokenManager, fetch_counts, next_utc_midnight, utc_day
+from wxd.tokens import TokenManager, fetch_counts, utc_day
 from wxd.wechat.client import OfficialAccountAPI, WeChatClient
 from wxd.wechat.transport import KeepAliveClient
 
@@ -266,21 +267,31 @@ class TestRefresher(TokenCase):
 
     @gen_test
     async def test_timer_refreshes_and_stops_cleanly(self) -> None:
-        manager = self.manager(mode="legacy", check_interval_s=0.02)
+        manager = self.manager(mode="legacy", check_interval_s=30)
         await manager.start()
         await manager.start()  # idempotent
-        self.clock.advance(7200 - 200)
+        assert manager.state == "running"
+        await self.ticking()
+        self.clock.advance(7200 - 200)  # the timer's sleep ends: one tick, one refresh
         for _ in range(100):
             if self.calls(LEGACY) == 2:
                 break
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
-        assert self.calls(LEGACY) == 2  # the real PeriodicCallback refreshed, once
+        await self.ticking()  # the next tick waits 30 s (fake) again
+        assert self.calls(LEGACY) == 2  # the timer refreshed, once
         await manager.stop()
         await manager.stop()
+        assert manager.state == "stopped" and self.clock.pending() == []  # no timer left
         self.clock.advance(7200)
-        await asyncio.sleep(0.1)
         assert self.calls(LEGACY) == 2
+
+    async def ticking(self) -> None:
+        """Until the refresher task sleeps on the clock (its next tick 30 s ahead)."""
+        for _ in range(200):
+            if self.clock.pending() == [self.clock() + 30]:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"the timer is not waiting: {self.clock.pending()}")
 
     @gen_test
     async def test_quota_error_is_not_retried(self) -> None:
@@ -340,7 +351,7 @@ class TestBackoff(TokenCase):
 class TestBudget(TokenCase):
     @gen_test
     async def test_daily_budget_stops_fetching_until_the_next_utc_day(self) -> None:
-        self.clock.now = DAY_START
+        self.clock.set(DAY_START)
         manager = self.manager(mode="legacy", daily_budget=2)
         await manager.get()
         self.clock.advance(7200)
@@ -357,7 +368,7 @@ class TestBudget(TokenCase):
         assert "budget" in line
         day = utc_day(self.clock())
         assert await self.db.read(lambda conn: fetch_counts(conn, day)) == {"oa": 2}
-        self.clock.now = next_utc_midnight(self.clock()) + 1
+        self.clock.set(next_utc_midnight(self.clock()) + 1)
         await manager.get()
         assert self.calls(LEGACY) == 3
 

@@ -21,7 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 from wechatpy.crypto import WeChatCrypto
 
-from tests.helpers import AES_KEY, OA_APPID, WEBHOOK_TOKEN
+from tests.helpers import AES_KEY, OA_APPID, WEBHOOK_TOKEN, FakeClock, FakeTime
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, SignedRequest, WebhookSender
 from wxd.store import inbox
@@ -48,13 +48,13 @@ def subscribe_xml(openid: str = "oUser1", create_time: int = NOW, **extra: str |
                              "Event": "subscribe", "EventKey": "", **extra})
 
 
-class WebhookCase(AsyncHTTPTestCase):
+class WebhookCase(FakeTime, AsyncHTTPTestCase):
     """A Webhook with crypto (so plain, compatible and safe requests all work) on a temp db."""
 
     def setUp(self) -> None:
         self.tmp = tempfile.TemporaryDirectory()
         self.path = os.path.join(self.tmp.name, "wxd.db")
-        self.now = float(NOW)
+        self.clock = FakeClock(float(NOW))
         self.metrics = Registry()
         self.rings = 0
         self.servers: list[HTTPServer] = []
@@ -68,7 +68,7 @@ class WebhookCase(AsyncHTTPTestCase):
     def make_webhook(self, db: Database, crypto: bool = True) -> Webhook:
         return Webhook(
             WEBHOOK_TOKEN, MessageCrypto(WEBHOOK_TOKEN, AES_KEY, OA_APPID) if crypto else None,
-            db, replay_window_s=300, max_body_bytes=65536, clock=lambda: self.now,
+            db, replay_window_s=300, max_body_bytes=65536, clock=self.clock,
             metrics=self.metrics, on_stored=self.ring,
         )
 
@@ -83,7 +83,7 @@ class WebhookCase(AsyncHTTPTestCase):
         self.tmp.cleanup()
 
     def sender(self, mode: str, seed: int = 0, **kwargs: Any) -> WebhookSender:
-        return WebhookSender(self.get_url("/wechat"), CREDS, mode, clock=lambda: self.now,
+        return WebhookSender(self.get_url("/wechat"), CREDS, mode, clock=self.clock,
                              seed=seed, http_client=self.http_client, **kwargs)
 
     async def post(self, query: dict[str, str], body: bytes | str,

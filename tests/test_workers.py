@@ -12,7 +12,10 @@ import pytest
 from tornado.testing import gen_test
 
 from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
-from wxd.push_workers import BEIJING, PushWorkers, next_resume
+from wxd.errors import WeChatAPIError
+from wxd.push_workers import PushWorkers
+from wxd.retry import BEIJING, Retry, decide
+from wxd.retry import next_quota_reset as next_resume
 from wxd.sandbox import NOTICE_TEMPLATE_ID, ORDER_TEMPLATE_ID, Person
 from wxd.store import pushes as push_store
 
@@ -107,7 +110,7 @@ class ErrorClassTest(PushCase):
         self.assertEqual(self.fake.inbox(self.person().oa_openid), [])
         # Time passes; the retry succeeds with the same client_msg_id.
         self.clock.advance(row["next_attempt_at"] - self.clock())
-        workers.wake()
+        workers.ring()
         done = await self.until_status(push["id"], "sent")
         self.assertEqual(done["attempts"], 2)
         self.assertEqual([c.body["client_msg_id"] for c in sends(self)], [push["id"]] * 2)
@@ -164,7 +167,7 @@ class ErrorClassTest(PushCase):
         push = await self.push(self.order(self.person()))
         await self.eventually(lambda: self._attempted(push["id"]), "the first attempt")
         self.clock.advance(120)
-        workers.wake()
+        workers.ring()
         row = await self.until_status(push["id"], "failed")
         self.assertEqual((row["attempts"], row["errcode"], row["error_code"]),
                          (2, 45011, "attempts_exhausted"))
@@ -230,8 +233,8 @@ class QuotaTest(PushCase):
         # Nothing is sent while paused, new pushes included.
         second = await self.push(self.order(self.person(skip=1)))
         self.clock.advance(60)
-        workers.wake()
-        await asyncio.sleep(0.2)
+        workers.ring()
+        await self.eventually(self._waiting, "the dispatcher back in its paused wait")
         self.assertEqual(len(sends(self)), 1)
         # The pause survives a restart (persisted in meta).
         await workers.stop()
@@ -239,12 +242,15 @@ class QuotaTest(PushCase):
         await workers.start()
         self.assertEqual(workers.paused_until, expected)
         self.clock.advance(expected - self.clock() + 1)
-        workers.wake()
+        workers.ring()
         await self.until_status(first["id"], "sent")
         await self.until_status(second["id"], "sent")
         self.assertIsNone(workers.paused_until)
         self.assertIsNone((await self.service.stats())["paused_until"])
         self.assertIn("wxd_push_paused 0", self.metrics.render())
+
+    async def _waiting(self) -> bool:
+        return bool(self.clock.pending())  # only the dispatcher waits on the clock here
 
     async def _paused(self, workers: PushWorkers) -> bool:
         return workers.paused_until is not None
@@ -287,7 +293,7 @@ class DeliveryReportTest(PushCase):
         [message] = self.fake.inbox(person.oa_openid)
         self.assertFalse(await self.report(message["msgid"], "success", person))
         self.clock.advance(row["next_attempt_at"] - self.clock())
-        workers.wake()
+        workers.ring()
         done = await self.until_status(push["id"], "delivered")
         self.assertEqual(done["msgid"], str(message["msgid"]))
         self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1)
@@ -393,15 +399,17 @@ class StopAndRecoveryTest(PushCase):
 class RateTest(PushCase):
     @gen_test(timeout=10)
     async def test_rate_limit_spaces_sends(self) -> None:
+        self.clock.autojump = True  # the limiter's sleeps move the fake clock at once
         workers = self.make_workers(workers=4, rate_per_s=10)
         await workers.start()
-        started = self.io_loop.time()
+        started = self.clock()
         _, answer = await self.call("POST", "/v1/pushes/batch", {"pushes": [
             self.order(self.person(skip=i % 5)) for i in range(15)]})
         for result in answer["results"]:
             await self.until_status(result["id"], "sent")
-        # 10 sends a second, no burst: 15 sends span at least 1.4 s.
-        self.assertGreaterEqual(self.io_loop.time() - started, 1.3)
+        # 10 sends a second, no burst: the 15th send is not before 1.4 s.
+        self.assertGreaterEqual(max(c.at for c in sends(self)) - started, 1.4 - 1e-3)
+        self.assertGreaterEqual(sum(self.clock.sleeps), 1.4 - 1e-3)
 
 
 def test_next_resume_is_beijing_time() -> None:
@@ -417,10 +425,15 @@ def test_next_resume_is_beijing_time() -> None:
 
 def test_backoff_bounds() -> None:
     workers = PushWorkers(None, None, backoff_base_s=2, backoff_max_s=100,  # type: ignore[arg-type]
-                          rng=random.Random(1))
+                          max_attempts=20, rng=random.Random(1))
+
+    def delay(attempts: int, now: float, errcode: int) -> float:
+        decision = decide(WeChatAPIError(errcode, "", "/p"), attempts, now, workers.policy)
+        assert isinstance(decision, Retry)
+        return decision.delay_s
+
     for attempts in range(1, 12):
-        delay = workers.backoff_s(attempts, 0.0)
         full = min(100, 2 * 2 ** (attempts - 1))
-        assert full / 2 <= delay <= full
+        assert full / 2 <= delay(attempts, 0.0, -1) <= full
     # 45011: not before the next wall-clock minute.
-    assert 45 <= workers.backoff_s(1, 1_699_999_995.0, 45011) <= 46  # :15 past the minute
+    assert 45 <= delay(1, 1_699_999_995.0, 45011) <= 46  # :15 past the minute

@@ -1,7 +1,8 @@
 """FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
 
-Imports base modules, pacing and wxd.store (db, followers, backfill) only; the API
-arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
+Imports base modules, pacing, retry, wxd.wechat.client (BATCHGET_MAX) and wxd.store (db,
+followers, backfill) only; the API arrives as a FollowerSource (wechat.OfficialAccountAPI
+satisfies it). Never imports wxd.sandbox.
 """
 
 from __future__ import annotations
@@ -10,30 +11,24 @@ import asyncio
 import collections
 import logging
 import math
+import random
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from wxd.clock import SYSTEM_CLOCK, Clock, Timer
 from wxd.errors import StorageError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
-from wxd.pacing import (
-    DAY_S,
-    RateLimiter,
-    backoff_s,
-    next_beijing_midnight,
-    until_next_minute_s,
-)
+from wxd.pacing import RateLimiter
+from wxd.retry import DAY_S, Backoff, Fail, Pause, Policy, decide
 from wxd.store import backfill as backfill_store
 from wxd.store import followers
 from wxd.store.backfill import STATES, BackfillState
 from wxd.store.db import Database
+from wxd.wechat.client import BATCHGET_MAX
 
 log = logging.getLogger(__name__)
-# openids per /cgi-bin/user/info/batchget call:
-# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
-BATCHGET_MAX = 100
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (each a page of rows)
 # A first sync builds the unionid index at its end (followers.defer_unionid_index) when it starts
 # at the head of the list with fewer rows stored than this, for an account of more than one page
@@ -69,9 +64,9 @@ class _Page:
 
 
 class _Paused(Exception):
-    """45009: the daily quota is spent; the run pauses until `until`."""
+    """45009 (the daily quota) or the token budget is spent; the run pauses until `until`."""
 
-    def __init__(self, cause: WeChatAPIError, until: float) -> None:
+    def __init__(self, cause: Exception, until: float) -> None:
         super().__init__(str(cause))
         self.until = until
 
@@ -104,57 +99,73 @@ class FollowerBackfill:
     transactions cost less per follower). Pages wait as prepared rows (followers.InfoBatch).
     With `defer_index`, a first sync (see DEFER_INDEX_MAX_ROWS) builds the unionid index once at
     its end, or when it halts, instead of row by row; meanwhile lookups by unionid scan.
-    Errors: transient (-1, 45011, HTTP/network) are retried with backoff, `max_attempts` per
-    call, then the run fails; 45009 pauses it until the next Beijing midnight (+ margin; it
-    resumes by itself then); terminal errors fail it. begin() resumes a failed or paused run
-    from its cursor. `clock` (unix s) and `sleep` (rate limit, backoff) are injectable.
+    Errors are classified by wxd.retry.decide: transient (-1, 43117, HTTP/network, a token
+    error after the client's refresh) are retried after backoff_base_s·2^(n-1) (-50 % jitter,
+    at most backoff_max_s), `max_attempts` tries per call, then the run fails; 45011 holds
+    every call until the next minute; 45009 pauses the run until quota_resume_s after the next
+    (Beijing; it resumes by itself then), a spent token budget until the next UTC midnight;
+    terminal errors fail it. begin() resumes a failed or paused run from its cursor. Time
+    (unix s, rate limit and backoff sleeps, the resume/re-sync timer) comes from `clock`.
     """
 
     def __init__(self, db: Database, oa_api: FollowerSource, *, concurrency: int = 4,
                  rate_per_s: float = 100.0, resync_interval_s: float = 0.0,
-                 defer_index: bool = True, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                 metrics: Registry | None = None, max_attempts: int = 8,
-                 backoff_s: float = 0.5, backoff_max_s: float = 30.0,
-                 stop_timeout_s: float = 5.0, pause_margin_s: float = 60.0) -> None:
+                 defer_index: bool = True, clock: Clock = SYSTEM_CLOCK,
+                 rng: random.Random | None = None, metrics: Registry | None = None,
+                 max_attempts: int = 8, backoff_base_s: float = 0.5,
+                 backoff_max_s: float = 30.0, quota_resume_s: float = 60.0,
+                 drain_timeout_s: float = 5.0) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        self._db, self._api, self._clock, self._sleep = db, oa_api, clock, sleep
+        self._db, self._api, self._clock = db, oa_api, clock
         self._concurrency = concurrency
         self._resync_s = resync_interval_s
         self._defer_index = defer_index
         self._index_deferred = False  # followers_unionid dropped by this run, not yet rebuilt
-        self._limiter = RateLimiter(rate_per_s, concurrency, clock, sleep)
-        self._max_attempts = max(max_attempts, 1)
-        self._backoff_s, self._backoff_max_s = backoff_s, backoff_max_s
-        self._stop_timeout_s = stop_timeout_s
-        self._pause_margin_s = pause_margin_s
+        self._limiter = RateLimiter(rate_per_s, concurrency, clock)
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5,
+                                     rng if rng is not None else random.Random()),
+                             max_attempts=max(max_attempts, 1),
+                             quota_resume_s=quota_resume_s)
+        self.drain_timeout_s = drain_timeout_s
         self._row = BackfillState()
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._timer_task: asyncio.Task[dict[str, Any]] | None = None
         self._begin_lock = asyncio.Lock()
-        self._stop_requested = self._closed = False
+        self._stop_requested = False
+        self._state = "new"
         self._unsaved_calls = 0      # calls made and not yet handed to a page write
         self._page_progress = 0      # followers fetched so far in the page being fetched
         self._queued_calls = 0       # calls and followers of page writes not yet committed
         self._queued_followers = 0
         self._session = (0.0, 0)     # (clock, followers_done) when this process (re)started it
         self._rate = 0.0
-        self._metrics = metrics
-        if metrics is not None:
-            metrics.counter("wxd_backfill_followers_total", "Followers stored by the backfill.")
-            metrics.counter("wxd_backfill_pages_total", "user/get pages fully stored.")
-            metrics.counter("wxd_backfill_calls_total", "Upstream calls made by the backfill.",
-                            ("endpoint", "outcome"))
-            self._set_row(self._row)
+        registry = metrics if metrics is not None else Registry()
+        self._m_followers = registry.counter(
+            "wxd_backfill_followers_total", "Followers stored by the backfill.")
+        self._m_pages = registry.counter("wxd_backfill_pages_total", "user/get pages fully stored.")
+        self._m_calls = registry.counter(
+            "wxd_backfill_calls_total", "Upstream calls made by the backfill.",
+            ("endpoint", "outcome"))
+        self._m_state = registry.gauge("wxd_backfill_state", "1 for the backfill's state.",
+                                       ("state",))
+        self._set_row(self._row)
 
     # Lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The service's lifecycle: "new" | "running" | "stopping" | "stopped" (the run's own
+        state is status()["state"]; `running` says whether a run is active)."""
+        return self._state
 
     async def start(self) -> None:
         """Load the row; resume a run a previous process left running (crash recovery); arm the
         auto-resume of a 45009 pause and, when configured, the periodic re-sync. Idempotent."""
-        self._closed = False
+        if self._state != "new":
+            return
+        self._state = "running"
         self._set_row(await self._db.read(backfill_store.load))
         if self._row.state == "running" and not self.running:
             log.info("resuming backfill run %d (%d followers done)", self._row.run,
@@ -165,19 +176,23 @@ class FollowerBackfill:
 
     async def stop(self) -> None:
         """Halt at a page boundary (cursor and state kept: start() resumes); a page still busy
-        after `stop_timeout_s` is abandoned and redone on resume. Idempotent."""
-        self._closed = True
+        after drain_timeout_s (real time) is abandoned and redone on resume. Nothing starts
+        after stop(). Idempotent."""
+        if self._state in ("stopping", "stopped"):
+            return
+        self._state = "stopping"
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         task = self._task
-        if task is None or task.done():
-            return
-        self._stop_requested = True
-        done, _ = await asyncio.wait({task}, timeout=self._stop_timeout_s)
-        if not done:
-            log.warning("backfill page busy after %.1f s; abandoning it", self._stop_timeout_s)
-            await _discard(task)
+        if task is not None and not task.done():
+            self._stop_requested = True
+            done, _ = await asyncio.wait({task}, timeout=self.drain_timeout_s)
+            if not done:
+                log.warning("backfill page busy after %.1f s; abandoning it",
+                            self.drain_timeout_s)
+                await _discard(task)
+        self._state = "stopped"
 
     @property
     def running(self) -> bool:
@@ -193,17 +208,17 @@ class FollowerBackfill:
         operator reset the quota). Nothing starts after stop()."""
         async with self._begin_lock:
             row = self._row
-            if self.running or self._closed or (
+            if self.running or self._state in ("stopping", "stopped") or (
                     row.state == "paused" and not force and row.paused_until is not None
-                    and self._clock() < row.paused_until):
+                    and self._clock.now() < row.paused_until):
                 return False, self.status()
             self._set_row(await self._db.write(
-                lambda conn: backfill_store.begin_run(conn, self._clock())))
+                lambda conn: backfill_store.begin_run(conn, self._clock.now())))
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             self._stop_requested = False
-            self._session, self._rate = (self._clock(), self._row.followers_done), 0.0
+            self._session, self._rate = (self._clock.now(), self._row.followers_done), 0.0
             self._task = asyncio.create_task(self._run(self._row), name="wxd-backfill")
             self._task.add_done_callback(_log_crash)
             log.info("backfill run %d started at cursor %r", self._row.run, self._row.cursor or "")
@@ -219,7 +234,7 @@ class FollowerBackfill:
         """The progress document of GET /v1/backfill: backfill_store.status_document, with
         rate_per_s = followers/s since this process (re)started the run, plus next_run_at
         (auto-resume or re-sync time) and the settings."""
-        row, now = self._row, self._clock()
+        row, now = self._row, self._clock.now()
         active = row.state == "running" and self.running
         if active and now > self._session[0]:
             self._rate = (row.followers_done - self._session[1]) / (now - self._session[0])
@@ -234,15 +249,8 @@ class FollowerBackfill:
 
     def _set_row(self, row: BackfillState) -> None:
         self._row = row
-        if self._metrics is not None:
-            gauge = self._metrics.gauge("wxd_backfill_state", "1 for the backfill's state.",
-                                        ("state",))
-            for name in STATES:
-                gauge.set(1.0 if name == row.state else 0.0, state=name)
-
-    def _count(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        if self._metrics is not None:
-            self._metrics.counter(name, "").inc(amount, **labels)
+        for name in STATES:
+            self._m_state.set(1.0 if name == row.state else 0.0, state=name)
 
     # Timers: auto-resume after a 45009 pause, periodic re-sync --------------------------------
 
@@ -252,7 +260,7 @@ class FollowerBackfill:
             return row.paused_until
         if self._resync_s > 0 and row.state in ("idle", "done"):
             # Never ran: the first sync is due now.
-            return self._clock() if row.finished_at is None else row.finished_at + self._resync_s
+            return self._clock.now() if row.finished_at is None else row.finished_at + self._resync_s
         return None
 
     def _arm_timer(self) -> None:
@@ -260,17 +268,16 @@ class FollowerBackfill:
             self._timer.cancel()
             self._timer = None
         due = self._next_due()
-        if due is not None and not self._closed:
-            # Loop time, not the injected sleep: an hours-long wait must not spin a fake clock.
-            delay = min(max(due - self._clock(), 0.0), DAY_S)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        if due is not None and self._state not in ("stopping", "stopped"):
+            delay = min(max(due - self._clock.now(), 0.0), DAY_S)
+            self._timer = self._clock.call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         due = self._next_due()
-        if due is None or self._closed:
+        if due is None or self._state in ("stopping", "stopped"):
             return
-        if self._clock() < due:
+        if self._clock.now() < due:
             self._arm_timer()
         else:
             self._timer_task = asyncio.create_task(self.begin(), name="wxd-backfill-timer")
@@ -390,7 +397,7 @@ class FollowerBackfill:
                     page.done.set_result(None)
                     continue
                 page.started = True
-            asked_at = self._clock()
+            asked_at = self._clock.now()
             infos = await self._call("batchget", page.openids[start:start + BATCHGET_MAX])
             page.rows.extend(followers.info_rows(infos))
             page.observed = min(page.observed, asked_at)
@@ -411,7 +418,7 @@ class FollowerBackfill:
         self._page_progress -= count
 
         def store(conn: sqlite3.Connection) -> BackfillState:
-            now = self._clock()
+            now = self._clock.now()
             if batch:
                 followers.apply_info_batch(conn, batch, observed, now, run=run)
             return backfill_store.advance(conn, run, cursor, after, count, calls, total, now)
@@ -425,14 +432,14 @@ class FollowerBackfill:
             self._queued_calls -= calls
             self._queued_followers -= count
         self._set_row(row)
-        self._count("wxd_backfill_followers_total", count)
-        self._count("wxd_backfill_pages_total")
+        self._m_followers.inc(count)
+        self._m_pages.inc()
 
     async def _finish(self, run: int, total: int | None) -> None:
         calls, since = self._unsaved_calls, self._row.started_at
 
         def finish(conn: sqlite3.Connection) -> tuple[BackfillState, int]:
-            now = self._clock()
+            now = self._clock.now()
             # Only a complete pass may judge who left; events since the run began still win.
             gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
             followers.restore_unionid_index(conn)
@@ -453,7 +460,7 @@ class FollowerBackfill:
 
         def halt(conn: sqlite3.Connection) -> BackfillState:
             followers.restore_unionid_index(conn)  # a halted run may stay halted for long
-            return backfill_store.halt(conn, run, state, calls, self._clock(),
+            return backfill_store.halt(conn, run, state, calls, self._clock.now(),
                                       last_error=last_error, paused_until=paused_until)
 
         try:
@@ -467,42 +474,40 @@ class FollowerBackfill:
         self._set_row(row)
 
     async def _call(self, endpoint: str, arg: Any) -> Any:
-        """user_get(arg) or batchget(arg) through the rate limit, retried while transient."""
+        """user_get(arg) or batchget(arg) through the rate limit, retried as wxd.retry.decide
+        says; raises _Paused (quota, token budget), _Stopping, or the call's error (failed)."""
         fn = self._api.user_get if endpoint == "user_get" else self._api.batchget
         attempt = 0
         while True:
             await self._limiter.acquire()
             self._unsaved_calls += 1
+            attempt += 1
             try:
                 result = await fn(arg)
-            except WeChatAPIError as exc:
-                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome=exc.kind)
-                if exc.quota:
-                    until = next_beijing_midnight(self._clock()) + self._pause_margin_s
-                    raise _Paused(exc, until) from exc
-                if not (exc.retryable or exc.token_invalid):
+            except Exception as exc:
+                outcome = exc.kind if isinstance(exc, WeChatAPIError) else (
+                    "transport" if isinstance(exc, TransportError) else "error")
+                self._m_calls.inc(endpoint=endpoint, outcome=outcome)
+                decision = decide(exc, attempt, self._clock.now(), self.policy)
+                if isinstance(decision, Pause):
+                    raise _Paused(exc, decision.until) from exc
+                if isinstance(decision, Fail) and decision.reason == "terminal":
+                    raise
+                if self._stop_requested:
+                    raise _Stopping from exc
+                if isinstance(decision, Fail):
                     raise
                 error: Exception = exc
-            except TransportError as exc:
-                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome="transport")
-                error = exc
             else:
-                self._count("wxd_backfill_calls_total", endpoint=endpoint, outcome="ok")
+                self._m_calls.inc(endpoint=endpoint, outcome="ok")
                 return result
-            attempt += 1
-            if self._stop_requested:
-                raise _Stopping from error
-            if attempt >= self._max_attempts:
-                raise error
-            delay = backoff_s(attempt, self._backoff_s, self._backoff_max_s)
-            if isinstance(error, WeChatAPIError) and error.errcode == 45011:
-                # Per-minute quota: nothing passes before the next minute; hold every caller.
-                now = self._clock()
-                delay = max(delay, until_next_minute_s(now))
-                self._limiter.hold_until(now + delay)
-            log.info("backfill %s failed (%s); retry %d of %d in %.1f s", endpoint, error,
-                     attempt, self._max_attempts - 1, delay)
-            await self._sleep(delay)
+            if decision.scope == "app":  # 45011: nothing passes before then; hold every caller
+                self._limiter.hold_for(decision.delay_s)
+            log.log(logging.ERROR if decision.unexpected else logging.INFO,
+                    "backfill %s failed (%s); retry %d of %d in %.1f s", endpoint, error,
+                    attempt, self.policy.max_attempts - 1, decision.delay_s,
+                    exc_info=error if decision.unexpected else None)
+            await self._clock.sleep(decision.delay_s)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -254,6 +254,9 @@ class WeChatConfig:
     token_refresh_margin_s: float = key("900", number(60))
     token_check_interval_s: float = key("30", number(1))
     token_daily_budget: int = key("1500", integer(1))
+    token_backoff_base_s: float = key("5", number(0.01))
+    token_backoff_max_s: float = key("300", number(0.01))
+    token_quota_pause_s: float = key("3600", number(1))
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,8 @@ class PushesConfig:
 class EventsConfig:
     workers: int = key("16", integer(1))
     max_attempts: int = key("10", integer(1))
+    backoff_base_s: float = key("2", number(0.01))
+    backoff_max_s: float = key("600", number(0.01))
 
 
 @dataclass(frozen=True)
@@ -280,6 +285,10 @@ class BackfillConfig:
     rate_per_s: float = key("100", number(0))
     resync_interval_s: float = key("0", number(0))
     defer_unionid_index: bool = key("true", boolean)
+    max_attempts: int = key("8", integer(1))
+    backoff_base_s: float = key("0.5", number(0.01))
+    backoff_max_s: float = key("30", number(0.01))
+    quota_resume_time: TimeOfDay = key("00:01", beijing_time)
 
 
 @dataclass(frozen=True)

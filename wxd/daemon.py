@@ -11,12 +11,10 @@ import os
 import signal
 import socket
 import sqlite3
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import tornado.httpserver
-import tornado.ioloop
 import tornado.netutil
 import tornado.web
 
@@ -26,6 +24,7 @@ from wxd.admin import openapi, ops, stats, users
 from wxd.admin import pushes as admin_pushes
 from wxd.admin import tokens as admin_tokens
 from wxd.backfill import FollowerBackfill
+from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.config import Config, Listen
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
@@ -101,7 +100,7 @@ class Daemon:
     (loopback) → webhook listener last. Stop runs the same list in reverse.
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK,
                  environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.clock = clock
@@ -117,27 +116,35 @@ class Daemon:
         self.admin: Listener | None = None
         self.webhook: Listener | None = None
         self._started: list[Component] = []
-        self._watchdog: tornado.ioloop.PeriodicCallback | None = None
-        self._started_at = time.monotonic()
-        self.state = "new"
+        self._watchdog: asyncio.Task[None] | None = None
+        self._started_at = clock.monotonic()
+        self._state = "new"
+
+    @property
+    def state(self) -> str:
+        """"new" | "running" | "stopping" | "stopped"."""
+        return self._state
 
     async def start(self) -> None:
-        if self.state != "new":
+        """Start every component in order (a failure stops those started and raises), then tell
+        systemd READY=1 and start the watchdog pings. Idempotent."""
+        if self._state != "new":
             return
-        self.state = "starting"
+        self._state = "running"
         try:
             await self._build_and_start()
         except BaseException:
             await self.stop()
             raise
-        self.state = "running"
         self.notifier.notify("READY=1")
-        if self.notifier.watchdog_interval_s:
-            self._watchdog = tornado.ioloop.PeriodicCallback(
-                lambda: self.notifier.notify("WATCHDOG=1"),
-                self.notifier.watchdog_interval_s * 1000,  # PeriodicCallback takes milliseconds
-            )
-            self._watchdog.start()
+        interval = self.notifier.watchdog_interval_s
+        if interval:
+            self._watchdog = asyncio.create_task(self._ping(interval), name="wxd-watchdog")
+
+    async def _ping(self, interval_s: float) -> None:
+        while True:
+            await self.clock.sleep(interval_s)
+            self.notifier.notify("WATCHDOG=1")
 
     async def _build_and_start(self) -> None:
         cfg, clock, metrics = self.config, self.clock, self.metrics
@@ -155,7 +162,10 @@ class Daemon:
                 app, creds.appid, creds.secret, client, db, mode=cfg.wechat.token_mode,
                 refresh_margin_s=cfg.wechat.token_refresh_margin_s,
                 check_interval_s=cfg.wechat.token_check_interval_s,
-                daily_budget=cfg.wechat.token_daily_budget, clock=clock, metrics=metrics)
+                daily_budget=cfg.wechat.token_daily_budget,
+                backoff_base_s=cfg.wechat.token_backoff_base_s,
+                backoff_max_s=cfg.wechat.token_backoff_max_s,
+                quota_pause_s=cfg.wechat.token_quota_pause_s, clock=clock, metrics=metrics)
             self.tokens[app] = manager
             await self._start(manager)
         oa_api = OfficialAccountAPI(client, self.tokens["oa"])
@@ -166,31 +176,36 @@ class Daemon:
         self.linking = Linking(db, mp_api, oa_api, mp_appid=mp_appid, clock=clock, metrics=metrics)
         p = cfg.pushes
         self.pushes = PushService(db, oa_api, mp_appid=mp_appid, template_cache_s=p.template_cache_s,
-                                  clock=clock, metrics=metrics, on_enqueued=self._wake_workers)
+                                  clock=clock, metrics=metrics, on_enqueued=self._ring_workers)
         self.workers = PushWorkers(
             db, oa_api, workers=p.workers, rate_per_s=p.rate_per_s, max_attempts=p.max_attempts,
             backoff_base_s=p.backoff_base_s, backoff_max_s=p.backoff_max_s,
             quota_resume_s=p.quota_resume_time.seconds, stale_sending=p.stale_sending, clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
-            # Idle polling is a safety net only: enqueue rings the doorbell, retries wake at
-            # their due time. A long idle wait keeps an idle daemon from waking every 2 s.
-            drain_timeout_s=cfg.wxd.shutdown_timeout_s, idle_max_s=30.0)
+            drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.workers)
 
         router = EventRouter(db, self.linking,
                              purge_on_unsubscribe=cfg.followers.purge_on_unsubscribe,
                              clock=clock, metrics=metrics)
-        self.events = EventWorkers(db, router, workers=cfg.events.workers,
-                                   max_attempts=cfg.events.max_attempts, clock=clock,
-                                   metrics=metrics, stop_timeout_s=cfg.wxd.shutdown_timeout_s)
+        e = cfg.events
+        self.events = EventWorkers(db, router, workers=e.workers, max_attempts=e.max_attempts,
+                                   backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s,
+                                   clock=clock, metrics=metrics,
+                                   drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.events)
 
         b = cfg.backfill
         self.backfill = FollowerBackfill(db, oa_api, concurrency=b.concurrency,
                                          rate_per_s=b.rate_per_s,
                                          resync_interval_s=b.resync_interval_s,
-                                         defer_index=b.defer_unionid_index, clock=clock,
-                                         metrics=metrics)
+                                         defer_index=b.defer_unionid_index,
+                                         max_attempts=b.max_attempts,
+                                         backoff_base_s=b.backoff_base_s,
+                                         backoff_max_s=b.backoff_max_s,
+                                         quota_resume_s=b.quota_resume_time.seconds, clock=clock,
+                                         metrics=metrics,
+                                         drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.backfill)
 
         metrics.add_collector(self._collect_process)
@@ -213,9 +228,9 @@ class Daemon:
                                 max(w.max_body_bytes * 4, 1 << 20))
         await self._start(self.webhook)
 
-    def _wake_workers(self) -> None:
+    def _ring_workers(self) -> None:
         if self.workers is not None:
-            self.workers.wake()
+            self.workers.ring()
 
     def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
         assert self.db and self.linking and self.pushes and self.backfill
@@ -232,7 +247,7 @@ class Daemon:
     async def stats(self) -> dict[str, Any]:
         """The figures of GET /v1/stats (also used by `wxd stats` and the demo)."""
         assert self.db and self.linking and self.backfill
-        now = self.clock()
+        now = self.clock.now()
 
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
@@ -250,7 +265,7 @@ class Daemon:
         self.metrics.gauge("wxd_process_resident_memory_bytes", "Resident set size.").set(
             _rss_bytes())
         self.metrics.gauge("wxd_process_uptime_seconds", "Seconds since the daemon started.").set(
-            time.monotonic() - self._started_at)
+            self.clock.monotonic() - self._started_at)
 
     async def _start(self, component: Component) -> None:
         await component.start()
@@ -265,13 +280,16 @@ class Daemon:
 
     async def stop(self) -> None:
         """Reverse order: listeners stop accepting, workers drain, the database closes last."""
-        if self.state in ("stopped", "stopping", "new"):
-            self.state = "stopped" if self.state == "new" else self.state
+        if self._state != "running":
+            if self._state == "new":
+                self._state = "stopped"
             return
-        self.state = "stopping"
+        self._state = "stopping"
         self.notifier.notify("STOPPING=1")
         if self._watchdog is not None:
-            self._watchdog.stop()
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         try:
             # Listeners first (stop accepting), then every draining worker together (each
             # bounded by its own drain timeout), then the rest (tokens, HTTP client) in reverse.
@@ -288,7 +306,7 @@ class Daemon:
         finally:
             if self.db is not None:
                 await self.db.close()
-            self.state = "stopped"
+            self._state = "stopped"
             log.info("wxd stopped")
 
 

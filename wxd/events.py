@@ -1,8 +1,8 @@
 """Event handling: EventRouter turns a stored webhook message into follower/push state;
 EventWorkers drain the durable job queue (inbox.py) through it, with retries.
 
-Imports base modules, wxd.wechat.messages and wxd.store only; linking (refresh_follower) is
-injected through a Protocol.
+Imports base modules, pacing, retry, wxd.wechat.messages and wxd.store only; linking
+(refresh_follower) is injected through a Protocol.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from collections.abc import Callable
 from typing import Protocol
 
-from wxd.errors import MessageError, StorageError, TransportError, WeChatAPIError
+from wxd.clock import SYSTEM_CLOCK, Clock
+from wxd.errors import MessageError
 from wxd.metrics import Registry
+from wxd.pacing import IDLE_MAX_S, LEASE_S
+from wxd.retry import Backoff, Fail, Pause, Policy, Retry, decide
 from wxd.store import followers, inbox
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
@@ -29,18 +30,11 @@ from wxd.wechat.messages import (
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 120.0          # a job's lease; a job running longer than JOB_TIMEOUT_S is abandoned
-JOB_TIMEOUT_S = 60.0
-BACKOFF_BASE_S = 2.0
-BACKOFF_MAX_S = 600.0
-IDLE_MIN_S = 0.05        # idle polling backs off between these; the doorbell wakes at once
-IDLE_MAX_S = 30.0  # a safety net: the webhook rings the doorbell, retries wake at next_due
+JOB_TIMEOUT_S = 60.0     # a job running longer is abandoned (well within its lease, LEASE_S)
+IDLE_MIN_S = 0.05        # idle polling backs off up to IDLE_MAX_S; the doorbell wakes at once
 PRUNE_EVERY_S = 3600.0
 JOBS_RETENTION_S = 7 * 86400.0     # finished jobs kept for inspection
 INBOX_RETENTION_S = 30 * 86400.0   # far beyond WeChat's retries (seconds) and the replay window
-# WeChat error kinds worth retrying: transient (-1, 45011, 5xx), token (the client already
-# refreshed and retried once), quota (45009; user/info has a large daily quota).
-_RETRY_KINDS = frozenset({"transient", "token", "quota"})
 
 
 class FollowerRefresher(Protocol):
@@ -62,14 +56,13 @@ class EventRouter:
     """
 
     def __init__(self, db: Database, refresher: FollowerRefresher, *,
-                 purge_on_unsubscribe: bool = False,
-                 clock: Callable[[], float] = time.time,
+                 purge_on_unsubscribe: bool = False, clock: Clock = SYSTEM_CLOCK,
                  metrics: Registry | None = None) -> None:
         self._db = db
         self._refresher = refresher
         self._purge = purge_on_unsubscribe
         self._clock = clock
-        registry = metrics or Registry()
+        registry = metrics if metrics is not None else Registry()
         self._actions = registry.counter(
             "wxd_events_actions_total", "Webhook messages applied, by action.", ("action",)
         )
@@ -84,7 +77,7 @@ class EventRouter:
         return action
 
     async def _apply(self, msg: Message) -> str:
-        openid, at, now = msg.from_user, float(msg.create_time), self._clock()
+        openid, at, now = msg.from_user, float(msg.create_time), self._clock.now()
         if isinstance(msg, SubscribeEvent):
             await self._db.write(lambda conn: followers.record_subscribe(
                 conn, openid, at, now, scene=msg.scene, event_key=msg.event_key or None,
@@ -102,7 +95,7 @@ class EventRouter:
                 # Only followers can scan into a SCAN event: learn who this is, then keep it.
                 await self._refresher.refresh_follower(openid)
                 await self._db.write(
-                    lambda conn: followers.record_scan(conn, openid, at, self._clock(), msg.event_key,
+                    lambda conn: followers.record_scan(conn, openid, at, self._clock.now(), msg.event_key,
                                               msg.ticket))
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):
@@ -115,43 +108,37 @@ class EventRouter:
         return "ignored"
 
 
-def backoff_s(attempts: int, rng: random.Random | None = None) -> float:
-    """Exponential backoff with ±20 % jitter after `attempts` failed tries (1 → ~2 s)."""
-    base = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** min(max(0, attempts - 1), 30))
-    draw = rng.random() if rng is not None else random.random()
-    return base * (0.8 + 0.4 * draw)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Transport failures, WeChat's transient/token/quota errors and storage errors retry."""
-    if isinstance(exc, WeChatAPIError):
-        return exc.kind in _RETRY_KINDS
-    return isinstance(exc, (TransportError, StorageError, asyncio.TimeoutError))
-
-
 class EventWorkers:
     """N named asyncio tasks that lease event jobs and run them through the router.
 
     `ring()` (the webhook's on_stored) wakes idle workers at once; idle polling backs off
-    between IDLE_MIN_S and IDLE_MAX_S otherwise. Retryable failures go back to the queue with
-    backoff until `max_attempts` leases, then the job fails with the error kept; terminal
-    failures (e.g. 40003 invalid openid) fail at once. `start()` first requeues leases left
-    by a previous process. `stop(timeout_s)` lets running jobs finish within the bound, then
-    cancels them (their lease is recovered at the next start). Both are idempotent.
+    between IDLE_MIN_S and IDLE_MAX_S (on the clock) otherwise. A failed job is classified by
+    wxd.retry.decide: transient, token, quota (45009: user/info's daily quota is large) and
+    unexpected errors go back to the queue after backoff_base_s·2^(n-1) (-20 % jitter, at most
+    backoff_max_s; 45011 not before the next minute) until `max_attempts` leases, then the job
+    fails with the error kept; a spent token budget retries it at the next UTC midnight;
+    terminal failures (e.g. 40003 invalid openid, a malformed message) fail at once.
+    `start()` first requeues leases left by a previous process. `stop()` lets running jobs
+    finish within drain_timeout_s, then cancels them (their lease is recovered at the next
+    start). Both are idempotent.
     """
 
     def __init__(self, db: Database, router: EventRouter, *, workers: int = 2,
-                 max_attempts: int = 10, clock: Callable[[], float] = time.time,
+                 max_attempts: int = 10, backoff_base_s: float = 2.0,
+                 backoff_max_s: float = 600.0, clock: Clock = SYSTEM_CLOCK,
+                 rng: random.Random | None = None,
                  metrics: Registry | None = None, lease_s: float = LEASE_S,
                  job_timeout_s: float = JOB_TIMEOUT_S,
                  jobs_retention_s: float = JOBS_RETENTION_S,
                  inbox_retention_s: float = INBOX_RETENTION_S,
-                 stop_timeout_s: float = 5.0) -> None:
+                 drain_timeout_s: float = 5.0) -> None:
         self._db = db
         self._router = router
-        self._stop_timeout_s = stop_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self._workers = workers
-        self._max_attempts = max_attempts
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.2,
+                                     rng if rng is not None else random.Random()),
+                             max_attempts=max_attempts)
         self._clock = clock
         self._lease_s = lease_s
         self._job_timeout_s = min(job_timeout_s, lease_s)
@@ -161,15 +148,19 @@ class EventWorkers:
         self._doorbell = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self.state = "new"
-        registry = metrics or Registry()
+        self._state = "new"
+        registry = metrics if metrics is not None else Registry()
         self._outcomes = registry.counter(
             "wxd_events_jobs_total", "Event jobs run, by outcome (done, retried, failed).",
             ("outcome",),
         )
         self._depth = registry.gauge("wxd_events_jobs", "Event jobs by state.", ("state",))
-        if metrics is not None:
-            metrics.add_collector(self._collect)
+        registry.add_collector(self._collect)
+
+    @property
+    def state(self) -> str:
+        """"new" | "running" | "stopping" | "stopped"."""
+        return self._state
 
     async def _collect(self) -> None:
         for state, count in (await self._db.read(inbox.job_counts)).items():
@@ -180,10 +171,11 @@ class EventWorkers:
         self._doorbell.set()
 
     async def start(self) -> None:
-        if self.state != "new":
+        if self._state != "new":
             return
-        self.state = "running"
-        recovered = await self._db.write(lambda conn: inbox.recover_jobs(conn, self._clock()))
+        self._state = "running"
+        recovered = await self._db.write(
+            lambda conn: inbox.recover_jobs(conn, self._clock.now()))
         if recovered:
             log.info("requeued %d event jobs left leased by a previous run", recovered)
         for index in range(self._workers):
@@ -195,25 +187,26 @@ class EventWorkers:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s exited: %r", task.get_name(), task.exception())
 
-    async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop leasing; jobs in flight get `timeout_s` (default: the constructor's stop_timeout_s)
-        to finish, then are cancelled (their lease expires and they run again after a restart)."""
-        if self.state != "running":
-            self.state = "stopped"
+    async def stop(self) -> None:
+        """Stop leasing; jobs in flight get drain_timeout_s (real time: it bounds the process's
+        exit) to finish, then are cancelled (their lease expires and they run again after a
+        restart)."""
+        if self._state != "running":
+            if self._state == "new":
+                self._state = "stopped"
             return
-        self.state = "stopping"
+        self._state = "stopping"
         self._stopping = True
         self._doorbell.set()
         if self._tasks:
-            bound = self._stop_timeout_s if timeout_s is None else timeout_s
-            _, pending = await asyncio.wait(self._tasks, timeout=bound)
+            _, pending = await asyncio.wait(self._tasks, timeout=self.drain_timeout_s)
             for task in pending:
                 task.cancel()
             if pending:
                 log.warning("cancelled %d event jobs still running at stop", len(pending))
                 await asyncio.wait(pending)
         self._tasks.clear()
-        self.state = "stopped"
+        self._state = "stopped"
 
     async def _loop(self) -> None:
         idle = IDLE_MIN_S
@@ -240,18 +233,17 @@ class EventWorkers:
                 log.exception("reading the next due job failed; continuing")
                 due = None
             if due is not None:
-                timeout = min(idle, max(due - self._clock(), IDLE_MIN_S))
-            try:
-                await asyncio.wait_for(self._doorbell.wait(), timeout=timeout)
+                timeout = min(idle, max(due - self._clock.now(), IDLE_MIN_S))
+            if await self._clock.wait(self._doorbell, timeout):
                 idle = IDLE_MIN_S
-            except asyncio.TimeoutError:
+            else:
                 idle = min(idle * 2, IDLE_MAX_S)
 
     async def prune_if_due(self) -> tuple[int, int]:
         """At most every PRUNE_EVERY_S (when idle): delete done jobs older than the jobs
         retention and inbox rows older than the inbox retention (pending work is kept).
         Returns (jobs, inbox rows) deleted."""
-        now = self._clock()
+        now = self._clock.now()
         if now < self._next_prune:
             return 0, 0
         self._next_prune = now + PRUNE_EVERY_S
@@ -267,7 +259,7 @@ class EventWorkers:
 
         What the worker tasks do; tests call it directly with an injected clock.
         """
-        now = self._clock()
+        now = self._clock.now()
         jobs = await self._db.write(
             lambda conn: inbox.lease_jobs(conn, now, limit, self._lease_s))
         for job in jobs:
@@ -288,23 +280,23 @@ class EventWorkers:
         except Exception as exc:
             await self._failed(job, exc)
             return
-        await self._db.write(lambda conn: inbox.finish_job(conn, job.id, self._clock()))
+        await self._db.write(lambda conn: inbox.finish_job(conn, job.id, self._clock.now()))
         self._outcomes.inc(outcome="done")
         log.debug("event job %d done: %s", job.id, action)
 
     async def _failed(self, job: inbox.Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
-        now = self._clock()
-        retry = is_retryable(exc) or not isinstance(exc, (WeChatAPIError, MessageError))
-        if retry and job.attempts < self._max_attempts:
-            delay = backoff_s(job.attempts)
-            if not is_retryable(exc):
+        now = self._clock.now()
+        decision = decide(exc, job.attempts, now, self.policy)
+        if not isinstance(decision, Fail):
+            due = decision.until if isinstance(decision, Pause) else now + decision.delay_s
+            if isinstance(decision, Retry) and decision.unexpected:
                 log.error("event job %d raised unexpectedly (attempt %d); retrying in %.0f s",
-                          job.id, job.attempts, delay, exc_info=exc)
+                          job.id, job.attempts, due - now, exc_info=exc)
             else:
                 log.warning("event job %d attempt %d failed (%s); retrying in %.0f s",
-                            job.id, job.attempts, error, delay)
-            await self._db.write(lambda conn: inbox.retry_job(conn, job.id, error, now + delay))
+                            job.id, job.attempts, error, due - now)
+            await self._db.write(lambda conn: inbox.retry_job(conn, job.id, error, due))
             self._outcomes.inc(outcome="retried")
             return
         log.error("event job %d failed for good after %d attempts: %s", job.id, job.attempts,

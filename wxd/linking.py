@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.coalesce import Coalescer
 from wxd.errors import (
     SessionKeyError,
@@ -21,7 +21,7 @@ from wxd.errors import (
     WeChatAPIError,
     WxdError,
 )
-from wxd.metrics import Counter, Registry
+from wxd.metrics import Registry
 from wxd.store import followers
 from wxd.store.db import Database
 from wxd.store.followers import Identity
@@ -75,7 +75,7 @@ class Linking:
     """
 
     def __init__(self, db: Database, mp_api: SessionAPI | None, oa_api: UserInfoAPI, *,
-                 mp_appid: str | None, clock: Callable[[], float] = time.time,
+                 mp_appid: str | None, clock: Clock = SYSTEM_CLOCK,
                  metrics: Registry | None = None, refresh_in_flight: int = 4) -> None:
         self._db = db
         self._refreshes: Coalescer[str, None] = Coalescer(
@@ -87,25 +87,22 @@ class Linking:
         self._clock = clock
         self._unionid_missing = False
         self._warned_unionid = False
-        self._logins: Counter | None = None
-        self._links: Counter | None = None
-        if metrics is not None:
-            self._logins = metrics.counter(
-                "wxd_mp_logins_total", "Mini Program logins (jscode2session) by result.",
-                ("result",),
-            )
-            self._links = metrics.counter(
-                "wxd_links_total", "MP users newly linked to an OA follower through unionid.",
-            )
-            missing = metrics.gauge(
-                "wxd_unionid_missing",
-                "1 when followers were seen but none carries a unionid (OA not bound).",
-            )
+        registry = metrics if metrics is not None else Registry()
+        self._logins = registry.counter(
+            "wxd_mp_logins_total", "Mini Program logins (jscode2session) by result.",
+            ("result",),
+        )
+        self._links = registry.counter(
+            "wxd_links_total", "MP users newly linked to an OA follower through unionid.",
+        )
+        self._missing = registry.gauge(
+            "wxd_unionid_missing",
+            "1 when followers were seen but none carries a unionid (OA not bound).",
+        )
+        registry.add_collector(self._collect)
 
-            async def collect() -> None:
-                missing.set(1.0 if await self.check_unionid() else 0.0)
-
-            metrics.add_collector(collect)
+    async def _collect(self) -> None:
+        self._missing.set(1.0 if await self.check_unionid() else 0.0)
 
     @property
     def unionid_missing(self) -> bool:
@@ -114,11 +111,10 @@ class Linking:
         return self._unionid_missing
 
     def _count_login(self, result: str) -> None:
-        if self._logins is not None:
-            self._logins.inc(result=result)
+        self._logins.inc(result=result)
 
     def _count_links(self, n: int) -> None:
-        if n and self._links is not None:
+        if n:
             self._links.inc(n)
 
     async def login(self, code: str) -> Identity:
@@ -152,7 +148,7 @@ class Linking:
                                  "/sns/jscode2session", kind="transient")
         unionid = answer.get("unionid")
         unionid = unionid if isinstance(unionid, str) and unionid else None
-        now = self._clock()
+        now = self._clock.now()
 
         def store(conn: sqlite3.Connection) -> tuple[bool, Identity | None]:
             linked = followers.upsert_mp_user(conn, mp_openid, unionid, session_key, now)
@@ -200,7 +196,7 @@ class Linking:
         watermark = data.get("watermark")
         stamp = watermark.get("timestamp") if isinstance(watermark, dict) else None
         watermark_at = float(stamp) if isinstance(stamp, (int, float)) else None
-        now = self._clock()
+        now = self._clock.now()
         linked = await self._db.write(
             lambda conn: followers.set_mp_unionid(conn, mp_openid, unionid, watermark_at, now)
         )
@@ -226,7 +222,7 @@ class Linking:
         await self._refreshes.submit(oa_openid)
 
     async def _refresh_many(self, openids: list[str]) -> list[BaseException | None]:
-        observed_at = self._clock()
+        observed_at = self._clock.now()
         if len(openids) == 1:
             infos = [await self._oa_api.user_info(openids[0])]
             outcomes: list[BaseException | None] = [None]
@@ -240,7 +236,7 @@ class Linking:
                 # One openid WeChat refuses (40003, 50005) fails the whole batchget: ask each
                 # alone, so that only that follower's job sees the error.
                 infos, outcomes = await self._one_by_one(openids)
-        now = self._clock()
+        now = self._clock.now()
         newly = await self._db.write(
             lambda conn: followers.apply_user_infos(conn, infos, observed_at, now))
         self._count_links(len(newly))

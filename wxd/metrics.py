@@ -131,13 +131,20 @@ class Registry:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[Collector] = []
 
-    def _get(self, cls: type[_Metric], name: str, *args: object, **kwargs: object) -> _Metric:
+    def _get(self, cls: type[_Metric], name: str, help_text: str, labels: tuple[str, ...],
+             **kwargs: object) -> _Metric:
+        """The metric `name`, created on first use. Modules that share a series declare it
+        alike: another kind, other labels or another help text (empty = only looking it up)
+        is a ValueError."""
         metric = self._metrics.get(name)
         if metric is None:
-            metric = cls(name, *args, **kwargs)  # type: ignore[arg-type]
+            metric = cls(name, help_text, labels, **kwargs)
             self._metrics[name] = metric
         elif type(metric) is not cls:
             raise ValueError(f"metric {name} already registered as {metric.kind}")
+        elif metric.label_names != labels or (help_text and help_text != metric.help):
+            raise ValueError(f"metric {name} already registered with labels "
+                             f"{metric.label_names} and help {metric.help!r}")
         return metric
 
     def counter(self, name: str, help_text: str, labels: Iterable[str] = ()) -> Counter:

@@ -1,6 +1,6 @@
 """PushWorkers: a dispatcher that leases due pushes and N sender coroutines that POST them.
 
-Imports base modules, pacing and wxd.store (pushes, db) only; never pushes.py or
+Imports base modules, pacing, retry and wxd.store (pushes, db) only; never pushes.py or
 tornado.web (the upstream API and the template-cache hook arrive as constructor arguments).
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import functools
 import logging
 import random
 import sqlite3
@@ -16,18 +15,25 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from wxd import pacing
-from wxd.errors import WeChatAPIError, WxdError
+from wxd.clock import SYSTEM_CLOCK, Clock
+from wxd.errors import WeChatAPIError
 from wxd.metrics import Registry
+from wxd.pacing import IDLE_MAX_S, LEASE_S, RateLimiter
+from wxd.retry import (
+    BEIJING,
+    Backoff,
+    Fail,
+    Pause,
+    Policy,
+    anticipated,
+    decide,
+    errcode_of,
+)
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
 
 log = logging.getLogger(__name__)
 
-BEIJING = datetime.timezone(datetime.timedelta(hours=8), "Asia/Shanghai")  # for log lines
-LEASE_S = 120.0          # informational leased_until; recovery at start is what frees leases
-IDLE_MAX_S = 2.0         # longest idle wait between looks at the queue (doorbell or due time)
-FLUSH_DELAY_S = 0.05     # outcomes wait this long to share a commit (nobody waits for them)
 REPORT_KEEP_S = 7 * 86400.0  # unmatched delivery reports older than this are dropped at start
 _STOP = object()
 
@@ -39,32 +45,29 @@ class SendAPI(Protocol):
     async def send_template(self, body: Mapping[str, Any]) -> str: ...
 
 
-def next_resume(now: float, time_of_day_s: float) -> float:
-    """The next Beijing (UTC+8) time of day `time_of_day_s` strictly after `now` (unix s).
-    WeChat's daily quotas are assumed to reset at midnight Beijing time (unconfirmed;
-    https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html)."""
-    return pacing.next_beijing_midnight(now - time_of_day_s) + time_of_day_s
-
-
 class PushWorkers:
     """Drains the push queue through template/send with the push's id as client_msg_id.
 
     One dispatcher task leases due pushes in chunks (the lease IS the attempt record: status
     sending, attempts + 1, committed before any POST), keeping up to 3 × `workers` leased
-    ahead, and `workers` sender tasks POST them; outcomes are committed in the background,
-    many per write (with the next lease when busy). push_store.Outcomes: errcode 0 → sent (a delivery
-    report that came first is applied at once); transient (-1, 45011, 43117, HTTP errors, timeouts, resets, a
-    token error that survived the client's one refresh-and-retry) → queued again after
-    backoff_base_s·2^(n-1) with jitter, capped at backoff_max_s, failed after max_attempts;
-    45009 → back to queued without using the attempt and ALL sending paused until the next
-    quota_resume_s (after Beijing midnight), persisted in meta; anything else → failed at once (40037 also
-    calls `on_template_invalid`). `rate_per_s` caps sends per second (0 = unlimited).
+    ahead, and `workers` sender tasks POST them; each sender records its outcome with
+    db.write_many(push_store.apply_outcomes, ...), so the outcomes waiting at a commit share
+    one statement batch. Outcomes, classified by wxd.retry.decide: errcode 0 → sent (a
+    delivery report that came first is applied at once); transient (-1, 45011, 43117, HTTP
+    errors, timeouts, resets, a token error that survived the client's one refresh-and-retry,
+    unexpected errors) → queued again after backoff_base_s·2^(n-1) (-50 % jitter, at most
+    backoff_max_s; 45011 not before the next minute, and every sender holds until then),
+    failed after max_attempts; 45009 → back to queued without using the attempt and ALL
+    sending paused until the next quota_resume_s after Beijing midnight, persisted in meta (a spent
+    token budget likewise, until the next UTC midnight); anything else → failed at once
+    (40037 also calls `on_template_invalid`). `rate_per_s` caps sends per second
+    (0 = unlimited). Time (stored instants, idle waits, the rate limit) comes from `clock`.
     """
 
     def __init__(self, db: Database, oa_api: SendAPI, *, workers: int = 8,
                  rate_per_s: float = 0.0, max_attempts: int = 8, backoff_base_s: float = 2.0,
                  backoff_max_s: float = 600.0, quota_resume_s: float = 300.0,
-                 stale_sending: str = "resend", clock: Callable[[], float] = time.time,
+                 stale_sending: str = "resend", clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
                  drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S) -> None:
@@ -73,17 +76,14 @@ class PushWorkers:
         self._db = db
         self._api = oa_api
         self.workers = max(1, workers)
-        # Real time (not the injected clock): it spaces POSTs, it stores nothing.
-        self._limiter = pacing.RateLimiter(rate_per_s, 1, time.monotonic, asyncio.sleep)
-        self._limited = rate_per_s > 0
-        self._capacity = self.workers if self._limited else 4 * self.workers
-        self._max_attempts = max_attempts
-        self._base_s = backoff_base_s
-        self._max_s = backoff_max_s
-        self._resume_at = quota_resume_s
+        self._limiter = RateLimiter(rate_per_s, 1, clock)
+        self._capacity = self.workers if rate_per_s > 0 else 4 * self.workers
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5,
+                                     rng if rng is not None else random.Random()),
+                             max_attempts=max_attempts,
+                             quota_resume_s=quota_resume_s)
         self._stale_sending = stale_sending
         self._clock = clock
-        self._rng = rng if rng is not None else random.Random()
         self._on_template_invalid = on_template_invalid
         self._drain_s = drain_timeout_s
         self._idle_max_s = idle_max_s
@@ -92,55 +92,55 @@ class PushWorkers:
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, push_store.Leased] = {}
-        self._outcomes: list[push_store.Outcome] = []
-        self._flusher: asyncio.Task[None] | None = None
         self._paused_until: float | None = None
         self._state = "new"
         self.recovered: dict[str, int] = {}
-        self._setup_metrics(metrics)
-
-    def _setup_metrics(self, metrics: Registry | None) -> None:
-        self._metrics = metrics
-        if metrics is None:
-            return
-        self._m_transitions = metrics.counter(
+        registry = metrics if metrics is not None else Registry()
+        self._m_transitions = registry.counter(
             "wxd_pushes_total", "Push status transitions by new status.", ("status",))
-        self._m_send = metrics.histogram(
+        self._m_send = registry.histogram(
             "wxd_push_send_seconds", "template/send latency as seen by the workers.")
-        self._m_depth = metrics.gauge("wxd_push_queue_depth", "Pushes queued (due or waiting).")
-        self._m_oldest = metrics.gauge(
+        self._m_depth = registry.gauge("wxd_push_queue_depth", "Pushes queued (due or waiting).")
+        self._m_oldest = registry.gauge(
             "wxd_push_oldest_queued_seconds", "Age of the oldest queued push (0 when none).")
-        self._m_paused = metrics.gauge(
-            "wxd_push_paused", "1 while sending is paused by WeChat's daily quota (45009).")
-        metrics.add_collector(self._collect)
+        self._m_paused = registry.gauge(
+            "wxd_push_paused",
+            "1 while sending is paused (45009: WeChat's daily quota; or the token budget).")
+        registry.add_collector(self._collect)
 
     async def _collect(self) -> None:
-        if self._state != "running" or self._metrics is None:
+        if self._state != "running":
             return
         depth, oldest = await self._db.read(push_store.queue_depth)
         self._m_depth.set(depth)
-        self._m_oldest.set(max(0.0, self._clock() - oldest) if oldest is not None else 0.0)
+        self._m_oldest.set(max(0.0, self._clock.now() - oldest) if oldest is not None else 0.0)
 
     def _transition(self, status: str, count: int = 1) -> None:
-        if self._metrics is not None and count:
+        if status and count:
             self._m_transitions.inc(count, status=status)
 
     @property
+    def state(self) -> str:
+        """"new" | "running" | "stopping" | "stopped"."""
+        return self._state
+
+    @property
     def paused_until(self) -> float | None:
-        """Unix seconds until which sending is paused by a 45009, or None."""
+        """Unix seconds until which sending is paused (45009 or the token budget), or None."""
         return self._paused_until
 
-    def wake(self) -> None:
+    def ring(self) -> None:
         """The doorbell: new or re-queued pushes are committed; look at the queue now."""
         self._doorbell.set()
 
     # Lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recover pushes left `sending` by a previous run, load the quota pause, start tasks."""
+        """Recover pushes left `sending` by a previous run, load the quota pause, start tasks.
+        Idempotent."""
         if self._state != "new":
             return
-        now = self._clock()
+        now = self._clock.now()
 
         def recover(conn: sqlite3.Connection) -> tuple[dict[str, int], float | None]:
             counts = push_store.recover(conn, now, self._stale_sending)
@@ -169,8 +169,9 @@ class PushWorkers:
             log.error("push task %s died", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
-        """Stop leasing; requeue leased pushes not yet POSTed; let in-flight sends finish within
-        drain_timeout_s, then cancel them (requeued, attempt counted: same client_msg_id)."""
+        """Stop leasing; requeue leased pushes not yet POSTed; let in-flight sends finish (and
+        their outcomes commit) within drain_timeout_s (real time: it bounds the process's exit),
+        then cancel them (requeued, attempt counted: same client_msg_id). Idempotent."""
         if self._state != "running":
             if self._state == "new":
                 self._state = "stopped"
@@ -196,16 +197,15 @@ class PushWorkers:
                         len(self._inflight), self._drain_s)
         cut = list(self._inflight)
         self._inflight.clear()
-        now = self._clock()
+        now = self._clock.now()
 
         def requeue(conn: sqlite3.Connection) -> None:
+            # Only rows still `sending`: an outcome a cancelled sender submitted commits first.
             push_store.release(conn, unsent, now, refund=True)
             push_store.release(conn, cut, now, refund=False)
 
         if unsent or cut:
             await self._db.write(requeue)
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
         self._tasks.clear()
         self._state = "stopped"
 
@@ -222,12 +222,9 @@ class PushWorkers:
                     await self._room.wait()
                     continue
                 self._doorbell.clear()
-                # push_store.Outcomes waiting for the flusher ride along in the same commit.
-                pending, self._outcomes = self._outcomes, []
-                statuses, leased = await self._db.write(functools.partial(
-                    push_store.apply_and_lease, outcomes=pending, now=self._clock(), limit=room,
-                    lease_s=LEASE_S))
-                self._count(statuses)
+                now = self._clock.now()
+                leased = await self._db.write(
+                    lambda conn: push_store.lease(conn, now, room, LEASE_S))  # noqa: B023
                 self._transition("sending", len(leased))
                 for item in leased:
                     self._queue.put_nowait(item)
@@ -237,7 +234,7 @@ class PushWorkers:
                 raise
             except Exception:
                 log.exception("push dispatcher error; retrying shortly")
-                await asyncio.sleep(1.0)
+                await self._clock.sleep(1.0)
 
     def _room_to_lease(self) -> int:
         """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
@@ -255,35 +252,27 @@ class PushWorkers:
         due = await self._db.read(push_store.next_due)
         wait = self._idle_max_s
         if due is not None:
-            wait = min(wait, max(0.0, due - self._clock()))
-        if wait > 0:
-            try:
-                await asyncio.wait_for(self._doorbell.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+            wait = min(wait, max(0.0, due - self._clock.now()))
+        await self._clock.wait(self._doorbell, wait)
 
     async def _wait_while_paused(self) -> bool:
         """True if paused (after waiting a while); clears an expired pause."""
         until = self._paused_until
         if until is None:
             return False
-        now = self._clock()
+        now = self._clock.now()
         if now >= until:
             await self._db.write(lambda conn: push_store.set_paused_until(conn, None))
             self._set_paused(None)
             log.info("quota pause over; push sending resumes")
             return False
         self._doorbell.clear()
-        try:
-            await asyncio.wait_for(self._doorbell.wait(), min(self._idle_max_s, until - now))
-        except asyncio.TimeoutError:
-            pass
+        await self._clock.wait(self._doorbell, min(self._idle_max_s, until - now))
         return True
 
     def _set_paused(self, until: float | None) -> None:
         self._paused_until = until
-        if self._metrics is not None:
-            self._m_paused.set(1.0 if until is not None else 0.0)
+        self._m_paused.set(1.0 if until is not None else 0.0)
 
     # Senders --------------------------------------------------------------------------------
 
@@ -295,95 +284,71 @@ class PushWorkers:
             self._inflight[item.id] = item
             # Cancelled mid-send (stop's bound passed), the item stays in _inflight and stop()
             # requeues it with the attempt counted.
-            write = await self._send(item)
+            outcome = await self._send(item)
+            try:
+                self._transition(await self._db.write_many(push_store.apply_outcomes, outcome))
+            except Exception as exc:  # the push stays `sending`; recovery at start requeues it
+                log.error("recording the outcome of push %s failed: %s", item.id, exc)
             del self._inflight[item.id]
             if not self._room.is_set() and self._room_to_lease():
                 self._room.set()
-            # push_store.Outcomes are committed in the background, many per write, so the next send need
-            # not wait for an fsync; stop() waits for the flusher.
-            self._outcomes.append(write)
-            if self._flusher is None or self._flusher.done():
-                self._flusher = asyncio.create_task(self._flush(), name="wxd-push-outcomes")
-
-    async def _flush(self) -> None:
-        """Record outcomes the dispatcher did not take along with a lease (it takes them when
-        busy), after FLUSH_DELAY_S, many per write."""
-        while self._outcomes:
-            if self._state == "running":
-                await asyncio.sleep(FLUSH_DELAY_S)
-            batch, self._outcomes = self._outcomes, []
-            if not batch:
-                continue
-            try:
-                self._count(await self._db.write(
-                    functools.partial(push_store.apply_outcomes, outcomes=batch)))
-            except Exception as exc:  # the pushes stay `sending`; recovery requeues them
-                log.error("recording %d push outcomes failed: %s", len(batch), exc)
-
-    def _count(self, statuses: list[str]) -> None:
-        for status in statuses:
-            if status:
-                self._transition(status)
 
     async def _send(self, item: push_store.Leased) -> push_store.Outcome:
         """POST one push; return the write fn recording its outcome."""
         if self._paused_until is not None:
-            return lambda conn: push_store.noted(push_store.release(conn, [item.id], self._clock(),
-                                                         refund=True), "queued")
-        if self._limited:
-            await self._limiter.acquire()
+            return lambda conn: push_store.noted(
+                push_store.release(conn, [item.id], self._clock.now(), refund=True), "queued")
+        await self._limiter.acquire()  # the rate limit, and 45011's hold on every sender
         started = time.perf_counter()
         try:
             msgid = await self._api.send_template(item.wechat_body())
-        except WeChatAPIError as exc:
-            return self._failure(item, exc.errcode, exc.errmsg, exc.kind, started)
-        except WxdError as exc:  # TransportError, TokenBudgetError (no token to send with)
-            return self._failure(item, None, str(exc), "transient", started)
         except Exception as exc:
-            log.exception("unexpected error sending push %s", item.id)
-            return self._failure(item, None, f"internal error: {type(exc).__name__}",
-                                 "transient", started)
+            return self._failure(item, exc, started)
         self._observe(started)
-        now = self._clock()
+        now = self._clock.now()
         return lambda conn: push_store.mark_sent(conn, item.id, msgid, now)
 
     def _observe(self, started: float) -> None:
-        if self._metrics is not None:
-            self._m_send.observe(time.perf_counter() - started)
+        self._m_send.observe(time.perf_counter() - started)
 
-    def backoff_s(self, attempts: int, now: float, errcode: int | None = None) -> float:
-        """Delay before the next attempt after `attempts` failed ones: base·2^(attempts-1)
-        jittered to 50–100 %, at most backoff_max_s; after 45011 ("retry next minute") not
-        before the next wall-clock minute."""
-        delay = pacing.backoff_s(max(1, attempts), self._base_s, self._max_s, self._rng)
-        if errcode == 45011:
-            delay = max(delay, pacing.until_next_minute_s(now, self._rng))
-        return delay
-
-    def _failure(self, item: push_store.Leased, errcode: int | None, error: str, kind: str,
+    def _failure(self, item: push_store.Leased, exc: Exception,
                  started: float) -> push_store.Outcome:
         self._observe(started)
-        now = self._clock()
-        if kind == "quota":
-            until = next_resume(now, self._resume_at)
+        now = self._clock.now()
+        errcode = errcode_of(exc)
+        if isinstance(exc, WeChatAPIError):
+            error = exc.errmsg
+        elif anticipated(exc):  # TransportError, TokenBudgetError (no token to send with), ...
+            error = str(exc)
+        else:
+            log.error("unexpected error sending push %s", item.id, exc_info=exc)
+            error = f"internal error: {type(exc).__name__}"
+        decision = decide(exc, item.attempts, now, self.policy)
+        if isinstance(decision, Pause):
+            until = decision.until
             if self._paused_until is None or until > self._paused_until:
-                log.warning("WeChat daily quota reached (45009); push sending paused until %s",
+                cause = ("WeChat daily quota reached (45009)" if decision.reason == "quota"
+                         else "the daily token budget is spent")
+                log.warning("%s; push sending paused until %s", cause,
                             datetime.datetime.fromtimestamp(until, BEIJING).isoformat())
             self._set_paused(until)
 
             def pause(conn: sqlite3.Connection) -> str:
                 push_store.set_paused_until(conn, until)
-                return push_store.noted(push_store.release(conn, [item.id], now, refund=True), "queued")
+                return push_store.noted(push_store.release(conn, [item.id], now, refund=True),
+                                        "queued")
 
             return pause
-        if kind in ("transient", "token") and item.attempts < self._max_attempts:
-            due = now + self.backoff_s(item.attempts, now, errcode)
+        if not isinstance(decision, Fail):
+            if decision.scope == "app":  # 45011: nothing passes before the next minute
+                self._limiter.hold_for(decision.delay_s)
+            due = now + decision.delay_s
             code = "wechat_error" if errcode is not None else "transport_error"
             log.info("push %s attempt %d failed (%s); retrying in %.1f s", item.id,
                      item.attempts, errcode if errcode is not None else error, due - now)
             return lambda conn: push_store.noted(push_store.mark_retry(
                 conn, item.id, now, due, errcode, code, error), "queued")
-        if kind in ("transient", "token"):
+        if decision.reason == "exhausted":
             code = "attempts_exhausted"
         else:
             code = "rejected"

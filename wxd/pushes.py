@@ -10,11 +10,11 @@ import asyncio
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import WxdError
 from wxd.metrics import Registry
 from wxd.store import followers
@@ -67,11 +67,11 @@ class PushService:
     (directly, or through the unionid link), the template must exist with exactly these keys
     (when the template list can be fetched), and the values must obey WeChat's type rules.
     A 202 is answered only after the row is committed (db.write returns after COMMIT).
-    `on_enqueued` (e.g. PushWorkers.wake) is called after new pushes are committed.
+    `on_enqueued` (e.g. PushWorkers.ring) is called after new pushes are committed.
     """
 
     def __init__(self, db: Database, oa_api: TemplateSource, *, mp_appid: str | None,
-                 template_cache_s: float = 3600.0, clock: Callable[[], float] = time.time,
+                 template_cache_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK,
                  metrics: Registry | None = None,
                  on_enqueued: Callable[[], None] | None = None) -> None:
         self._db = db
@@ -86,17 +86,14 @@ class PushService:
         self._last_ok = False
         self._stale = False
         self._lock = asyncio.Lock()
-        self._transitions = (
-            metrics.counter("wxd_pushes_total", "Push status transitions by new status.",
-                            ("status",)) if metrics else None
-        )
-        self._rejected = (
-            metrics.counter("wxd_push_rejected_total", "Push requests refused before queueing.",
-                            ("code",)) if metrics else None
-        )
+        registry = metrics if metrics is not None else Registry()
+        self._transitions = registry.counter(
+            "wxd_pushes_total", "Push status transitions by new status.", ("status",))
+        self._rejected = registry.counter(
+            "wxd_push_rejected_total", "Push requests refused before queueing.", ("code",))
 
     def set_doorbell(self, on_enqueued: Callable[[], None] | None) -> None:
-        """Set the callback rung after new pushes commit (PushWorkers.wake)."""
+        """Set the callback rung after new pushes commit (PushWorkers.ring)."""
         self._on_enqueued = on_enqueued
 
     # Templates ------------------------------------------------------------------------------
@@ -112,7 +109,7 @@ class PushService:
             return await self._refresh_locked()
 
     async def _refresh_locked(self) -> list[dict[str, Any]]:
-        self._last_attempt = self._clock()
+        self._last_attempt = self._clock.now()
         try:
             items = await self._api.templates()
         except WxdError:
@@ -125,7 +122,7 @@ class PushService:
                 title = item.get("title")
                 rows.append((template_id, title if isinstance(title, str) else "", content,
                              placeholders(content)))
-        now = self._clock()
+        now = self._clock.now()
         await self._db.write(lambda conn: _save_templates(conn, rows, now))
         self._templates = {tid: {"title": title, "content": content, "keys": keys}
                            for tid, title, content, keys in rows}
@@ -151,7 +148,7 @@ class PushService:
                 cached, fetched = await self._db.read(_load_templates)
                 self._templates, self._fetched_at = cached, fetched
                 self._last_ok = fetched is not None
-            now = self._clock()
+            now = self._clock.now()
             fresh = (self._fetched_at is not None and not self._stale
                      and now - self._fetched_at < self._cache_s)
             missing = wanted - set(self._templates)
@@ -201,7 +198,7 @@ class PushService:
                 prepared.append(exc)
                 continue
             prepared.append(_Prepared(item, push_store.new_push_id()))
-        now = self._clock()
+        now = self._clock.now()
         if any(isinstance(p, _Prepared) for p in prepared):
             results = await self._db.write(lambda conn: _insert_all(conn, prepared, now))
         else:
@@ -215,9 +212,8 @@ class PushService:
     def _count(self, results: Sequence[Enqueued | PushRejected]) -> None:
         for result in results:
             if isinstance(result, PushRejected):
-                if self._rejected is not None:
-                    self._rejected.inc(code=result.code)
-            elif result.created and self._transitions is not None:
+                self._rejected.inc(code=result.code)
+            elif result.created:
                 self._transitions.inc(status="queued")
 
     # Operator -------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ class PushService:
     async def _operate(self, push_id: str,
                        action: Callable[[sqlite3.Connection, str, float], tuple[str, str | None]],
                        new_status: str) -> tuple[str, dict[str, Any] | None]:
-        now = self._clock()
+        now = self._clock.now()
 
         def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
             outcome, _ = action(conn, push_id, now)
@@ -256,8 +252,7 @@ class PushService:
 
         outcome, push = await self._db.write(run)
         if outcome == "ok":
-            if self._transitions is not None:
-                self._transitions.inc(status=new_status)
+            self._transitions.inc(status=new_status)
             if new_status == "queued" and self._on_enqueued is not None:
                 self._on_enqueued()
         return outcome, push

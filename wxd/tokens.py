@@ -1,7 +1,7 @@
 """TokenManager: one app's access_token, persisted, refreshed ahead with jitter, fetched once.
 
-Imports base modules, wxd.store.db, wxd.wechat.client and tornado.ioloop (for the timer);
-never another service module and never tornado.web.
+Imports base modules, retry, wxd.store.db and wxd.wechat.client; never another service module
+and never tornado.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import datetime
 import logging
 import random
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
-import tornado.ioloop
-
-from wxd.errors import TokenBudgetError, WeChatAPIError, WxdError
-from wxd.metrics import Counter, Gauge, Registry
+from wxd.clock import SYSTEM_CLOCK, Clock
+from wxd.errors import TokenBudgetError, WxdError
+from wxd.metrics import Registry
+from wxd.retry import Backoff, Pause, Policy, Retry, decide
 from wxd.store.db import Database
 from wxd.wechat.client import WeChatClient
 
@@ -32,19 +31,12 @@ MODES = ("stable", "legacy")
 OVERLAP_S = 300.0
 USE_GUARD_S = 60.0  # get() fetches rather than hand out a token this close to its expiry
 JITTER_FRACTION = 0.2  # the refresh point moves earlier by up to this share of the margin
-BACKOFF_BASE_S = 5.0
-BACKOFF_MAX_S = 300.0
-QUOTA_PAUSE_S = 3600.0  # after 45009 on the token endpoint: the quota is spent for the day
 ECHO_WINDOW_S = 60.0  # see invalidate(): a refetch that gave back the rejected token
 
 
 def utc_day(now: float) -> str:
     """The budget day of unix time `now`: its UTC date, "YYYY-MM-DD"."""
     return datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d")
-
-
-def next_utc_midnight(now: float) -> float:
-    return (now // 86400 + 1) * 86400
 
 
 def fetch_counts(conn: sqlite3.Connection, day: str) -> dict[str, int]:
@@ -96,10 +88,12 @@ class TokenManager:
 
     - The token and its expiry live in SQLite (table tokens): start() reuses a stored token
       that is still valid and fetches only when it is missing or stale.
-    - A PeriodicCallback (every check_interval_s) runs refresh_if_due(): it refreshes once
-      needs_refresh(now) holds, i.e. refresh_margin_s (at most half the token's lifetime, minus
-      up to 20 % jitter) before expiry. A failed fetch backs off exponentially (5 s .. 300 s,
-      an hour after 45009, next UTC midnight after the budget) and is logged once.
+    - A task sleeping check_interval_s on the clock between ticks runs refresh_if_due(): it
+      refreshes once needs_refresh(now) holds, i.e. refresh_margin_s (at most half the token's
+      lifetime, minus up to 20 % jitter) before expiry. A failed fetch is classified by
+      wxd.retry.decide and logged once: any error backs off exponentially (backoff_base_s ..
+      backoff_max_s, -20 % jitter; a wrong secret too: an operator fixes it, the timer keeps
+      trying), quota_pause_s after 45009, until the next UTC midnight after the budget.
     - Single flight: every caller that needs a token while a fetch runs awaits that fetch.
     - Fetches are counted per app per UTC day (table token_fetches); past daily_budget a fetch
       raises TokenBudgetError instead of calling WeChat.
@@ -110,8 +104,9 @@ class TokenManager:
     def __init__(self, app: str, appid: str, secret: str, client: WeChatClient, db: Database,
                  *, mode: str = "stable", refresh_margin_s: float = 900.0,
                  check_interval_s: float = 30.0, daily_budget: int = 1500,
-                 clock: Callable[[], float] = time.time, rng: random.Random | None = None,
-                 metrics: Registry | None = None) -> None:
+                 backoff_base_s: float = 5.0, backoff_max_s: float = 300.0,
+                 quota_pause_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK,
+                 rng: random.Random | None = None, metrics: Registry | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"token mode must be one of {MODES}, not {mode!r}")
         self.app = app
@@ -125,43 +120,47 @@ class TokenManager:
         self._budget = daily_budget
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        # Token fetches never give up; a 45009 on the token endpoint waits quota_pause_s.
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.2, self._rng),
+                              quota_pause_s=quota_pause_s, fail_terminal=False)
         self._held: _Held | None = None
         self._inflight: asyncio.Task[str] | None = None
-        self._timer: tornado.ioloop.PeriodicCallback | None = None
+        self._timer: asyncio.Task[None] | None = None
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: WxdError | None = None
         self._echo: tuple[str, float] | None = None
         self._state = "new"
         self.fetches = 0  # upstream fetch attempts by this instance
-        self._fetches: Counter | None = None
-        self._failed_total: Counter | None = None
-        self._expires_in: Gauge | None = None
-        if metrics is not None:
-            self._fetches = metrics.counter(
-                "wxd_token_fetches_total", "Upstream access_token fetches.", ("app",))
-            self._failed_total = metrics.counter(
-                "wxd_token_fetch_failures_total", "Failed upstream access_token fetches.",
-                ("app",))
-            self._expires_in = metrics.gauge(
-                "wxd_token_expires_in_seconds", "Seconds until the held access_token expires.",
-                ("app",))
-            metrics.add_collector(self._collect)
+        registry = metrics if metrics is not None else Registry()
+        self._fetches = registry.counter(
+            "wxd_token_fetches_total", "Upstream access_token fetches.", ("app",))
+        self._failed_total = registry.counter(
+            "wxd_token_fetch_failures_total", "Failed upstream access_token fetches.", ("app",))
+        self._expires_in = registry.gauge(
+            "wxd_token_expires_in_seconds", "Seconds until the held access_token expires.",
+            ("app",))
+        registry.add_collector(self._collect)
 
     def __repr__(self) -> str:
         return f"TokenManager(app={self.app!r}, appid={self.appid!r}, mode={self.mode!r})"
 
     # Lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> str:
+        """"new" | "running" | "stopping" | "stopped"."""
+        return self._state
+
     async def start(self) -> None:
         """Load the stored token, fetch one if it is missing or stale, start the timer.
 
         A failed first fetch is logged and does not fail start(): the timer keeps trying with
-        backoff and get() raises until a token is had.
+        backoff and get() raises until a token is had. Idempotent.
         """
         if self._state != "new":
             return
-        self._state = "starting"
+        self._state = "running"
         row = await self._db.fetchone(
             "SELECT appid, access_token, expires_at, fetched_at FROM tokens WHERE app = ?",
             (self.app,))
@@ -170,32 +169,37 @@ class TokenManager:
             self._held = self._make(str(row["access_token"]), fetched_at,
                                     float(row["expires_at"]) - fetched_at)
         held = self._held
-        if held is None or self._clock() >= held.stale_at:
+        if held is None or self._clock.now() >= held.stale_at:
             try:
                 await self._shared()
             except WxdError:
                 pass  # logged by _failed; the timer retries after the backoff
         else:
             log.info("%s access_token loaded from the database (expires in %.0f s)", self.app,
-                     held.expires_at - self._clock())
-        # PeriodicCallback takes milliseconds; it awaits refresh_if_due, so ticks never overlap.
-        self._timer = tornado.ioloop.PeriodicCallback(
-            self.refresh_if_due, self._interval_s * 1000, jitter=0.1)
-        self._timer.start()
-        self._state = "running"
+                     held.expires_at - self._clock.now())
+        if self._state == "running":  # not stopped meanwhile
+            self._timer = asyncio.create_task(self._tick(), name=f"wxd-token-{self.app}")
+
+    async def _tick(self) -> None:
+        """The timer: refresh_if_due every check_interval_s (ticks never overlap)."""
+        while True:
+            await self._clock.sleep(self._interval_s)
+            await self.refresh_if_due()
 
     async def stop(self) -> None:
-        """Stop the timer and abandon a fetch in flight (its awaiters get CancelledError)."""
-        if self._state == "stopped":
+        """Stop the timer and abandon a fetch in flight (its awaiters get CancelledError).
+        Idempotent."""
+        if self._state in ("stopping", "stopped"):
             return
-        self._state = "stopped"
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
-        task = self._inflight
-        if task is not None and not task.done():
+        self._state = "stopping"
+        tasks = [task for task in (self._timer, self._inflight)
+                 if task is not None and not task.done()]
+        self._timer = None
+        for task in tasks:
             task.cancel()
-            await asyncio.wait({task})
+        if tasks:
+            await asyncio.wait(tasks)
+        self._state = "stopped"
 
     # Handing out ------------------------------------------------------------------------------
 
@@ -206,7 +210,7 @@ class TokenManager:
         backing off after a failure and no unexpired token is held.
         """
         held = self._held
-        now = self._clock()
+        now = self._clock.now()
         if held is not None and now < held.stale_at:
             return held.token
         if self._inflight is None and now < self._retry_at and self._last_error is not None:
@@ -228,7 +232,7 @@ class TokenManager:
             if self._inflight is not None:
                 await self._settle()
             return
-        now = self._clock()
+        now = self._clock.now()
         if self._echo is not None and self._echo[0] == token and now - self._echo[1] < ECHO_WINDOW_S:
             return
         self._held = None  # known bad: nobody else gets it while the new one is fetched
@@ -246,7 +250,7 @@ class TokenManager:
         held = self._held
         if held is None:
             return None
-        now = self._clock()
+        now = self._clock.now()
         expires_at = held.expires_at
         if self.mode == "legacy":
             expires_at = min(expires_at, max(held.refresh_at, now) + OVERLAP_S)
@@ -270,7 +274,7 @@ class TokenManager:
 
     async def refresh_if_due(self) -> bool:
         """One timer tick: refresh if needs_refresh(clock()). True if a fetch succeeded."""
-        if self._inflight is None and not self.needs_refresh(self._clock()):
+        if self._inflight is None and not self.needs_refresh(self._clock.now()):
             return False
         try:
             await self._shared()
@@ -316,21 +320,17 @@ class TokenManager:
         )
 
     async def _fetch(self) -> str:
-        now = self._clock()
+        now = self._clock.now()
         day = utc_day(now)
         try:
             count = await self._db.write(
                 lambda conn: _count_fetch(conn, self.app, day, self._budget))
             self.fetches += 1
-            if self._fetches is not None:
-                self._fetches.inc(app=self.app)
+            self._fetches.inc(app=self.app)
             token, expires_in = await self._client.fetch_token(self.appid, self._secret,
                                                                self.mode)
-        except TokenBudgetError as exc:
-            self._failed(exc, now, next_utc_midnight(now))
-            raise
         except WxdError as exc:
-            self._failed(exc, now, None)
+            self._failed(exc, now)
             raise
         previous = self._held
         held = self._make(token, now, expires_in)
@@ -350,27 +350,22 @@ class TokenManager:
             log.error("%s access_token could not be stored: %s", self.app, exc)
         return token
 
-    def _failed(self, exc: WxdError, now: float, retry_at: float | None) -> None:
+    def _failed(self, exc: WxdError, now: float) -> None:
         self._failures += 1
         self._last_error = exc
-        if self._failed_total is not None:
-            self._failed_total.inc(app=self.app)
-        if retry_at is None:
-            if isinstance(exc, WeChatAPIError) and exc.quota:
-                delay = QUOTA_PAUSE_S
-            else:
-                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (self._failures - 1))
-                delay *= self._rng.uniform(0.8, 1.0)
-            retry_at = now + delay
+        self._failed_total.inc(app=self.app)
+        decision = decide(exc, self._failures, now, self.policy)
+        # The token policy never fails: every error is retried later.
+        retry_at = now + decision.delay_s if isinstance(decision, Retry) else (
+            decision.until if isinstance(decision, Pause) else now)
         self._retry_at = retry_at
         level = logging.WARNING if self._held is not None else logging.ERROR
-        if isinstance(exc, TokenBudgetError) or (isinstance(exc, WeChatAPIError) and exc.quota):
+        if isinstance(decision, Pause):  # quota or budget: nothing works until it passes
             level = logging.ERROR
         log.log(level, "%s access_token fetch failed (%d in a row): %s; next attempt in %.0f s",
                 self.app, self._failures, exc, retry_at - now)
 
     async def _collect(self) -> None:
-        if self._expires_in is not None:
-            current = self.current()
-            self._expires_in.set(max(0.0, current[1] - self._clock()) if current else 0.0,
-                                 app=self.app)
+        current = self.current()
+        self._expires_in.set(max(0.0, current[1] - self._clock.now()) if current else 0.0,
+                             app=self.app)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import tornado.web
 from tornado.routing import URLSpec
 
+from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import DecryptError, MessageError, StorageError
 from wxd.metrics import Registry
 from wxd.store import inbox
@@ -105,7 +105,7 @@ class Webhook:
         *,
         replay_window_s: float = 300.0,
         max_body_bytes: int = 65536,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         metrics: Registry | None = None,
         on_stored: Callable[[], None] | None = None,
         require_encryption: bool = False,
@@ -146,7 +146,7 @@ class Webhook:
         if not _TIMESTAMP_RE.fullmatch(timestamp):
             raise Rejected(403, "bad_timestamp", "timestamp is not a number")
         ts = int(timestamp)
-        if abs(self.clock() - ts) > self.replay_window_s:
+        if abs(self.clock.now() - ts) > self.replay_window_s:
             raise Rejected(403, "stale_timestamp", "timestamp outside the replay window")
         return ts
 
@@ -161,7 +161,7 @@ class Webhook:
                     body: bytes) -> bool:
         """True when this exact request was seen before (WeChat's retry of it)."""
         digest = hashlib.blake2b(body, digest_size=16).digest()
-        seen = self.nonces.check((timestamp, nonce, signature), digest, ts, self.clock())
+        seen = self.nonces.check((timestamp, nonce, signature), digest, ts, self.clock.now())
         if seen is False:
             raise Rejected(403, "replayed_nonce", "nonce reused with a different body")
         return bool(seen)
@@ -212,7 +212,7 @@ class Webhook:
         """
         try:
             stored = await self.db.write_many(inbox.store_prepared,
-                                              inbox.prepare(message, self.clock()))
+                                              inbox.prepare(message, self.clock.now()))
         except StorageError as exc:
             self.requests.inc(result="storage_error")
             raise Rejected(503, "storage_error", f"not stored: {exc}") from None

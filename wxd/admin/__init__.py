@@ -20,8 +20,10 @@ Route = URLSpec
 
 def common_kwargs(admin_token: str, metrics: Registry | None,
                   max_body_bytes: int | None = None) -> dict[str, Any]:
-    """The initialize() kwargs every admin handler takes."""
-    return {"admin_token": admin_token, "metrics": metrics, "max_body_bytes": max_body_bytes}
+    """The initialize() kwargs every admin handler takes (without a Registry, a private one)."""
+    return {"admin_token": admin_token,
+            "metrics": metrics if metrics is not None else Registry(),
+            "max_body_bytes": max_body_bytes}
 
 
 def make_app(common: dict[str, Any], groups: Iterable[list[Route]]) -> tornado.web.Application:

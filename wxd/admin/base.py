@@ -50,7 +50,7 @@ class JsonHandler(tornado.web.RequestHandler):
     auth_required = True
     route_name = "unknown"
 
-    def initialize(self, admin_token: str, metrics: Registry | None = None,
+    def initialize(self, admin_token: str, metrics: Registry,
                    max_body_bytes: int | None = None, **_: Any) -> None:
         self._admin_token = admin_token.encode()
         self._metrics = metrics
@@ -103,11 +103,10 @@ class JsonHandler(tornado.web.RequestHandler):
         self.finish(json.dumps({"error": error}, ensure_ascii=False))
 
     def on_finish(self) -> None:
-        if self._metrics is not None:
-            self._metrics.counter(
-                "wxd_admin_requests_total", "Admin API requests by route and status.",
-                ("route", "status"),
-            ).inc(route=self.route_name, status=str(self.get_status()))
+        self._metrics.counter(
+            "wxd_admin_requests_total", "Admin API requests by route and status.",
+            ("route", "status"),
+        ).inc(route=self.route_name, status=str(self.get_status()))
 
 
 class NotFoundHandler(JsonHandler):

@@ -13,14 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.paused_until"
@@ -393,21 +390,10 @@ Outcome = Callable[[sqlite3.Connection], str]  # records one send's result; retu
 
 
 def apply_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[str]:
-    """Apply send outcomes in the caller's transaction; one failing statement loses only its
-    own outcome (that push stays `sending` until recovery). Returns the new statuses."""
-    statuses = []
-    for outcome in outcomes:
-        try:
-            statuses.append(outcome(conn))
-        except sqlite3.Error as exc:
-            log.error("recording a push outcome failed: %s", exc)
-    return statuses
-
-
-def apply_and_lease(conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float,
-                    limit: int, lease_s: float) -> tuple[list[str], list[Leased]]:
-    """apply_outcomes, then lease, in one transaction (one commit for both)."""
-    return apply_outcomes(conn, outcomes), lease(conn, now, limit, lease_s)
+    """The batch function of db.write_many for send outcomes: apply each in the caller's
+    transaction, return the new statuses in order. A failing one raises: write_many then applies
+    each outcome on its own, so only that push stays `sending` (until recovery)."""
+    return [outcome(conn) for outcome in outcomes]
 
 
 def noted(changed: bool | int, status: str) -> str:

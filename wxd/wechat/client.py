@@ -41,6 +41,8 @@ _SECRET_PARAMS = ("access_token", "secret", "appsecret", "js_code")
 
 TOKEN_PATH = "/cgi-bin/token"  # noqa: S105 - a path, not a password
 STABLE_TOKEN_PATH = "/cgi-bin/stable_token"  # noqa: S105
+# openids per /cgi-bin/user/info/batchget call:
+# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
 BATCHGET_MAX = 100
 
 
@@ -94,18 +96,12 @@ class WeChatClient:
         self._base = api_base.rstrip("/")
         self._connect_timeout_s = connect_timeout_s
         self._request_timeout_s = request_timeout_s
-        self._requests = (
-            metrics.counter("wxd_wechat_requests_total",
-                            "Upstream WeChat API requests by path and outcome "
-                            "(ok, token, transient, quota, terminal, transport).",
-                            ("path", "outcome"))
-            if metrics else None
-        )
-        self._seconds = (
-            metrics.histogram("wxd_wechat_request_seconds", "Upstream WeChat API latency.",
-                              ("path",))
-            if metrics else None
-        )
+        registry = metrics if metrics is not None else Registry()
+        self._requests = registry.counter(
+            "wxd_wechat_requests_total", "Upstream WeChat API requests by path and outcome "
+            "(ok, token, transient, quota, terminal, transport).", ("path", "outcome"))
+        self._seconds = registry.histogram(
+            "wxd_wechat_request_seconds", "Upstream WeChat API latency.", ("path",))
 
     async def call(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                    body: Mapping[str, Any] | None = None, token: TokenSource | None = None,
@@ -195,12 +191,10 @@ class WeChatClient:
                               status)
 
     def _count(self, path: str, outcome: str) -> None:
-        if self._requests is not None:
-            self._requests.inc(path=path, outcome=outcome)
+        self._requests.inc(path=path, outcome=outcome)
 
     def _observe(self, path: str, started: float) -> None:
-        if self._seconds is not None:
-            self._seconds.observe(time.perf_counter() - started, path=path)
+        self._seconds.observe(time.perf_counter() - started, path=path)
 
     async def fetch_token(self, appid: str, secret: str, mode: str, force: bool = False
                           ) -> tuple[str, float]:

@@ -62,17 +62,16 @@ class Response:
 @dataclass
 class PoolStats:
     """Connections opened, requests on a reused connection, requests sent again after a stale
-    connection (also in /metrics when a Registry is given)."""
+    connection; `counter` (labelled by event) is what /metrics shows of them."""
 
+    counter: Counter = field(repr=False)
     opened: int = 0
     reused: int = 0
     retried_stale: int = 0
-    counter: Counter | None = field(default=None, repr=False)
 
     def count(self, name: str) -> None:
         setattr(self, name, getattr(self, name) + 1)
-        if self.counter is not None:
-            self.counter.inc(event=name)
+        self.counter.inc(event=name)
 
 
 @dataclass
@@ -139,7 +138,8 @@ class KeepAliveClient:
             no_keep_alive=False, max_header_size=MAX_HEADER_BYTES, max_body_size=max_body_bytes,
             decompress=True)
         self._closed = False
-        self.stats = PoolStats(counter=None if metrics is None else metrics.counter(
+        registry = metrics if metrics is not None else Registry()
+        self.stats = PoolStats(counter=registry.counter(
             "wxd_upstream_connections_total",
             "Upstream HTTP connections: opened, reused for a request, and retried_stale "
             "(resent after a reused one closed unanswered).", ("event",)))

@@ -1,0 +1,158 @@
+"""wxd.retry: the one classifier walked with every errcode of the table (and the other errors)
+for each use, with the policies the services really build; Backoff's bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from wxd.backfill import FollowerBackfill
+from wxd.errors import (
+    MessageError,
+    StorageError,
+    TokenBudgetError,
+    TransportError,
+    WeChatAPIError,
+)
+from wxd.events import EventWorkers
+from wxd.push_workers import PushWorkers
+from wxd.retry import (
+    Backoff,
+    Decision,
+    Fail,
+    Pause,
+    Policy,
+    Retry,
+    decide,
+    next_beijing_midnight,
+    next_quota_reset,
+    next_utc_midnight,
+)
+from wxd.tokens import TokenManager
+from wxd.wechat.client import ERROR_KINDS
+
+NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC = 06:13:20 Beijing; 40 s to the next minute
+UNKNOWN_CODES = (40003, 40037, 43004, 47003, 48001, 99999)
+USES = ("pushes", "events", "backfill", "tokens")
+
+
+def policies() -> dict[str, Policy]:
+    """The policies as the services build them from their (default) settings."""
+    none: Any = None
+    return {
+        "pushes": PushWorkers(none, none, max_attempts=8).policy,
+        "events": EventWorkers(none, none, max_attempts=10).policy,
+        "backfill": FollowerBackfill(none, none, max_attempts=8).policy,
+        "tokens": TokenManager("oa", "wx0123456789abcdef", "s", none, none).policy,
+    }
+
+
+def expected(use: str, exc: BaseException) -> str:
+    """The decision each use must make, by name: retry, retry-minute (45011), retry-user
+    (43117), retry-unexpected, pause-reset (Beijing reset time), pause-hour, pause-utc, fail."""
+    if isinstance(exc, TokenBudgetError):
+        return "pause-utc"
+    terminal = "retry" if use == "tokens" else "fail"
+    if isinstance(exc, WeChatAPIError):
+        kind = ERROR_KINDS.get(exc.errcode, "terminal")
+        if kind == "quota":
+            return {"pushes": "pause-reset", "backfill": "pause-reset", "events": "retry",
+                    "tokens": "pause-hour"}[use]
+        if kind == "terminal":
+            return terminal
+        return {45011: "retry-minute", 43117: "retry-user"}.get(exc.errcode, "retry")
+    if isinstance(exc, MessageError):
+        return terminal
+    if isinstance(exc, (TransportError, StorageError, asyncio.TimeoutError)):
+        return "retry"
+    return "retry-unexpected"
+
+
+def named(use: str, decision: Decision) -> str:
+    if isinstance(decision, Fail):
+        assert decision.reason == "terminal"
+        return "fail"
+    if isinstance(decision, Pause):
+        if decision.reason == "token_budget":
+            assert decision.until == next_utc_midnight(NOW)
+            return "pause-utc"
+        assert decision.reason == "quota"
+        if decision.until == NOW + 3600:
+            return "pause-hour"
+        resume = {"pushes": 5 * 60.0, "backfill": 60.0}[use]
+        assert decision.until == next_quota_reset(NOW, resume)
+        assert 0 < decision.until - next_beijing_midnight(NOW) == resume
+        return "pause-reset"
+    assert decision.delay_s > 0
+    if decision.scope == "app":
+        assert 40.0 <= decision.delay_s <= 41.0  # not before the next wall-clock minute
+        return "retry-minute"
+    if decision.scope == "user":
+        return "retry-user"
+    return "retry-unexpected" if decision.unexpected else "retry"
+
+
+ERRORS: list[BaseException] = [
+    *(WeChatAPIError(code, "errmsg", "/cgi-bin/x", ERROR_KINDS[code]) for code in ERROR_KINDS),
+    *(WeChatAPIError(code, "errmsg", "/cgi-bin/x") for code in UNKNOWN_CODES),
+    TransportError("POST /cgi-bin/x: HTTP 502", "/cgi-bin/x", 502),
+    StorageError("commit failed: disk I/O error"),
+    TokenBudgetError("oa: the daily budget of 1500 upstream token fetches is spent"),
+    asyncio.TimeoutError(),
+    MessageError("malformed XML"),
+    KeyError("msgid"),
+]
+
+
+@pytest.mark.parametrize("use", USES)
+@pytest.mark.parametrize("exc", ERRORS, ids=repr)
+def test_every_error_for_every_use(use: str, exc: BaseException) -> None:
+    policy = policies()[use]
+    assert named(use, decide(exc, 1, NOW, policy)) == expected(use, exc)
+
+
+@pytest.mark.parametrize("use", USES)
+def test_retries_end_after_max_attempts_pauses_do_not(use: str) -> None:
+    policy = policies()[use]
+    last = {"pushes": 8, "events": 10, "backfill": 8, "tokens": 10_000}[use]
+    for exc in ERRORS:
+        first = decide(exc, 1, NOW, policy)
+        before, at_max = decide(exc, last - 1, NOW, policy), decide(exc, last, NOW, policy)
+        if isinstance(first, Retry):
+            assert isinstance(before, Retry)
+            # The token manager never gives up; the others fail once the tries are spent.
+            assert at_max == Fail("exhausted") if use != "tokens" else isinstance(at_max, Retry)
+        else:
+            assert type(at_max) is type(first)
+
+
+def test_every_errcode_class_is_known() -> None:
+    assert set(ERROR_KINDS.values()) == {"token", "transient", "quota"}
+
+
+def test_backoff_bounds_and_determinism() -> None:
+    backoff = Backoff(2.0, 100.0, 0.5, random.Random(1))
+    for attempt in range(1, 40):
+        full = min(100.0, 2.0 * 2 ** (attempt - 1))
+        assert full * 0.5 <= backoff.delay(attempt) <= full
+    assert backoff.delay(0) <= 2.0  # attempt numbers start at 1
+    assert Backoff(5.0, 300.0, 0.0).delay(1) == 5.0  # no jitter: the nominal delay
+    assert Backoff(5.0, 300.0, 0.0).delay(100) == 300.0  # the cap
+    draws = [Backoff(5.0, 300.0, 0.2, random.Random(7)).delay(n) for n in range(1, 9)]
+    assert draws == [Backoff(5.0, 300.0, 0.2, random.Random(7)).delay(n) for n in range(1, 9)]
+    spread = [Backoff(10.0, 10.0, 0.2, random.Random(n)).delay(1) for n in range(200)]
+    assert 8.0 <= min(spread) < 8.2 and 9.8 < max(spread) <= 10.0  # the whole [0.8, 1] range
+    with pytest.raises(ValueError):
+        Backoff(1.0, 2.0, 1.5)
+
+
+def test_the_calendar() -> None:
+    # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Beijing.
+    assert next_beijing_midnight(NOW) == 1_700_064_000
+    assert next_quota_reset(NOW, 6 * 3600 + 30 * 60) - NOW == pytest.approx(16 * 60 + 40)
+    assert next_quota_reset(1_700_064_300, 300) == 1_700_064_300 + 86400  # strictly after
+    assert next_utc_midnight(NOW) == 1_700_006_400
+    assert next_utc_midnight(1_700_006_400) == 1_700_006_400 + 86400

@@ -1,0 +1,180 @@
+"""What to do after a failed call: one classifier (`decide`), one backoff, WeChat's quota calendar.
+
+Every retrying service (push sends, event jobs, the follower backfill, token fetches) hands its
+exception to `decide(exc, attempts, now, policy)` and acts on the Decision; only the Policy
+(backoff, attempts, how a daily quota is waited out) differs between them. The errcode classes
+come from the one table in wxd.wechat.client (ERROR_KINDS); the special rules live here, once:
+
+- 45009 (daily quota): Pause until the daily reset (or for a fixed time, or back off: policy);
+  the local token budget (TokenBudgetError): Pause until the next UTC midnight.
+- 45011 ("api minute-quota reach limit, must slower retry next minute"): Retry not before the
+  next wall-clock minute, app-wide (every caller of the app should hold until then).
+- 43117 (sending to this openid too frequently): Retry with backoff for this user only.
+- -1, HTTP/network failures (TransportError), storage errors (StorageError, sqlite3.Error),
+  timeouts and a token error that survived WeChatClient's one refresh-and-retry: Retry with
+  backoff until policy.max_attempts, then Fail("exhausted").
+- Any other errcode, bad input (WebhookError, MiniProgramError, ConfigError): Fail("terminal"),
+  unless the policy retries everything (the token manager never gives up).
+- Anything else (a programming error): Retry with backoff, marked unexpected (log it loudly).
+
+The token class's own reaction (invalidate the token, refresh, retry once) stays inside
+WeChatClient.call, which reads the same table; it cannot import this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import math
+import random
+import sqlite3
+from dataclasses import dataclass, field
+
+from wxd.errors import (
+    ConfigError,
+    MiniProgramError,
+    StorageError,
+    TokenBudgetError,
+    TransportError,
+    WebhookError,
+    WeChatAPIError,
+    WxdError,
+)
+from wxd.wechat.client import classify
+
+DAY_S = 86400.0
+BEIJING_UTC_OFFSET_S = 8 * 3600.0
+BEIJING = datetime.timezone(datetime.timedelta(hours=8), "Asia/Shanghai")  # for log lines
+
+
+# The calendar ------------------------------------------------------------------------------
+
+def next_beijing_midnight(now: float) -> float:
+    """The next 00:00 Asia/Shanghai (UTC+8, no DST) strictly after `now`, unix seconds.
+
+    WeChat's daily quotas (45009) are assumed to reset then (unconfirmed):
+    https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html
+    """
+    offset = BEIJING_UTC_OFFSET_S
+    return (math.floor((now + offset) / DAY_S) + 1) * DAY_S - offset
+
+
+def next_quota_reset(now: float, resume_s: float) -> float:
+    """The next Beijing time of day `resume_s` (seconds after midnight) strictly after `now`:
+    when work paused by a 45009 resumes (midnight plus a margin)."""
+    return next_beijing_midnight(now - resume_s) + resume_s
+
+
+def next_utc_midnight(now: float) -> float:
+    """The next 00:00 UTC strictly after `now`: when the local token budget day turns."""
+    return (now // DAY_S + 1) * DAY_S
+
+
+def until_next_minute_s(now: float, rng: random.Random) -> float:
+    """Seconds until the next wall-clock minute plus up to 1 s of jitter (45011)."""
+    return 60.0 - now % 60.0 + rng.uniform(0.0, 1.0)
+
+
+# Backoff -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: retry number `attempt` (1, 2, ...) waits min(base·2^(attempt-1), cap)
+    scaled by a uniform draw in [1 - jitter, 1]: never longer than the cap, at most `jitter`
+    (a fraction, 0..1) shorter. `rng` draws the jitter only, never secrets."""
+
+    base_s: float
+    cap_s: float
+    jitter: float = 0.5
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be within 0..1")
+
+    def delay(self, attempt: int) -> float:
+        full = min(self.base_s * 2.0 ** min(max(attempt, 1) - 1, 62), self.cap_s)
+        return float(full * self.rng.uniform(1.0 - self.jitter, 1.0))
+
+
+# Decisions ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again after `delay_s`. `scope`: "call" (this call only), "user" (this recipient is
+    throttled, 43117) or "app" (nothing of this app passes before then, 45011). `unexpected`:
+    not a failure wxd anticipates (a programming error): log it with its traceback."""
+
+    delay_s: float
+    scope: str = "call"
+    unexpected: bool = False
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Stop this kind of work until `until` (unix s); the attempt does not count against it.
+    `reason`: "quota" (45009) or "token_budget" (the local daily budget of token fetches)."""
+
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Give up. `reason`: "terminal" (retrying changes nothing) or "exhausted" (max attempts)."""
+
+    reason: str
+
+
+Decision = Retry | Pause | Fail
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one use retries. `max_attempts` counts every try (0 = never give up); a 45009 pauses
+    until the next Beijing `quota_resume_s` (seconds after midnight), else for `quota_pause_s`,
+    else is backed off like a transient error; `fail_terminal` False retries even errors that
+    retrying cannot fix (with backoff: an operator may fix the cause)."""
+
+    backoff: Backoff
+    max_attempts: int = 0
+    quota_resume_s: float | None = None
+    quota_pause_s: float | None = None
+    fail_terminal: bool = True
+
+
+def errcode_of(exc: BaseException) -> int | None:
+    return exc.errcode if isinstance(exc, WeChatAPIError) else None
+
+
+def decide(exc: BaseException, attempts: int, now: float, policy: Policy) -> Decision:
+    """The one classifier: what to do after `exc` ended try number `attempts` (1, 2, ...) at
+    unix time `now`. Pure apart from the backoff's jitter draw."""
+    errcode = errcode_of(exc)
+    if isinstance(exc, TokenBudgetError):
+        return Pause(next_utc_midnight(now), "token_budget")
+    if errcode is not None:
+        kind = classify(errcode)
+        if kind == "quota" and policy.quota_resume_s is not None:
+            return Pause(next_quota_reset(now, policy.quota_resume_s), "quota")
+        if kind == "quota" and policy.quota_pause_s is not None:
+            return Pause(now + policy.quota_pause_s, "quota")
+        if kind == "terminal" and policy.fail_terminal:
+            return Fail("terminal")
+    elif isinstance(exc, (WebhookError, MiniProgramError, ConfigError)) and policy.fail_terminal:
+        return Fail("terminal")
+    if policy.max_attempts and attempts >= policy.max_attempts:
+        return Fail("exhausted")
+    delay = policy.backoff.delay(attempts)
+    if errcode == 45011:
+        return Retry(max(delay, until_next_minute_s(now, policy.backoff.rng)), "app")
+    if errcode == 43117:
+        return Retry(delay, "user")
+    return Retry(delay, unexpected=not anticipated(exc))
+
+
+def anticipated(exc: BaseException) -> bool:
+    """A failure wxd expects now and then (any WxdError, a storage error, a timeout), as
+    opposed to a programming error, which deserves its traceback in the log."""
+    return isinstance(exc, (WxdError, TransportError, StorageError, sqlite3.Error,
+                            asyncio.TimeoutError))
