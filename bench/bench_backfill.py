@@ -67,7 +67,8 @@ async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float)
         await backfill.begin()
         status = await backfill.join()
         wall = time.perf_counter() - started
-        row = await db.fetchone("SELECT COUNT(*), COUNT(unionid) FROM followers")
+        row = await db.read(lambda conn: conn.execute(
+            "SELECT COUNT(*), COUNT(unionid) FROM followers").fetchone())
         assert row is not None
     finally:
         await token.stop()

@@ -37,7 +37,7 @@ from wxd.metrics import Registry
 from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService
 from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, Person, SandboxThread
-from wxd.store import followers
+from wxd.store import ingest
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
 from wxd.wechat.client import OfficialAccountAPI, WeChatClient
@@ -172,7 +172,7 @@ class WxdStack:
         self.upstream = KeepAliveClient(self.concurrency)
         self.admin_client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
         now, people = time.time(), self.people
-        await self.db.write(lambda conn: followers.apply_user_infos(conn, [
+        await self.db.write(lambda conn: ingest.apply_user_infos(conn, [
             {"subscribe": 1, "openid": p.oa_openid, "unionid": p.unionid} for p in people
         ], now, now))
         client = WeChatClient(self.upstream, self.sandbox.base_url, 5, 10, self.metrics)

@@ -1,4 +1,4 @@
-"""Micro-benchmark of followers.apply_user_infos, the backfill's storage path.
+"""Micro-benchmark of ingest.apply_user_infos, the backfill's storage path.
 
 `PYTHONPATH=. python -m bench.micro_followers [--rows N] [--batch N] [--mp-users N]
 [--baseline REV|none] [--dir DIR]`
@@ -12,8 +12,10 @@ conflict: a re-sync). Generating the infos is outside the timed region.
 
 Prints wall and CPU seconds (user + system, all threads) per 100,000 rows: the first and last
 100,000 of the first pass (the table grows) and the whole second pass; for the current
-`wxd/followers.py` and, side by side, for the one at git revision `--baseline` (HEAD), each in
-its own fresh database, and whether both left identical tables.
+`wxd/store/ingest.py` and, side by side, for the one at git revision `--baseline` (HEAD), each in
+its own fresh database, and whether both left identical tables. Older revisions kept the
+function in `wxd/store/followers.py` or `wxd/followers.py`; the first of these paths that
+defines it at the revision is used.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib
 import os
 import subprocess
 import sys
@@ -33,7 +36,7 @@ from typing import Any
 
 from wxd.sandbox.population import Credentials, generate_people
 from wxd.sandbox.shapes import user_info
-from wxd.store import followers
+from wxd.store import ingest
 from wxd.store.db import Database
 
 Apply = Callable[..., list[str]]
@@ -105,18 +108,47 @@ def _digest(conn: Any) -> str:
     return hasher.hexdigest()[:16]
 
 
+# Where apply_user_infos lived, newest first: the module that defines it at a revision is used.
+BASELINE_PATHS = ("wxd/store/ingest.py", "wxd/store/followers.py", "wxd/followers.py")
+# wxd modules a baseline may import by the name they had before the store/ package existed.
+MOVED_MODULES = {"wxd.schema": "wxd.store.schema"}
+
+
+def baseline_source(rev: str, root: str) -> tuple[str, str] | None:
+    """(path, source) of the module defining apply_user_infos at git revision `rev`, or None."""
+    for path in BASELINE_PATHS:
+        try:
+            source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True,
+                                    capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        if "def apply_user_infos(" in source:
+            return path, source
+    return None
+
+
 def baseline(rev: str) -> Apply | None:
-    """apply_user_infos of wxd/followers.py at git revision `rev`, or None if git cannot tell."""
+    """apply_user_infos at git revision `rev`, or None if git cannot tell."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:wxd/followers.py"], cwd=root,
-                                check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"no baseline ({exc})", file=sys.stderr)
+    found = baseline_source(rev, root)
+    if found is None:
+        print(f"no baseline (no apply_user_infos in {', '.join(BASELINE_PATHS)} at {rev})",
+              file=sys.stderr)
         return None
-    module = types.ModuleType(f"followers_at_{rev}")
+    path, source = found
+    module = types.ModuleType(f"ingest_at_{rev}")
     sys.modules[module.__name__] = module   # dataclasses resolve annotations through it
-    exec(compile(source, f"{rev}:wxd/followers.py", "exec"), module.__dict__)  # noqa: S102
+    aliased = [old for old in MOVED_MODULES if old not in sys.modules]
+    for old in aliased:
+        sys.modules[old] = importlib.import_module(MOVED_MODULES[old])
+    try:
+        exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102
+    except Exception as exc:  # a revision whose imports this tree no longer has
+        print(f"no baseline ({rev}:{path} does not load here: {exc!r})", file=sys.stderr)
+        return None
+    finally:
+        for old in aliased:
+            del sys.modules[old]
     apply: Apply = module.apply_user_infos
     return apply
 
@@ -135,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     sides: list[tuple[str, Apply]] = []
     if args.baseline != "none" and (old := baseline(args.baseline)) is not None:
         sides.append((args.baseline, old))
-    sides.append(("current", followers.apply_user_infos))
+    sides.append(("current", ingest.apply_user_infos))
     results: dict[str, tuple[list[Pass], str]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         for name, apply in sides:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sqlite3
+from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import config_text
+from tests.helpers import SyncStore, config_text
+from wxd.store.db import migrate
 
 
 @pytest.fixture
@@ -16,6 +19,27 @@ def config_file(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "wxd.conf"
     path.write_text(config_text(str(tmp_path / "wxd.db")))
     return path
+
+
+@pytest.fixture
+def conn(tmp_path: pathlib.Path) -> Iterator[sqlite3.Connection]:
+    """A migrated file database on a plain sqlite3 connection (autocommit, sqlite3.Row rows),
+    for the store functions that run inside Database.write/read."""
+    connection = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    connection.row_factory = sqlite3.Row
+    migrate(connection)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def store(tmp_path: pathlib.Path) -> Iterator[SyncStore]:
+    """A file database (Database.open) driven synchronously: the store contract suites."""
+    s = SyncStore(str(tmp_path / "wxd.db"))
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 # The `sandbox` fixture (a SandboxThread on a free loopback port) for every test module.

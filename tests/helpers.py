@@ -1,4 +1,5 @@
-"""Shared test helpers: a fake clock, config text factory, free ports, daemon subprocess runner."""
+"""Shared test helpers: a fake clock, config text factory, free ports, daemon subprocess runner,
+and ad-hoc database reads (tests inspect tables directly; wxd reads them only through wxd/store/)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ import heapq
 import itertools
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from wxd.store import inbox
+from wxd.store.db import Database
+from wxd.store.identity import Identity, find_identity
+from wxd.wechat.messages import Message
+
+T = TypeVar("T")
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 WEBHOOK_TOKEN = "testtoken"
@@ -198,3 +208,60 @@ def sandbox_config_text(database: str, creds: object, api_base: str, admin_port:
     for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)
     return config_text(database, sections)
+
+
+# Database -------------------------------------------------------------------------------------
+
+
+async def fetchone(db: Database, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+    """The first row of an ad-hoc query, run on the database thread."""
+    row: sqlite3.Row | None = await db.read(lambda conn: conn.execute(sql, params).fetchone())
+    return row
+
+
+async def fetchall(db: Database, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    """Every row of an ad-hoc query, run on the database thread."""
+    rows: list[sqlite3.Row] = await db.read(lambda conn: conn.execute(sql, params).fetchall())
+    return rows
+
+
+def count_rows(conn: sqlite3.Connection, table: str) -> int:
+    return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # noqa: S608
+
+
+def info_entry(openid: str, unionid: str = "", subscribe: int = 1, **extra: Any) -> dict[str, Any]:
+    """A user/info (batchget) entry as WeChat answers it; "" for an absent unionid."""
+    return {"openid": openid, "unionid": unionid, "subscribe": subscribe, **extra}
+
+
+def store_message(conn: sqlite3.Connection, message: Message, now: float) -> bool:
+    """inbox.store_prepared for one message: True if stored, False for a duplicate."""
+    return inbox.store_prepared(conn, [inbox.prepare(message, now)])[0]
+
+
+class SyncStore:
+    """A file database driven synchronously from a test (one event loop per store)."""
+
+    def __init__(self, path: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.db = self.loop.run_until_complete(Database.open(path))
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.loop.run_until_complete(self.db.write(fn))
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.loop.run_until_complete(self.db.read(fn))
+
+    def identity(self, **key: str) -> Identity | None:
+        return self.read(lambda conn: find_identity(conn, **key))
+
+    def row(self, oa_openid: str) -> sqlite3.Row:
+        """The follower row of `oa_openid` (it must exist)."""
+        row = self.loop.run_until_complete(
+            fetchone(self.db, "SELECT * FROM followers WHERE oa_openid = ?", (oa_openid,)))
+        assert row is not None
+        return row
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.db.close())
+        self.loop.close()

@@ -22,6 +22,7 @@ import tornado.httpserver
 import tornado.netutil
 from tornado.testing import AsyncTestCase, gen_test
 
+from tests.helpers import fetchall
 from tests.sandbox_fixture import FakeClock
 from wxd import admin
 from wxd.admin import backfill as backfill_admin
@@ -32,8 +33,9 @@ from wxd.retry import Backoff, next_beijing_midnight, until_next_minute_s
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.sandbox.population import Person
 from wxd.store import backfill as backfill_store
-from wxd.store import followers
+from wxd.store import followers, ingest, mp_users
 from wxd.store.db import Database
+from wxd.store.identity import find_identity
 from wxd.wechat.client import OfficialAccountAPI, WeChatClient
 from wxd.wechat.transport import KeepAliveClient
 
@@ -115,7 +117,7 @@ class BackfillTestCase(AsyncTestCase):
 
     async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         assert self.db is not None
-        return await self.db.fetchall(sql, params)
+        return await fetchall(self.db, sql, params)
 
     async def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return (await self.query(sql, params))[0][0]
@@ -195,7 +197,7 @@ class TestSizes(BackfillTestCase):
 
         def mp_logins(conn: sqlite3.Connection) -> None:
             for person in linked:
-                followers.upsert_mp_user(conn, person.mp_openid, person.unionid, None,
+                mp_users.upsert(conn, person.mp_openid, person.unionid, None,
                                          self.clock())
 
         await self.db.write(mp_logins)
@@ -209,7 +211,7 @@ class TestSizes(BackfillTestCase):
         assert await self.scalar("SELECT COUNT(DISTINCT unionid) FROM followers") == 25_000
         for person in linked:
             identity = await self.db.read(functools.partial(
-                followers.find_identity, unionid=person.unionid))
+                find_identity, unionid=person.unionid))
             assert identity is not None and identity.linked
             assert (identity.mp_openid, identity.oa_openid) == (person.mp_openid,
                                                                 person.oa_openid)
@@ -327,16 +329,16 @@ class TestDeferredIndex(BackfillTestCase):
     def index_at_each_page(self, instance: FollowerBackfill) -> Iterator[list[tuple[bool, bool]]]:
         """(index present, status says deferred) as each page's write stores its followers."""
         seen: list[tuple[bool, bool]] = []
-        real = followers.apply_info_batch
+        real = ingest.apply_info_batch
 
-        def spying(conn: sqlite3.Connection, batch: followers.InfoBatch, *args: Any,
+        def spying(conn: sqlite3.Connection, batch: ingest.InfoBatch, *args: Any,
                    **kwargs: Any) -> list[str]:
             exists = conn.execute("SELECT COUNT(*) FROM sqlite_master"
                                   " WHERE name = 'followers_unionid'").fetchone()[0]
             seen.append((bool(exists), instance.status()["unionid_index_deferred"]))
             return real(conn, batch, *args, **kwargs)
 
-        with mock.patch.object(followers, "apply_info_batch", spying):
+        with mock.patch.object(ingest, "apply_info_batch", spying):
             yield seen
 
     @gen_test(timeout=60)
@@ -352,7 +354,7 @@ class TestDeferredIndex(BackfillTestCase):
         assert await self.index_exists()
         assert "followers_unionid" in await self.lookup_plan()
         person = fake.person(12_345)
-        identity = await self.db.read(functools.partial(followers.find_identity,
+        identity = await self.db.read(functools.partial(find_identity,
                                                         unionid=person.unionid))
         assert identity is not None and identity.oa_openid == person.oa_openid
         await self.assert_all_stored(25_000)
@@ -364,7 +366,7 @@ class TestDeferredIndex(BackfillTestCase):
 
         def only_some_followers(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM followers")
-            followers.apply_user_infos(conn, [{"openid": f"known-{i}", "subscribe": 0}
+            ingest.apply_user_infos(conn, [{"openid": f"known-{i}", "subscribe": 0}
                                               for i in range(DEFER_INDEX_MAX_ROWS)], 1.0, 1.0)
 
         # Disabled, into an empty table; then enabled, with exactly the limit already stored.
@@ -394,7 +396,7 @@ class TestDeferredIndex(BackfillTestCase):
         assert status["state"] == "failed" and status["pages_done"] == 1
         assert await self.index_exists() and not status["unionid_index_deferred"]
 
-        await self.db.write(lambda conn: followers.defer_unionid_index(conn, 10**9))
+        await self.db.write(lambda conn: ingest.defer_unionid_index(conn, 10**9))
         assert not await self.index_exists()
         await self.db.close()  # a crash mid-sync leaves it dropped; the next open builds it
         self.db = await Database.open(self.db_path)
@@ -483,10 +485,10 @@ class TestFaults(BackfillTestCase):
         # Page 2's write fails slowly, so pages 3 and 4 are fetched and queued behind it: their
         # writes must fail the cursor check, not count a page whose followers are missing.
         await self.setup_sandbox(35_000)
-        real = followers.apply_info_batch
+        real = ingest.apply_info_batch
         seen: list[int] = []
 
-        def flaky(conn: sqlite3.Connection, batch: followers.InfoBatch, *args: Any,
+        def flaky(conn: sqlite3.Connection, batch: ingest.InfoBatch, *args: Any,
                   **kwargs: Any) -> list[str]:
             seen.append(len(batch))
             if len(seen) == 2:
@@ -495,7 +497,7 @@ class TestFaults(BackfillTestCase):
             return real(conn, batch, *args, **kwargs)
 
         instance = self.backfill(concurrency=4)
-        with mock.patch.object(followers, "apply_info_batch", flaky):
+        with mock.patch.object(ingest, "apply_info_batch", flaky):
             status = await self.run_to_end(instance)
         assert status["state"] == "failed" and "injected" in status["last_error"]
         assert len(seen) >= 3  # a later page was queued behind the failing one

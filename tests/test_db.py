@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
 
+from tests.helpers import fetchall, fetchone
 from wxd.errors import LockedError, StorageError
 from wxd.store import db as dbmod
 from wxd.store.db import Database, backup_file, migrate
@@ -87,11 +88,11 @@ class DatabaseTest(AsyncTestCase):
     async def test_pragmas_and_schema(self) -> None:
         db = await Database.open(self.path)
         try:
-            mode = await db.fetchone("PRAGMA journal_mode")
-            sync = await db.fetchone("PRAGMA synchronous")
+            mode = await fetchone(db, "PRAGMA journal_mode")
+            sync = await fetchone(db, "PRAGMA synchronous")
             assert mode is not None and mode[0] == "wal"
             assert sync is not None and sync[0] == 2  # FULL
-            version = await db.fetchone("PRAGMA user_version")
+            version = await fetchone(db, "PRAGMA user_version")
             assert version is not None and version[0] == len(MIGRATIONS)
         finally:
             await db.close()
@@ -118,7 +119,7 @@ class DatabaseTest(AsyncTestCase):
             before = db.commits
             await asyncio.gather(*(db.write(insert(i)) for i in range(200)))
             assert db.commits - before < 20  # many writes share a commit
-            row = await db.fetchone("SELECT count(*) FROM meta")
+            row = await fetchone(db, "SELECT count(*) FROM meta")
             assert row is not None and row[0] == 200
         finally:
             await db.close()
@@ -161,7 +162,7 @@ class DatabaseTest(AsyncTestCase):
                                            return_exceptions=True)
             assert isinstance(results[1], ValueError)
             assert isinstance(results[2], sqlite3.IntegrityError)  # duplicate of the first
-            keys = [r[0] for r in await db.fetchall("SELECT key FROM meta")]
+            keys = [r[0] for r in await fetchall(db, "SELECT key FROM meta")]
             assert keys == ["good"]
         finally:
             await db.close()
@@ -202,7 +203,7 @@ class DatabaseTest(AsyncTestCase):
             assert results[0] == "a" and results[2] == "b"
             assert isinstance(results[1], KeyError)
             assert isinstance(results[3], sqlite3.IntegrityError)  # a duplicate of "a"
-            keys = sorted(r[0] for r in await db.fetchall("SELECT key FROM meta"))
+            keys = sorted(r[0] for r in await fetchall(db, "SELECT key FROM meta"))
             assert keys == ["a", "b"]
         finally:
             await db.close()

@@ -11,7 +11,7 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
 
-from tests.helpers import FakeClock, FakeTime
+from tests.helpers import FakeClock, FakeTime, fetchall, fetchone, store_message
 from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
@@ -19,9 +19,11 @@ from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S
 from wxd.retry import Fail, Pause, Retry, decide
 from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
-from wxd.store import followers, inbox
+from wxd.store import ingest
+from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
+from wxd.store.identity import find_identity
 from wxd.tokens import TokenManager
 from wxd.webhook import Webhook, make_app
 from wxd.wechat.client import OfficialAccountAPI, WeChatClient
@@ -57,7 +59,7 @@ class FakeRefresher:
         info = {"subscribe": 1, "openid": oa_openid, "unionid": f"u-{oa_openid}",
                 "subscribe_time": int(T0)}
         now = self.clock()
-        await self.db.write(lambda conn: followers.apply_user_infos(conn, [info], now, now))
+        await self.db.write(lambda conn: ingest.apply_user_infos(conn, [info], now, now))
 
 
 class EventsCase(FakeTime, AsyncTestCase):
@@ -81,15 +83,15 @@ class EventsCase(FakeTime, AsyncTestCase):
         self.tmp.cleanup()
 
     async def follower(self, openid: str) -> dict[str, Any] | None:
-        row = await self.db.fetchone("SELECT * FROM followers WHERE oa_openid = ?", (openid,))
+        row = await fetchone(self.db, "SELECT * FROM followers WHERE oa_openid = ?", (openid,))
         return dict(row) if row is not None else None
 
     async def store(self, msg: Message) -> bool:
-        stored: bool = await self.db.write(lambda conn: inbox.store_message(conn, msg, self.now))
+        stored: bool = await self.db.write(lambda conn: store_message(conn, msg, self.now))
         return stored
 
     async def jobs(self) -> dict[str, int]:
-        counts: dict[str, int] = await self.db.read(inbox.job_counts)
+        counts: dict[str, int] = await self.db.read(job_store.counts)
         return counts
 
 
@@ -148,7 +150,7 @@ class RouterTest(EventsCase):
         report = event("oA", "TEMPLATESENDJOBFINISH", MsgID="3487542469355618313",
                        Status="failed: system failed")
         assert await self.router.handle(report) == "delivery_stored"
-        row = await self.db.fetchone("SELECT msgid, status, oa_openid FROM delivery_reports")
+        row = await fetchone(self.db, "SELECT msgid, status, oa_openid FROM delivery_reports")
         assert row is not None
         assert tuple(row) == ("3487542469355618313", "failed: system failed", "oA")
 
@@ -195,27 +197,27 @@ class WorkersTest(EventsCase):
                                  WeChatAPIError(-1, "system error", "/cgi-bin/user/info",
                                                 kind="transient")]
         assert await self.workers.run_once() == 1
-        row = await self.db.fetchone("SELECT state, attempts, not_before, last_error FROM jobs")
+        row = await fetchone(self.db, "SELECT state, attempts, not_before, last_error FROM jobs")
         assert row is not None and row["state"] == "queued" and row["attempts"] == 1
         assert T0 + 1.5 <= row["not_before"] <= T0 + 2.5
         assert "TransportError" in row["last_error"]
         assert await self.workers.run_once() == 0  # not due yet
         self.now = row["not_before"]
         assert await self.workers.run_once() == 1
-        row = await self.db.fetchone("SELECT state, attempts, not_before FROM jobs")
+        row = await fetchone(self.db, "SELECT state, attempts, not_before FROM jobs")
         assert row is not None and (row["state"], row["attempts"]) == ("queued", 2)
         self.now = row["not_before"]
         assert await self.workers.run_once() == 1
         assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
-        row = await self.follower("oA")
-        assert row is not None and row["unionid"] == "u-oA"
+        follower = await self.follower("oA")
+        assert follower is not None and follower["unionid"] == "u-oA"
         # Exhausting max_attempts (3) fails the job with the last error kept.
         await self.store(event("oB", "subscribe"))
         self.refresher.errors = [TransportError("reset", "/x") for _ in range(3)]
         for _ in range(3):
             self.now += 10_000
             assert await self.workers.run_once() == 1
-        row = await self.db.fetchone("SELECT state, last_error FROM jobs WHERE state = 'failed'")
+        row = await fetchone(self.db, "SELECT state, last_error FROM jobs WHERE state = 'failed'")
         assert row is not None and "reset" in row["last_error"]
         counter = self.metrics.counter("wxd_events_jobs_total", "", ("outcome",))
         assert (counter.get(outcome="retried"), counter.get(outcome="failed")) == (4, 1)
@@ -357,7 +359,7 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
 
     async def settled(self) -> dict[str, int]:
         for _ in range(300):
-            counts = await self.db.read(inbox.job_counts)
+            counts = await self.db.read(job_store.counts)
             if counts["queued"] == counts["leased"] == 0:
                 return counts
             await asyncio.sleep(0.01)
@@ -375,7 +377,7 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
             assert (delivery.status, delivery.body) == (200, b"success")
         assert await self.settled() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
         identity = await self.db.read(
-            lambda conn: followers.find_identity(conn, oa_openid=person.oa_openid))
+            lambda conn: find_identity(conn, oa_openid=person.oa_openid))
         assert identity is not None
         assert (identity.unionid, identity.subscribed, identity.qr_scene_str) == \
             (person.unionid, True, "bind_ab12")
@@ -413,11 +415,11 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
                 ).body == b"success"
         assert await self.settled() == {"queued": 0, "leased": 0, "done": 3, "failed": 0}
         identity = await self.db.read(
-            lambda conn: followers.find_identity(conn, oa_openid=person.oa_openid))
+            lambda conn: find_identity(conn, oa_openid=person.oa_openid))
         assert identity is not None
         assert (identity.subscribed, identity.unsubscribed_at, identity.unionid) == \
             (False, T0 + 60, person.unionid)
-        report = await self.db.fetchone("SELECT status FROM delivery_reports WHERE msgid = '99'")
+        report = await fetchone(self.db, "SELECT status FROM delivery_reports WHERE msgid = '99'")
         assert report is not None and report[0] == "failed:user block"
 
 
@@ -430,7 +432,7 @@ class PruneTest(EventsCase):
         self.now = T0 + 31 * 86400
         await self.store(event("oNew", "subscribe"))
         assert await self.workers.prune_if_due() == (1, 1)  # the old done job and its row
-        rows = await self.db.fetchall("SELECT from_user FROM inbox ORDER BY id")
+        rows = await fetchall(self.db, "SELECT from_user FROM inbox ORDER BY id")
         assert [r[0] for r in rows] == ["oPending", "oNew"]
         self.now += 60
         assert await self.workers.prune_if_due() == (0, 0)  # not due again within the hour

@@ -21,15 +21,16 @@ from Crypto.Cipher import AES
 from Crypto.Util.Padding import pad
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN, FakeClock, FakeTime
+from tests.helpers import ADMIN_TOKEN, FakeClock, FakeTime, fetchone
 from wxd.admin import common_kwargs, make_app
 from wxd.admin.users import routes
 from wxd.errors import WeChatAPIError
 from wxd.linking import Linking, LinkingError
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
-from wxd.store import followers
+from wxd.store import followers, ingest, mp_users
 from wxd.store.db import Database
+from wxd.store.identity import Identity, find_identity
 from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
 from wxd.wechat.transport import KeepAliveClient
 
@@ -197,9 +198,9 @@ class LinkingCase(FakeTime, AsyncHTTPTestCase):
         now = self.now
         await self.db.write(lambda c: followers.record_unsubscribe(c, person.oa_openid, now, now))
 
-    async def stored(self, oa_openid: str) -> followers.Identity | None:
+    async def stored(self, oa_openid: str) -> Identity | None:
         return await self.db.read(
-            lambda conn: followers.find_identity(conn, oa_openid=oa_openid))
+            lambda conn: find_identity(conn, oa_openid=oa_openid))
 
     def follower(self) -> Person:
         return next(p for p in self.fake.people if p.follows and p.unionid
@@ -253,7 +254,7 @@ class OrdersTest(LinkingCase):
             WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0), self.tokens)
         infos = await oa_api.batchget([p.oa_openid for p in self.fake.people if p.follows][:100])
         now = self.now
-        newly = await self.db.write(lambda c: followers.apply_user_infos(c, infos, now, now, run=1))
+        newly = await self.db.write(lambda c: ingest.apply_user_infos(c, infos, now, now, run=1))
         self.assertEqual(newly, [])
         before = await self.user(oa_openid=person.oa_openid)
         self.assertEqual((before["unionid"], before["mp_openid"]), (person.unionid, None))
@@ -290,7 +291,7 @@ class OrdersTest(LinkingCase):
         ident = await self.user(mp_openid=person.mp_openid)
         self.assertEqual((ident["unionid"], ident["oa_openid"], ident["linked_at"]),
                          (unionid, person.oa_openid, START + 10))
-        row = await self.db.fetchone("SELECT watermark_at FROM mp_users WHERE mp_openid = ?",
+        row = await fetchone(self.db, "SELECT watermark_at FROM mp_users WHERE mp_openid = ?",
                                      (person.mp_openid,))
         assert row is not None
         self.assertEqual(row["watermark_at"], 1_700_000_123)
@@ -354,7 +355,7 @@ class OrdersTest(LinkingCase):
 
 class DecryptTest(LinkingCase):
     async def store_vector_session(self) -> None:
-        await self.db.write(lambda c: followers.upsert_mp_user(
+        await self.db.write(lambda c: mp_users.upsert(
             c, VECTOR_OPENID, None, VECTOR_SESSION_KEY, START))
 
     @gen_test
@@ -404,7 +405,7 @@ class DecryptTest(LinkingCase):
                 "mp_openid": VECTOR_OPENID, "encrypted_data": encrypted, "iv": iv})
             self.assertEqual((status, body["error"]["code"]), (409, "session_key_expired"))
         # A session_key that is not the one the data was made with (wx.login ran again).
-        await self.db.write(lambda c: followers.upsert_mp_user(
+        await self.db.write(lambda c: mp_users.upsert(
             c, VECTOR_OPENID, None, base64.b64encode(b"k" * 16).decode(), START))
         status, body = await self.call("POST", "/v1/mp/decrypt", {
             "mp_openid": VECTOR_OPENID, "encrypted_data": VECTOR_DATA, "iv": VECTOR_IV})

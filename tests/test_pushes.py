@@ -17,13 +17,13 @@ import tornado.httpclient
 import tornado.web
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, fetchall, fetchone
 from tests.sandbox_fixture import FakeClock
 from wxd.admin import common_kwargs, make_app
 from wxd.admin import pushes as pushes_admin
 from wxd.metrics import Registry
 from wxd.push_workers import PushWorkers
-from wxd.pushes import PushService, _load_templates, _save_templates
+from wxd.pushes import PushService
 from wxd.sandbox import (
     LEGACY_TEMPLATE_ID,
     NOTICE_TEMPLATE_ID,
@@ -32,7 +32,7 @@ from wxd.sandbox import (
     Person,
     SandboxServer,
 )
-from wxd.store import followers
+from wxd.store import followers, ingest, mp_users
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
@@ -90,13 +90,13 @@ class PushCase(AsyncHTTPTestCase):
         now = self.clock()
         for person in self.fake.people:
             if person.follows or person in self.former:
-                followers.apply_user_infos(conn, [{
+                ingest.apply_user_infos(conn, [{
                     "subscribe": 1, "openid": person.oa_openid, "unionid": person.unionid,
                     "subscribe_time": int(now) - 100}], now - 100, now - 100)
             if person in self.former:
                 followers.record_unsubscribe(conn, person.oa_openid, now - 50, now - 50)
             if person.used_mp:
-                followers.upsert_mp_user(conn, person.mp_openid, person.unionid, None, now)
+                mp_users.upsert(conn, person.mp_openid, person.unionid, None, now)
 
     async def _stop(self) -> None:
         for workers in self.workers:
@@ -164,7 +164,7 @@ class PushCase(AsyncHTTPTestCase):
         return answer["error"]  # type: ignore[no-any-return]
 
     async def count(self) -> int:
-        row = await self.db.fetchone("SELECT COUNT(*) FROM pushes")
+        row = await fetchone(self.db, "SELECT COUNT(*) FROM pushes")
         assert row is not None
         return int(row[0])
 
@@ -274,7 +274,7 @@ class EnqueueTest(PushCase):
         await self.push({"to": {"oa_openid": person.oa_openid},
                          "template_id": LEGACY_TEMPLATE_ID,
                          "data": {"keyword1": "测试", "keyword2": "通过"}})  # no first/remark
-        rows = await self.db.fetchall("SELECT body FROM pushes ORDER BY seq")
+        rows = await fetchall(self.db, "SELECT body FROM pushes ORDER BY seq")
         self.assertEqual(json.loads(rows[0]["body"])["data"], full)
 
     @gen_test
@@ -428,22 +428,3 @@ class NoMiniProgramTest(PushCase):
                            "mini_program_not_configured", 422)
         await self.push(self.order(person, miniprogram={"appid": self.creds.mp_appid,
                                                         "pagepath": "pages/a"}))
-
-
-def test_template_cache_rows_roundtrip(tmp_path: Any) -> None:
-    import sqlite3
-
-    from wxd.store.db import migrate
-
-    conn = sqlite3.connect(str(tmp_path / "t.db"), isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    try:
-        migrate(conn)
-        assert _load_templates(conn) == ({}, None)
-        _save_templates(conn, [("T1", "title", "{{a.DATA}}", ("a",))], 100.0)
-        assert _load_templates(conn) == (
-            {"T1": {"title": "title", "content": "{{a.DATA}}", "keys": ("a",)}}, 100.0)
-        _save_templates(conn, [], 101.0)  # an OA with no templates is still "fetched"
-        assert _load_templates(conn) == ({}, 101.0)
-    finally:
-        conn.close()

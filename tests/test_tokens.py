@@ -13,7 +13,7 @@ import pytest
 import tornado.httpclient
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN
+from tests.helpers import ADMIN_TOKEN, fetchall, fetchone
 from tests.sandbox_fixture import START, FakeClock
 from tests.test_wechat import ClientCase, capture_logs, exception_text
 from wxd import admin
@@ -23,7 +23,8 @@ from wxd.metrics import Registry
 from wxd.retry import next_utc_midnight
 from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.store.db import Database
-from wxd.tokens import TokenManager, fetch_counts, utc_day
+from wxd.store.tokens import fetch_counts, utc_day
+from wxd.tokens import TokenManager
 from wxd.wechat.client import OfficialAccountAPI, WeChatClient
 from wxd.wechat.transport import KeepAliveClient
 
@@ -139,7 +140,7 @@ class TestRestart(TokenCase):
         fresh = await third.get()
         assert fresh != token
         assert self.calls(STABLE) == 2  # exactly one
-        row = await self.db.fetchone("SELECT access_token, expires_at FROM tokens WHERE app='oa'")
+        row = await fetchone(self.db, "SELECT access_token, expires_at FROM tokens WHERE app='oa'")
         assert row is not None and row["access_token"] == fresh
         assert row["expires_at"] == pytest.approx(self.clock() + 7200)
 
@@ -191,7 +192,7 @@ class TestTokenErrors(TokenCase):
         assert stable.body["appid"] == self.creds.oa_appid
         legacy = next(c for c in self.fake.calls if c.path == LEGACY)
         assert legacy.query["appid"] == self.creds.mp_appid
-        rows = await self.db.fetchall("SELECT app, appid FROM tokens ORDER BY app")
+        rows = await fetchall(self.db, "SELECT app, appid FROM tokens ORDER BY app")
         assert [tuple(r) for r in rows] == [("mp", self.creds.mp_appid),
                                             ("oa", self.creds.oa_appid)]
         # The sandbox enforces isolation: the MP token on an OA API is 48001, terminal, and

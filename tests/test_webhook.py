@@ -21,7 +21,16 @@ from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 from wechatpy.crypto import WeChatCrypto
 
-from tests.helpers import AES_KEY, OA_APPID, WEBHOOK_TOKEN, FakeClock, FakeTime
+from tests.helpers import (
+    AES_KEY,
+    OA_APPID,
+    WEBHOOK_TOKEN,
+    FakeClock,
+    FakeTime,
+    count_rows,
+    fetchall,
+    fetchone,
+)
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, SignedRequest, WebhookSender
 from wxd.store import inbox
@@ -110,8 +119,7 @@ class WebhookCase(FakeTime, AsyncHTTPTestCase):
 
     async def counts(self, db: Database | None = None) -> tuple[int, int]:
         def run(conn: Any) -> tuple[int, int]:
-            return (inbox.inbox_count(conn),
-                    int(conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]))
+            return count_rows(conn, "inbox"), count_rows(conn, "jobs")
         return await (db or self.db).read(run)
 
     def result(self, name: str) -> float:
@@ -159,7 +167,7 @@ class VectorTest(WebhookCase):
         assert VECTOR4_ENCRYPT.encode() in body
         response = await self.post(query, body)
         assert (response.code, response.body) == (200, b"success")
-        row = await self.db.fetchone("SELECT dedupe_key, from_user, event FROM inbox")
+        row = await fetchone(self.db, "SELECT dedupe_key, from_user, event FROM inbox")
         assert row is not None
         assert tuple(row) == ("evt:oABCD1234:1700000000:subscribe", "oABCD1234", "subscribe")
         assert await self.counts() == (1, 1)
@@ -186,7 +194,7 @@ class ModesTest(WebhookCase):
             assert deliveries[0].body == b"4375120948345356249"
             assert all(d.status == 200 and d.attempts == 1 for d in deliveries)
             assert all(d.body == b"success" for d in deliveries[1:]), mode
-        rows = await self.db.fetchall("SELECT from_user, msg_type, event FROM inbox ORDER BY id")
+        rows = await fetchall(self.db, "SELECT from_user, msg_type, event FROM inbox ORDER BY id")
         assert [tuple(r) for r in rows] == [
             (f"o{mode}", msg_type, event) for mode in ("plain", "compat", "safe")
             for msg_type, event in (("event", "subscribe"), ("event", "SCAN"),
@@ -204,7 +212,7 @@ class ModesTest(WebhookCase):
         body = subscribe_xml("oOuter").replace("</xml>", f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>")
         response = await self.post(self.safe_query(encrypt), body)
         assert response.body == b"success"
-        rows = await self.db.fetchall("SELECT from_user FROM inbox")
+        rows = await fetchall(self.db, "SELECT from_user FROM inbox")
         assert [r[0] for r in rows] == ["oInner"]
 
     @gen_test
@@ -276,7 +284,7 @@ class RefusalTest(WebhookCase):
         response = await self.post(query, subscribe_xml("oAttacker"))
         assert response.code == 403
         assert self.result("replayed_nonce") == 1
-        rows = await self.db.fetchall("SELECT from_user FROM inbox")
+        rows = await fetchall(self.db, "SELECT from_user FROM inbox")
         assert [r[0] for r in rows] == ["oVictim"]
         # Once the timestamp leaves the window, the window itself refuses the query.
         self.now += 301
@@ -550,7 +558,7 @@ class WechatpyInteropTest(WebhookCase):
         query.update(encrypt_type="aes", msg_signature=_field(wrapped, "MsgSignature"))
         response = await self.post(query, self.envelope(encrypt))
         assert (response.code, response.body) == (200, b"success")
-        rows = await self.db.fetchall("SELECT from_user FROM inbox")
+        rows = await fetchall(self.db, "SELECT from_user FROM inbox")
         assert [r[0] for r in rows] == ["oFromWechatpy"]
 
 

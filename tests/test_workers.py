@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from tornado.testing import gen_test
 
+from tests.helpers import fetchall, fetchone
 from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
 from wxd.errors import WeChatAPIError
 from wxd.push_workers import PushWorkers
@@ -259,8 +260,9 @@ class QuotaTest(PushCase):
 class DeliveryReportTest(PushCase):
     async def report(self, msgid: Any, status: str, person: Person) -> bool:
         now = self.clock()
-        return bool(await self.db.write(lambda c: push_store.report_delivery(
-            c, msgid, status, person.oa_openid, now)))
+        matched, _ = await self.db.write(lambda c: push_store.apply_delivery_report(
+            c, msgid, status, person.oa_openid, now))
+        return bool(matched)
 
     @gen_test
     async def test_report_after_sent(self) -> None:
@@ -323,7 +325,7 @@ class StopAndRecoveryTest(PushCase):
                 self.assertEqual(row["attempts"], 0, "a push never POSTed used an attempt")
 
     async def _some_sending(self) -> bool:
-        row = await self.db.fetchone("SELECT COUNT(*) FROM pushes WHERE status = 'sending'")
+        row = await fetchone(self.db, "SELECT COUNT(*) FROM pushes WHERE status = 'sending'")
         return row is not None and row[0] > 0
 
     @gen_test(timeout=10)
@@ -363,7 +365,7 @@ class StopAndRecoveryTest(PushCase):
         # 3. Some more pushes were leased (attempt recorded) but never POSTed.
         now = self.clock()
         await self.db.write(lambda c: push_store.lease(c, now, 10, 60))
-        states = await self.db.fetchall("SELECT status FROM pushes")
+        states = await fetchall(self.db, "SELECT status FROM pushes")
         self.assertEqual({r[0] for r in states}, {"sending"})
         # 4. Restart.
         self.clock.advance(30)

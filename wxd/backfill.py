@@ -1,8 +1,7 @@
 """FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
 
-Imports base modules, pacing, retry, wxd.wechat.client (BATCHGET_MAX) and wxd.store (db,
-followers, backfill) only; the API arrives as a FollowerSource (wechat.OfficialAccountAPI
-satisfies it). Never imports wxd.sandbox.
+Imports base modules, pacing, retry, wxd.wechat.client (BATCHGET_MAX) and the store only; the
+API arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ from wxd.metrics import Registry
 from wxd.pacing import RateLimiter
 from wxd.retry import DAY_S, Backoff, Fail, Pause, Policy, decide
 from wxd.store import backfill as backfill_store
-from wxd.store import followers
+from wxd.store import followers, ingest
 from wxd.store.backfill import STATES, BackfillState
 from wxd.store.db import Database
 from wxd.wechat.client import BATCHGET_MAX
 
 log = logging.getLogger(__name__)
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (each a page of rows)
-# A first sync builds the unionid index at its end (followers.defer_unionid_index) when it starts
+# A first sync builds the unionid index at its end (ingest.defer_unionid_index) when it starts
 # at the head of the list with fewer rows stored than this, for an account of more than one page
 # and at most DEFER_INDEX_MAX_TOTAL followers (building the index blocks writes, the longer the
 # more rows there are).
@@ -56,7 +55,7 @@ class _Page:
     openids: list[str]
     after: str
     has_next: bool
-    done: asyncio.Future[tuple[followers.InfoBatch, float] | None]
+    done: asyncio.Future[tuple[ingest.InfoBatch, float] | None]
     unanswered: int
     started: bool = False
     observed: float = math.inf
@@ -96,7 +95,7 @@ class FollowerBackfill:
     submitted in order while the next page is fetched; up to QUEUED_PAGES wait, so the group
     commit stores several pages per transaction when SQLite is the slower side (on a large
     account each transaction rewrites random pages of the unionid index: fewer, larger
-    transactions cost less per follower). Pages wait as prepared rows (followers.InfoBatch).
+    transactions cost less per follower). Pages wait as prepared rows (ingest.InfoBatch).
     With `defer_index`, a first sync (see DEFER_INDEX_MAX_ROWS) builds the unionid index once at
     its end, or when it halts, instead of row by row; meanwhile lookups by unionid scan.
     Errors are classified by wxd.retry.decide: transient (-1, 43117, HTTP/network, a token
@@ -363,7 +362,7 @@ class FollowerBackfill:
 
     async def _defer_unionid_index(self, total: int) -> None:
         self._index_deferred = await self._db.write(
-            lambda conn: followers.defer_unionid_index(conn, DEFER_INDEX_MAX_ROWS))
+            lambda conn: ingest.defer_unionid_index(conn, DEFER_INDEX_MAX_ROWS))
         if self._index_deferred:
             log.info("first sync of %d followers: the unionid index is built at its end "
                      "(lookups by unionid scan the table until then)", total)
@@ -399,16 +398,16 @@ class FollowerBackfill:
                 page.started = True
             asked_at = self._clock.now()
             infos = await self._call("batchget", page.openids[start:start + BATCHGET_MAX])
-            page.rows.extend(followers.info_rows(infos))
+            page.rows.extend(ingest.info_rows(infos))
             page.observed = min(page.observed, asked_at)
             self._page_progress += min(BATCHGET_MAX, len(page.openids) - start)
             page.unanswered -= 1
             if not page.unanswered:
-                page.done.set_result((followers.batch_rows(page.rows), page.observed))
+                page.done.set_result((ingest.batch_rows(page.rows), page.observed))
                 page.rows = []
 
     async def _store_page(self, run: int, cursor: str, after: str, count: int,
-                          total: int | None, batch: followers.InfoBatch, observed: float) -> None:
+                          total: int | None, batch: ingest.InfoBatch, observed: float) -> None:
         """Store the page's followers and count the page (cursor `cursor` → `after`) in one
         write; backfill_store.advance refuses it (rolling it back) if an earlier page failed."""
         calls = self._unsaved_calls
@@ -420,7 +419,7 @@ class FollowerBackfill:
         def store(conn: sqlite3.Connection) -> BackfillState:
             now = self._clock.now()
             if batch:
-                followers.apply_info_batch(conn, batch, observed, now, run=run)
+                ingest.apply_info_batch(conn, batch, observed, now, run=run)
             return backfill_store.advance(conn, run, cursor, after, count, calls, total, now)
 
         try:
@@ -442,7 +441,7 @@ class FollowerBackfill:
             now = self._clock.now()
             # Only a complete pass may judge who left; events since the run began still win.
             gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
-            followers.restore_unionid_index(conn)
+            ingest.restore_unionid_index(conn)
             return backfill_store.finish(conn, run, calls, total, now), gone
 
         row, gone = await self._db.write(finish)
@@ -459,7 +458,7 @@ class FollowerBackfill:
         calls = self._unsaved_calls
 
         def halt(conn: sqlite3.Connection) -> BackfillState:
-            followers.restore_unionid_index(conn)  # a halted run may stay halted for long
+            ingest.restore_unionid_index(conn)  # a halted run may stay halted for long
             return backfill_store.halt(conn, run, state, calls, self._clock.now(),
                                       last_error=last_error, paused_until=paused_until)
 
@@ -536,7 +535,7 @@ async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
 
 
 async def _fetched(page: _Page, workers: Sequence[asyncio.Task[None]],
-                   ) -> tuple[followers.InfoBatch, float] | None:
+                   ) -> tuple[ingest.InfoBatch, float] | None:
     """The page's result once it is complete; raises the error of a worker that failed first."""
     waits: list[asyncio.Future[Any]] = [page.done, *workers]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -18,7 +18,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from wxd import admin, tokens, webhook
+from wxd import admin, webhook
 from wxd.admin import backfill as admin_backfill
 from wxd.admin import openapi, ops, stats, users
 from wxd.admin import pushes as admin_pushes
@@ -32,8 +32,9 @@ from wxd.metrics import Registry
 from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService
 from wxd.sdnotify import Notifier
-from wxd.store import inbox
+from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
+from wxd.store import tokens as token_store
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
 from wxd.webhook import Webhook
@@ -252,8 +253,8 @@ class Daemon:
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             return {
                 "pushes": push_store.push_stats(conn),
-                "token_fetches_today": tokens.fetch_counts(conn, tokens.utc_day(now)),
-                "event_jobs": inbox.job_counts(conn),
+                "token_fetches_today": token_store.fetch_counts(conn, token_store.utc_day(now)),
+                "event_jobs": job_store.counts(conn),
             }
 
         figures: dict[str, Any] = dict(await self.linking.counts())

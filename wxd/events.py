@@ -1,5 +1,5 @@
 """Event handling: EventRouter turns a stored webhook message into follower/push state;
-EventWorkers drain the durable job queue (inbox.py) through it, with retries.
+EventWorkers drain the durable job queue (store/jobs.py) through it, with retries.
 
 Imports base modules, pacing, retry, wxd.wechat.messages and wxd.store only; linking
 (refresh_follower) is injected through a Protocol.
@@ -18,6 +18,7 @@ from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
 from wxd.retry import Backoff, Fail, Pause, Policy, Retry, decide
 from wxd.store import followers, inbox
+from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
 from wxd.wechat.messages import (
@@ -50,7 +51,7 @@ class EventRouter:
     refresher.refresh_follower (user/info → unionid → link); unsubscribe →
     followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
     SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
-    TEMPLATESENDJOBFINISH → push_store.report_delivery (an unknown MsgID is stored for late
+    TEMPLATESENDJOBFINISH → push_store.apply_delivery_report (an unknown MsgID is stored for late
     matching there); anything else → nothing (it is in the inbox).
     Upstream errors propagate to the caller (EventWorkers retries them).
     """
@@ -163,7 +164,7 @@ class EventWorkers:
         return self._state
 
     async def _collect(self) -> None:
-        for state, count in (await self._db.read(inbox.job_counts)).items():
+        for state, count in (await self._db.read(job_store.counts)).items():
             self._depth.set(count, state=state)
 
     def ring(self) -> None:
@@ -175,7 +176,7 @@ class EventWorkers:
             return
         self._state = "running"
         recovered = await self._db.write(
-            lambda conn: inbox.recover_jobs(conn, self._clock.now()))
+            lambda conn: job_store.recover(conn, self._clock.now()))
         if recovered:
             log.info("requeued %d event jobs left leased by a previous run", recovered)
         for index in range(self._workers):
@@ -228,7 +229,7 @@ class EventWorkers:
                 log.exception("pruning the inbox and finished jobs failed; continuing")
             timeout = idle
             try:
-                due = await self._db.read(inbox.next_due)
+                due = await self._db.read(job_store.next_due)
             except Exception:
                 log.exception("reading the next due job failed; continuing")
                 due = None
@@ -248,8 +249,8 @@ class EventWorkers:
             return 0, 0
         self._next_prune = now + PRUNE_EVERY_S
         jobs, rows = await self._db.write(lambda conn: (
-            inbox.prune_jobs(conn, now - self._jobs_retention_s),
-            inbox.prune_inbox(conn, now - self._inbox_retention_s)))
+            job_store.prune(conn, now - self._jobs_retention_s),
+            inbox.prune(conn, now - self._inbox_retention_s)))
         if jobs or rows:
             log.info("pruned %d finished event jobs and %d inbox rows", jobs, rows)
         return jobs, rows
@@ -261,30 +262,30 @@ class EventWorkers:
         """
         now = self._clock.now()
         jobs = await self._db.write(
-            lambda conn: inbox.lease_jobs(conn, now, limit, self._lease_s))
+            lambda conn: job_store.lease(conn, now, limit, self._lease_s))
         for job in jobs:
             await self._run_job(job)
         return len(jobs)
 
-    async def _run_job(self, job: inbox.Job) -> None:
+    async def _run_job(self, job: job_store.Job) -> None:
         try:
             if job.kind != inbox.EVENT_JOB:
                 raise MessageError(f"unknown job kind {job.kind!r}")
             inbox_id = job.payload_json().get("inbox_id")
             if not isinstance(inbox_id, int):
                 raise MessageError("job payload has no inbox_id")
-            message = await self._db.read(lambda conn: inbox.load_message(conn, inbox_id))
+            message = await self._db.read(lambda conn: inbox.load(conn, inbox_id))
             if message is None:
                 raise MessageError(f"inbox row {inbox_id} is gone")
             action = await asyncio.wait_for(self._router.handle(message), self._job_timeout_s)
         except Exception as exc:
             await self._failed(job, exc)
             return
-        await self._db.write(lambda conn: inbox.finish_job(conn, job.id, self._clock.now()))
+        await self._db.write(lambda conn: job_store.finish(conn, job.id, self._clock.now()))
         self._outcomes.inc(outcome="done")
         log.debug("event job %d done: %s", job.id, action)
 
-    async def _failed(self, job: inbox.Job, exc: Exception) -> None:
+    async def _failed(self, job: job_store.Job, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
         now = self._clock.now()
         decision = decide(exc, job.attempts, now, self.policy)
@@ -296,10 +297,10 @@ class EventWorkers:
             else:
                 log.warning("event job %d attempt %d failed (%s); retrying in %.0f s",
                             job.id, job.attempts, error, due - now)
-            await self._db.write(lambda conn: inbox.retry_job(conn, job.id, error, due))
+            await self._db.write(lambda conn: job_store.retry(conn, job.id, error, due))
             self._outcomes.inc(outcome="retried")
             return
         log.error("event job %d failed for good after %d attempts: %s", job.id, job.attempts,
                   error)
-        await self._db.write(lambda conn: inbox.fail_job(conn, job.id, error, now))
+        await self._db.write(lambda conn: job_store.fail(conn, job.id, error, now))
         self._outcomes.inc(outcome="failed")

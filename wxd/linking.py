@@ -1,6 +1,6 @@
 """MP login, encryptedData and follower refreshes → one identity per person (linked by unionid).
 
-Imports base modules, wxd.wechat.crypto and wxd.store (followers, db) only; the WeChat APIs arrive as
+Imports base modules, coalesce, wxd.wechat and the store only; the WeChat APIs arrive as
 constructor arguments typed with small Protocols. The session_key never leaves this module's
 storage calls: it is not logged, returned or put into an exception.
 """
@@ -22,9 +22,10 @@ from wxd.errors import (
     WxdError,
 )
 from wxd.metrics import Registry
-from wxd.store import followers
+from wxd.store import identity as identity_store
+from wxd.store import ingest, mp_users
 from wxd.store.db import Database
-from wxd.store.followers import Identity
+from wxd.store.identity import Identity
 from wxd.wechat.client import BATCHGET_MAX
 from wxd.wechat.crypto import decrypt_mp_data
 
@@ -151,8 +152,8 @@ class Linking:
         now = self._clock.now()
 
         def store(conn: sqlite3.Connection) -> tuple[bool, Identity | None]:
-            linked = followers.upsert_mp_user(conn, mp_openid, unionid, session_key, now)
-            return linked, followers.find_identity(conn, mp_openid=mp_openid)
+            linked = mp_users.upsert(conn, mp_openid, unionid, session_key, now)
+            return linked, identity_store.find_identity(conn, mp_openid=mp_openid)
 
         linked, identity = await self._db.write(store)
         if identity is None:  # cannot happen: the row was written in the same transaction
@@ -174,7 +175,7 @@ class Linking:
         if self._mp_appid is None:
             raise LinkingError("mini_program_not_configured",
                                "wxd has no [mini_program] section configured")
-        key = await self._db.read(lambda conn: followers.session_key(conn, mp_openid))
+        key = await self._db.read(lambda conn: mp_users.session_key(conn, mp_openid))
         if key is None:
             raise LinkingError("not_logged_in",
                                "no session for this mp_openid; log in (wx.login) first")
@@ -198,7 +199,7 @@ class Linking:
         watermark_at = float(stamp) if isinstance(stamp, (int, float)) else None
         now = self._clock.now()
         linked = await self._db.write(
-            lambda conn: followers.set_mp_unionid(conn, mp_openid, unionid, watermark_at, now)
+            lambda conn: mp_users.set_unionid(conn, mp_openid, unionid, watermark_at, now)
         )
         if linked:
             self._count_links(1)
@@ -208,7 +209,7 @@ class Linking:
     async def lookup(self, *, unionid: str | None = None, mp_openid: str | None = None,
                      oa_openid: str | None = None) -> Identity | None:
         """The identity for exactly one key (ValueError otherwise), None when unknown."""
-        return await self._db.read(lambda conn: followers.find_identity(
+        return await self._db.read(lambda conn: identity_store.find_identity(
             conn, unionid=unionid, mp_openid=mp_openid, oa_openid=oa_openid))
 
     async def refresh_follower(self, oa_openid: str) -> None:
@@ -238,7 +239,7 @@ class Linking:
                 infos, outcomes = await self._one_by_one(openids)
         now = self._clock.now()
         newly = await self._db.write(
-            lambda conn: followers.apply_user_infos(conn, infos, observed_at, now))
+            lambda conn: ingest.apply_user_infos(conn, infos, observed_at, now))
         self._count_links(len(newly))
         if newly:
             log.info("linked %d followers (on user/info)", len(newly))
@@ -260,15 +261,7 @@ class Linking:
     async def check_unionid(self) -> bool:
         """Recompute unionid_missing from storage; warn once per process when it turns True."""
 
-        def probe(conn: sqlite3.Connection) -> bool:
-            # The indexed NOT EXISTS first: it settles the common (bound) case at once.
-            return bool(conn.execute(
-                "SELECT NOT EXISTS (SELECT 1 FROM followers WHERE unionid IS NOT NULL)"
-                " AND EXISTS (SELECT 1 FROM followers WHERE subscribed = 1"
-                " AND synced_at IS NOT NULL AND unionid IS NULL)"
-            ).fetchone()[0])
-
-        self._unionid_missing = await self._db.read(probe)
+        self._unionid_missing = await self._db.read(identity_store.unionid_missing)
         if self._unionid_missing and not self._warned_unionid:
             self._warned_unionid = True
             log.warning(
@@ -278,7 +271,7 @@ class Linking:
         return self._unionid_missing
 
     async def counts(self) -> dict[str, Any]:
-        """followers.counts() plus unionid_missing, for /v1/stats."""
-        result: dict[str, Any] = await self._db.read(followers.counts)
+        """identity_store.counts() plus unionid_missing, for /v1/stats."""
+        result: dict[str, Any] = await self._db.read(identity_store.counts)
         result["unionid_missing"] = await self.check_unionid()
         return result

@@ -1,13 +1,12 @@
 """PushService: validates push requests, resolves recipients, caches the OA's templates, enqueues.
 
-Imports base modules, wxd.wechat.templates and wxd.store (pushes, followers, db) only; never
-push_workers.py (the doorbell arrives as a callback) and never tornado.web.
+Imports base modules, wxd.wechat.templates and the store (pushes, templates, identity, db) only;
+never push_workers.py (the doorbell arrives as a callback) and never tornado.web.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -17,9 +16,10 @@ from typing import Any, Protocol
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import WxdError
 from wxd.metrics import Registry
-from wxd.store import followers
 from wxd.store import pushes as push_store
+from wxd.store import templates as template_store
 from wxd.store.db import Database
+from wxd.store.identity import find_identity
 from wxd.wechat.templates import (
     PushRejected,
     PushRequest,
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # client sending a wrong id cannot make wxd hammer get_all_private_template.
 UNKNOWN_REFRESH_S = 60.0
 MAX_LIST_LIMIT = 500
-TEMPLATES_KEY = "pushes.templates_fetched_at"  # meta: when the template list was fetched
 
 
 class TemplateSource(Protocol):
@@ -123,7 +122,7 @@ class PushService:
                 rows.append((template_id, title if isinstance(title, str) else "", content,
                              placeholders(content)))
         now = self._clock.now()
-        await self._db.write(lambda conn: _save_templates(conn, rows, now))
+        await self._db.write(lambda conn: template_store.save(conn, rows, now))
         self._templates = {tid: {"title": title, "content": content, "keys": keys}
                            for tid, title, content, keys in rows}
         self._fetched_at, self._last_ok, self._stale = now, True, False
@@ -145,7 +144,7 @@ class PushService:
         fetched: unknown ids are then accepted unverified (WeChat will judge them)."""
         async with self._lock:
             if self._templates is None:
-                cached, fetched = await self._db.read(_load_templates)
+                cached, fetched = await self._db.read(template_store.load)
                 self._templates, self._fetched_at = cached, fetched
                 self._last_ok = fetched is not None
             now = self._clock.now()
@@ -292,7 +291,7 @@ def _recipient(conn: sqlite3.Connection, kind: str, value: str) -> str:
     """The subscribed OA openid for a `to` key, or PushRejected recipient_unknown /
     recipient_not_following (nothing is queued that cannot be sent: 43004)."""
     lookup: Mapping[str, str] = {kind: value}
-    identity = followers.find_identity(conn, **lookup)
+    identity = find_identity(conn, **lookup)
     if identity is None:
         raise PushRejected("recipient_unknown", f"no person with {kind} {value} is known to wxd "
                            "(has the follower backfill run? has the user logged in?)", f"to.{kind}",
@@ -305,29 +304,3 @@ def _recipient(conn: sqlite3.Connection, kind: str, value: str) -> str:
         raise PushRejected("recipient_not_following", f"{kind} {value} does not follow the "
                            "Official Account now (WeChat would answer 43004)", f"to.{kind}", 422)
     return identity.oa_openid
-
-
-def _save_templates(conn: sqlite3.Connection, templates: Sequence[tuple[str, str, str,
-                   Sequence[str]]], now: float) -> None:
-    """Replace the cached template list with (template_id, title, content, keys) items."""
-    conn.execute("DELETE FROM templates")
-    conn.executemany(
-        "INSERT INTO templates (template_id, title, content, keys, fetched_at)"
-        " VALUES (?, ?, ?, ?, ?)",
-        [(tid, title, content, json.dumps(list(keys)), now)
-         for tid, title, content, keys in templates],
-    )
-    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
-                 " SET value = excluded.value", (TEMPLATES_KEY, repr(now)))
-
-
-def _load_templates(conn: sqlite3.Connection) -> tuple[dict[str, dict[str, Any]], float | None]:
-    """The cached templates by id ({"title", "content", "keys"}) and when they were fetched."""
-    rows = conn.execute("SELECT * FROM templates").fetchall()
-    cached = {
-        r["template_id"]: {"title": r["title"], "content": r["content"],
-                           "keys": tuple(json.loads(r["keys"]))}
-        for r in rows
-    }
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (TEMPLATES_KEY,)).fetchone()
-    return cached, (float(row[0]) if row is not None else None)

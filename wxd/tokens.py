@@ -1,24 +1,25 @@
 """TokenManager: one app's access_token, persisted, refreshed ahead with jitter, fetched once.
 
-Imports base modules, retry, wxd.store.db and wxd.wechat.client; never another service module
+Imports base modules, retry, the store and wxd.wechat.client; never another service module
 and never tornado.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import random
-import sqlite3
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from functools import partial
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.errors import TokenBudgetError, WxdError
+from wxd.errors import WxdError
 from wxd.metrics import Registry
 from wxd.retry import Backoff, Pause, Policy, Retry, decide
+from wxd.store import tokens as token_store
 from wxd.store.db import Database
+from wxd.store.tokens import utc_day
 from wxd.wechat.client import WeChatClient
 
 log = logging.getLogger(__name__)
@@ -32,44 +33,6 @@ OVERLAP_S = 300.0
 USE_GUARD_S = 60.0  # get() fetches rather than hand out a token this close to its expiry
 JITTER_FRACTION = 0.2  # the refresh point moves earlier by up to this share of the margin
 ECHO_WINDOW_S = 60.0  # see invalidate(): a refetch that gave back the rejected token
-
-
-def utc_day(now: float) -> str:
-    """The budget day of unix time `now`: its UTC date, "YYYY-MM-DD"."""
-    return datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d")
-
-
-def fetch_counts(conn: sqlite3.Connection, day: str) -> dict[str, int]:
-    """Upstream token fetches per app on `day` (utc_day), e.g. for /v1/stats."""
-    rows = conn.execute("SELECT app, count FROM token_fetches WHERE day = ?", (day,)).fetchall()
-    return {str(row[0]): int(row[1]) for row in rows}
-
-
-def _count_fetch(conn: sqlite3.Connection, app: str, day: str, budget: int) -> int:
-    row = conn.execute("SELECT count FROM token_fetches WHERE app = ? AND day = ?",
-                       (app, day)).fetchone()
-    count = int(row[0]) if row else 0
-    if count >= budget:
-        raise TokenBudgetError(
-            f"{app}: the daily budget of {budget} upstream token fetches is spent "
-            f"({day} UTC); no fetch before 00:00 UTC ([wechat] token_daily_budget)"
-        )
-    conn.execute(
-        "INSERT INTO token_fetches (app, day, count) VALUES (?, ?, 1) "
-        "ON CONFLICT (app, day) DO UPDATE SET count = count + 1", (app, day),
-    )
-    return count + 1
-
-
-def _save(conn: sqlite3.Connection, app: str, appid: str, token: str, expires_at: float,
-          fetched_at: float) -> None:
-    conn.execute(
-        "INSERT INTO tokens (app, appid, access_token, expires_at, fetched_at) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (app) DO UPDATE SET appid = excluded.appid, "
-        "access_token = excluded.access_token, expires_at = excluded.expires_at, "
-        "fetched_at = excluded.fetched_at",
-        (app, appid, token, expires_at, fetched_at),
-    )
 
 
 @dataclass(frozen=True)
@@ -161,13 +124,10 @@ class TokenManager:
         if self._state != "new":
             return
         self._state = "running"
-        row = await self._db.fetchone(
-            "SELECT appid, access_token, expires_at, fetched_at FROM tokens WHERE app = ?",
-            (self.app,))
-        if row is not None and row["appid"] == self.appid and self._held is None:
-            fetched_at = float(row["fetched_at"])
-            self._held = self._make(str(row["access_token"]), fetched_at,
-                                    float(row["expires_at"]) - fetched_at)
+        stored = await self._db.read(partial(token_store.load, app=self.app))
+        if stored is not None and stored.appid == self.appid and self._held is None:
+            self._held = self._make(stored.access_token, stored.fetched_at,
+                                    stored.expires_at - stored.fetched_at)
         held = self._held
         if held is None or self._clock.now() >= held.stale_at:
             try:
@@ -324,7 +284,7 @@ class TokenManager:
         day = utc_day(now)
         try:
             count = await self._db.write(
-                lambda conn: _count_fetch(conn, self.app, day, self._budget))
+                lambda conn: token_store.count_fetch(conn, self.app, day, self._budget))
             self.fetches += 1
             self._fetches.inc(app=self.app)
             token, expires_in = await self._client.fetch_token(self.appid, self._secret,
@@ -344,8 +304,8 @@ class TokenManager:
                  "stable_token" if self.mode == "stable" else "token", expires_in,
                  held.refresh_at - now, count, self._budget)
         try:
-            await self._db.write(lambda conn: _save(conn, self.app, self.appid, token,
-                                                    held.expires_at, held.fetched_at))
+            await self._db.write(lambda conn: token_store.save(conn, self.app, self.appid, token,
+                                                               held.expires_at, held.fetched_at))
         except WxdError as exc:  # the token in memory is still good; a restart refetches
             log.error("%s access_token could not be stored: %s", self.app, exc)
         return token

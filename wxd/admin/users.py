@@ -15,7 +15,7 @@ from tornado.routing import URLSpec
 from wxd.admin.base import ApiError, JsonHandler
 from wxd.errors import StorageError, TokenBudgetError, TransportError, WeChatAPIError
 from wxd.linking import Linking, LinkingError
-from wxd.store.followers import Identity
+from wxd.store.identity import Identity
 
 # HTTP status per LinkingError code.
 _STATUS: Mapping[str, int] = {

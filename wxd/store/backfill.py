@@ -1,7 +1,6 @@
 """The follower backfill's persisted state: the single `backfill` row (state, run, cursor, counters).
 
-Imports wxd.errors and the standard library only. Every function takes a
-sqlite3.Connection and is meant to run inside `Database.write` / `Database.read`.
+Run inside Database.write/read; imports wxd.errors only. When to page is wxd.backfill's business.
 """
 
 from __future__ import annotations

@@ -279,13 +279,6 @@ class Database:
         """Run `fn(conn)` on the database thread, outside any write transaction."""
         return await self._run(fn)
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return await self._run(lambda conn: conn.execute(sql, params).fetchall())
-
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = await self._run(lambda conn: conn.execute(sql, params).fetchone())
-        return row
-
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in the next group commit; return its result once the commit is durable.
 
@@ -360,7 +353,8 @@ class Database:
     async def healthy(self) -> bool:
         """True when a trivial query answers; used by /healthz."""
         try:
-            row = await asyncio.wait_for(self.fetchone("SELECT 1"), timeout=2.0)
+            row = await asyncio.wait_for(
+                self.read(lambda conn: conn.execute("SELECT 1").fetchone()), timeout=2.0)
         except (asyncio.TimeoutError, sqlite3.Error, StorageError, ValueError):
             return False
         return row is not None

@@ -1,7 +1,5 @@
-"""The durable push queue: push rows and their state machine, delivery reports, send outcomes.
-
-Stdlib and wxd base modules only (every function takes a sqlite3 connection and runs inside the
-caller's db.write / db.read); never imports tornado, aiosqlite or a service module.
+"""The durable push queue: push rows and their state machine, delivery reports, send outcomes,
+the persisted quota pause. Run inside Database.write/read; imports wxd.store.meta only.
 
     queued ─lease─▶ sending ─▶ sent ─report─▶ delivered | failed
       ▲  │             │  └──▶ queued (retry later / quota / stop)   failed ─operator─▶ queued
@@ -18,6 +16,8 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from wxd.store import meta
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.paused_until"
@@ -210,19 +210,13 @@ def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
     return cur.rowcount
 
 
-def report_delivery(conn: sqlite3.Connection, msgid: str | int, status: str, oa_openid: str,
-                    now: float) -> bool:
-    """Apply a TEMPLATESENDJOBFINISH (Status "success" → delivered, anything else → failed
-    with the status text). Returns True if a push matched (a repeated report changes nothing).
-    An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
-    arrive before the send's own answer is stored."""
-    return apply_delivery_report(conn, msgid, status, oa_openid, now)[0]
-
-
 def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: str,
                           oa_openid: str, now: float) -> tuple[bool, str | None]:
-    """report_delivery, also telling the push's new status ("delivered" / "failed") when this
-    report moved it (None for a repeat or an unmatched report), for the status metrics."""
+    """Apply a TEMPLATESENDJOBFINISH (Status "success" → delivered, anything else → failed
+    with the status text). Returns (a push matched, its new status "delivered" / "failed" when
+    this report moved it: None for a repeat, which changes nothing, or an unmatched report).
+    An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
+    arrive before the send's own answer is stored."""
     key = str(msgid)
     row = conn.execute(
         "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
@@ -245,14 +239,13 @@ def prune_reports(conn: sqlite3.Connection, before: float) -> int:
     return conn.execute("DELETE FROM delivery_reports WHERE received_at < ?", (before,)).rowcount
 
 
-def recover(conn: sqlite3.Connection, now: float, stale_sending: str,
-            window_s: float = CLIENT_MSG_ID_WINDOW_S) -> dict[str, int]:
+def recover(conn: sqlite3.Connection, now: float, stale_sending: str) -> dict[str, int]:
     """At start every `sending` push is orphaned: back to queued at once (same client_msg_id).
     One whose last attempt is older than WeChat's dedupe window is resent anyway
     (`stale_sending` "resend": may duplicate) or failed with error_code outcome_unknown ("fail")."""
     stale = conn.execute(
         "SELECT COUNT(*) FROM pushes WHERE status = 'sending'"
-        " AND (last_attempt_at IS NULL OR last_attempt_at < ?)", (now - window_s,),
+        " AND (last_attempt_at IS NULL OR last_attempt_at < ?)", (now - CLIENT_MSG_ID_WINDOW_S,),
     ).fetchone()[0]
     failed = 0
     if stale_sending == "fail":
@@ -262,7 +255,7 @@ def recover(conn: sqlite3.Connection, now: float, stale_sending: str,
             " has passed; whether the message arrived is unknown', leased_until = NULL,"
             " finished_at = ?, updated_at = ?"
             " WHERE status = 'sending' AND (last_attempt_at IS NULL OR last_attempt_at < ?)",
-            (now, now, now - window_s),
+            (now, now, now - CLIENT_MSG_ID_WINDOW_S),
         ).rowcount
     requeued = conn.execute(
         "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
@@ -348,22 +341,16 @@ def list_pushes(conn: sqlite3.Connection, status: str | None, limit: int,
 
 def paused_until(conn: sqlite3.Connection) -> float | None:
     """The persisted quota pause (unix seconds), or None."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (PAUSE_KEY,)).fetchone()
-    return float(row[0]) if row is not None else None
+    value = meta.get(conn, PAUSE_KEY)
+    return float(value) if value is not None else None
 
 
 def set_paused_until(conn: sqlite3.Connection, until: float | None) -> None:
+    """Persist the quota pause until `until` (unix seconds); None lifts it."""
     if until is None:
-        conn.execute("DELETE FROM meta WHERE key = ?", (PAUSE_KEY,))
+        meta.delete(conn, PAUSE_KEY)
         return
-    _set_meta(conn, PAUSE_KEY, repr(until))
-
-
-def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?, ?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value),
-    )
+    meta.set(conn, PAUSE_KEY, repr(until))
 
 
 def queue_depth(conn: sqlite3.Connection) -> tuple[int, float | None]:

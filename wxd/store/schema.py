@@ -172,9 +172,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-VERSION = len(MIGRATIONS)
-
-# Indexes a bulk load may drop and build again at its end (followers.defer_unionid_index):
+# Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):
 # Database.open runs these, so a crash mid-load never leaves the schema without them. Each must
 # create what the migrations create.
 REBUILT_ON_OPEN: dict[str, str] = {

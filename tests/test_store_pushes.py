@@ -36,6 +36,12 @@ def add(conn: sqlite3.Connection, n: int = 1, *, key: str | None = None, now: fl
     return ids
 
 
+def report(conn: sqlite3.Connection, msgid: str | int, status: str, oa_openid: str,
+           now: float) -> bool:
+    """Apply a delivery report; True if it matched a push."""
+    return push_store.apply_delivery_report(conn, msgid, status, oa_openid, now)[0]
+
+
 def status(conn: sqlite3.Connection, push_id: str) -> str:
     push = push_store.get(conn, push_id)
     assert push is not None
@@ -99,22 +105,22 @@ def test_sent_then_report(conn: sqlite3.Connection) -> None:
     assert push_store.mark_sent(conn, a, "1001", NOW + 1) == "sent"
     assert push_store.mark_sent(conn, b, "1002", NOW + 1) == "sent"
     assert push_store.mark_sent(conn, b, "1002", NOW + 1) == ""  # no longer sending
-    assert push_store.report_delivery(conn, 1001, "success", "oA", NOW + 2)
-    assert push_store.report_delivery(conn, "1002", "failed:user block", "oA", NOW + 2)
+    assert report(conn, 1001, "success", "oA", NOW + 2)
+    assert report(conn, "1002", "failed:user block", "oA", NOW + 2)
     assert status(conn, a) == "delivered"
     failed = push_store.get(conn, b)
     assert failed is not None
     assert failed["status"] == "failed" and failed["error"] == "failed:user block"
     assert failed["error_code"] == "delivery_failed" and failed["msgid"] == "1002"
     # A repeated report matches and changes nothing.
-    assert push_store.report_delivery(conn, "1001", "failed: system failed", "oA", NOW + 3)
+    assert report(conn, "1001", "failed: system failed", "oA", NOW + 3)
     assert status(conn, a) == "delivered"
 
 
 def test_report_before_send_answer_is_applied_at_mark_sent(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn)
     push_store.lease(conn, NOW, 1, 60)
-    assert not push_store.report_delivery(conn, "2001", "success", "oA", NOW + 1)
+    assert not report(conn, "2001", "success", "oA", NOW + 1)
     assert push_store.mark_sent(conn, push_id, "2001", NOW + 2) == "delivered"
     assert status(conn, push_id) == "delivered"
     assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
@@ -123,13 +129,13 @@ def test_report_before_send_answer_is_applied_at_mark_sent(conn: sqlite3.Connect
 def test_early_report_for_another_openid_does_not_apply(conn: sqlite3.Connection) -> None:
     [push_id] = add(conn)
     push_store.lease(conn, NOW, 1, 60)
-    assert not push_store.report_delivery(conn, "3001", "success", "oSomeoneElse", NOW)
+    assert not report(conn, "3001", "success", "oSomeoneElse", NOW)
     assert push_store.mark_sent(conn, push_id, "3001", NOW) == "sent"
 
 
 def test_unmatched_reports_are_pruned(conn: sqlite3.Connection) -> None:
-    push_store.report_delivery(conn, "1", "success", "o", NOW)
-    push_store.report_delivery(conn, "2", "success", "o", NOW + 100)
+    report(conn, "1", "success", "o", NOW)
+    report(conn, "2", "success", "o", NOW + 100)
     assert push_store.prune_reports(conn, NOW + 50) == 1
 
 
@@ -184,7 +190,7 @@ def test_operator_retry_and_cancel(conn: sqlite3.Connection) -> None:
     assert (retried["attempts"], retried["errcode"], retried["client_msg_id"]) == (0, None, b)
     # Accepted by WeChat, then delivery failed: a retry needs a new client_msg_id.
     push_store.mark_sent(conn, c, "77", NOW)
-    push_store.report_delivery(conn, "77", "failed: system failed", "oA", NOW)
+    report(conn, "77", "failed: system failed", "oA", NOW)
     assert push_store.operator_retry(conn, c, NOW) == ("ok", "queued")
     leased = {item.id: item for item in push_store.lease(conn, NOW + 10, 5, 60)}
     assert leased[c].wechat_body()["client_msg_id"] == f"{c}-r1"
