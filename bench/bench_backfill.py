@@ -50,7 +50,8 @@ async def _wxd_child(base_url: str, db_path: str, concurrency: int, rate: float)
     from wxd.sandbox import Credentials
     from wxd.store.db import Database
     from wxd.tokens import TokenManager
-    from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+    from wxd.wechat.client import WeChatClient
+    from wxd.wechat.oa import OfficialAccountAPI
     from wxd.wechat.transport import KeepAliveClient
 
     http = KeepAliveClient(concurrency + 4)

@@ -40,7 +40,8 @@ from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, Person, SandboxThread
 from wxd.store import ingest
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 N, QUICK_N = 10_000, 2_000

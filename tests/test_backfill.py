@@ -36,7 +36,8 @@ from wxd.store import backfill as backfill_store
 from wxd.store import followers, ingest, mp_users
 from wxd.store.db import Database
 from wxd.store.identity import find_identity
-from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 USER_GET = "/cgi-bin/user/get"

@@ -26,9 +26,10 @@ from wxd.store.db import Database
 from wxd.store.identity import find_identity
 from wxd.tokens import TokenManager
 from wxd.webhook import Webhook, make_app
-from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
 from wxd.wechat.crypto import MessageCrypto
 from wxd.wechat.messages import Message, parse_message
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 T0 = 1_700_000_000.0

@@ -31,7 +31,9 @@ from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
 from wxd.store import followers, ingest, mp_users
 from wxd.store.db import Database
 from wxd.store.identity import Identity, find_identity
-from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.mp import MiniProgramAPI
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 # Official MP encryptedData vector:

@@ -36,7 +36,8 @@ from wxd.store import followers, ingest, mp_users
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
-from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 TEMPLATES_PATH = "/cgi-bin/template/get_all_private_template"

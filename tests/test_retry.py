@@ -32,7 +32,7 @@ from wxd.retry import (
     next_utc_midnight,
 )
 from wxd.tokens import TokenManager
-from wxd.wechat.client import ERROR_KINDS
+from wxd.wechat.errcodes import ERROR_KINDS
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC = 06:13:20 Beijing; 40 s to the next minute
 UNKNOWN_CODES = (40003, 40037, 43004, 47003, 48001, 99999)

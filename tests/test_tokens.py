@@ -25,7 +25,8 @@ from wxd.sandbox import FakeWeChat, SandboxServer
 from wxd.store.db import Database
 from wxd.store.tokens import fetch_counts, utc_day
 from wxd.tokens import TokenManager
-from wxd.wechat.client import OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 STABLE = "/cgi-bin/stable_token"

@@ -19,13 +19,10 @@ from tests.sandbox_fixture import SandboxTestCase
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.sandbox import LEGACY_TEMPLATE_ID
-from wxd.wechat.client import (
-    ERROR_KINDS,
-    MiniProgramAPI,
-    OfficialAccountAPI,
-    WeChatClient,
-    classify,
-)
+from wxd.wechat.client import WeChatClient
+from wxd.wechat.errcodes import ERROR_KINDS, classify
+from wxd.wechat.mp import MiniProgramAPI
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 

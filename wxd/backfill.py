@@ -1,6 +1,6 @@
 """FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
 
-Imports base modules, pacing, retry, wxd.wechat.client (BATCHGET_MAX) and the store only; the
+Imports base modules, pacing, retry, wxd.wechat.oa (BATCHGET_MAX) and the store only; the
 API arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
 """
 
@@ -25,7 +25,7 @@ from wxd.store import backfill as backfill_store
 from wxd.store import followers, ingest
 from wxd.store.backfill import STATES, BackfillState
 from wxd.store.db import Database
-from wxd.wechat.client import BATCHGET_MAX
+from wxd.wechat.oa import BATCHGET_MAX
 
 log = logging.getLogger(__name__)
 QUEUED_PAGES = 3            # page writes that may wait for the group commit (each a page of rows)

@@ -38,8 +38,10 @@ from wxd.store import tokens as token_store
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
 from wxd.webhook import Webhook
-from wxd.wechat.client import MiniProgramAPI, OfficialAccountAPI, WeChatClient
+from wxd.wechat.client import WeChatClient
 from wxd.wechat.crypto import MessageCrypto
+from wxd.wechat.mp import MiniProgramAPI
+from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
 
 log = logging.getLogger(__name__)

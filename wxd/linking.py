@@ -26,8 +26,8 @@ from wxd.store import identity as identity_store
 from wxd.store import ingest, mp_users
 from wxd.store.db import Database
 from wxd.store.identity import Identity
-from wxd.wechat.client import BATCHGET_MAX
 from wxd.wechat.crypto import decrypt_mp_data
+from wxd.wechat.oa import BATCHGET_MAX
 
 log = logging.getLogger(__name__)
 

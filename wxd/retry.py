@@ -3,7 +3,7 @@
 Every retrying service (push sends, event jobs, the follower backfill, token fetches) hands its
 exception to `decide(exc, attempts, now, policy)` and acts on the Decision; only the Policy
 (backoff, attempts, how a daily quota is waited out) differs between them. The errcode classes
-come from the one table in wxd.wechat.client (ERROR_KINDS); the special rules live here, once:
+come from the one table in wxd.wechat.errcodes (ERROR_KINDS); the special rules live here, once:
 
 - 45009 (daily quota): Pause until the daily reset (or for a fixed time, or back off: policy);
   the local token budget (TokenBudgetError): Pause until the next UTC midnight.
@@ -40,7 +40,7 @@ from wxd.errors import (
     WeChatAPIError,
     WxdError,
 )
-from wxd.wechat.client import classify
+from wxd.wechat.errcodes import classify
 
 DAY_S = 86400.0
 BEIJING_UTC_OFFSET_S = 8 * 3600.0

@@ -1,4 +1,4 @@
-"""The upstream WeChat client: one object over an injected HTTP transport, the errcode table.
+"""WeChatClient: every WeChat API call over an injected HTTP transport, its answer checked.
 
 Imports wxd.errors, wxd.metrics and wxd.wechat.transport only; never wxd.tokens (tokens reach
 it through the TokenSource protocol). It never logs a URL: query strings carry secrets.
@@ -15,40 +15,16 @@ from typing import Any, Protocol
 
 from wxd.errors import TransportError, WeChatAPIError
 from wxd.metrics import Registry
+from wxd.wechat.errcodes import classify
 from wxd.wechat.transport import FetchError, Response
 
 log = logging.getLogger(__name__)
-
-# The one table of errcode classes. Anything absent is terminal.
-# https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
-# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
-#   token     - the access_token is invalid, superseded or expired: refresh, retry once.
-#   transient - WeChat is busy or throttling (per minute, or per user for 43117): back off, retry.
-#   quota     - a daily quota is spent: stop this kind of call until the quota resets.
-ERROR_KINDS: Mapping[int, str] = {
-    40001: "token",  # invalid credential / not latest (superseded by a newer /cgi-bin/token)
-    40014: "token",  # invalid access_token
-    42001: "token",  # access_token expired
-    -1: "transient",  # system error
-    45011: "transient",  # api minute-quota reached: retry next minute
-    43117: "transient",  # sending to this openid too frequently (per-user throttle)
-    45009: "quota",  # daily api quota reached
-}
-KINDS = ("token", "transient", "quota", "terminal")
 
 # Query parameters whose values must never appear in an error, a log line or a metric.
 _SECRET_PARAMS = ("access_token", "secret", "appsecret", "js_code")
 
 TOKEN_PATH = "/cgi-bin/token"  # noqa: S105 - a path, not a password
 STABLE_TOKEN_PATH = "/cgi-bin/stable_token"  # noqa: S105
-# openids per /cgi-bin/user/info/batchget call:
-# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
-BATCHGET_MAX = 100
-
-
-def classify(errcode: int) -> str:
-    """The class of a WeChat errcode: "token" | "transient" | "quota" | "terminal"."""
-    return ERROR_KINDS.get(errcode, "terminal")
 
 
 class Transport(Protocol):
@@ -224,86 +200,3 @@ class WeChatClient:
                 or isinstance(expires_in, bool) or not isinstance(expires_in, (int, float))):
             raise TransportError(f"{path}: the answer has no access_token/expires_in", path, 200)
         return access_token, float(expires_in)
-
-
-class OfficialAccountAPI:
-    """The Official Account endpoints wxd uses, always with the OA's TokenSource."""
-
-    def __init__(self, client: WeChatClient, token: TokenSource) -> None:
-        self._client = client
-        self._token = token
-
-    async def user_get(self, next_openid: str = "") -> dict[str, Any]:
-        """One raw page of /cgi-bin/user/get: total, count, data? {openid: [...]}, next_openid.
-
-        Quirk: the last full page still carries a next_openid; the call after it answers
-        count 0 without `data`. Callers stop on count == 0, no data or an empty next_openid.
-        """
-        params = {"next_openid": next_openid} if next_openid else None
-        return await self._client.call("GET", "/cgi-bin/user/get", params=params,
-                                       token=self._token)
-
-    async def user_info(self, openid: str) -> dict[str, Any]:
-        """/cgi-bin/user/info for one OA openid (unionid only while the user follows)."""
-        return await self._client.call("GET", "/cgi-bin/user/info",
-                                       params={"openid": openid, "lang": "zh_CN"},
-                                       token=self._token)
-
-    async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]:
-        """/cgi-bin/user/info/batchget: 1..100 OA openids → their user_info_list entries."""
-        if not 0 < len(openids) <= BATCHGET_MAX:
-            raise ValueError(f"batchget takes 1..{BATCHGET_MAX} openids, got {len(openids)}")
-        answer = await self._client.call(
-            "POST", "/cgi-bin/user/info/batchget",
-            body={"user_list": [{"openid": openid, "lang": "zh_CN"} for openid in openids]},
-            token=self._token,
-        )
-        infos = answer.get("user_info_list")
-        if not isinstance(infos, list):
-            return []
-        return [info for info in infos if isinstance(info, dict)]
-
-    async def send_template(self, body: Mapping[str, Any]) -> str:
-        """/cgi-bin/message/template/send; returns the msgid as a string (it is an int64).
-
-        errcode 0 means accepted, not delivered: TEMPLATESENDJOBFINISH reports delivery.
-        """
-        answer = await self._client.call("POST", "/cgi-bin/message/template/send", body=body,
-                                         token=self._token)
-        msgid = answer.get("msgid")
-        if isinstance(msgid, bool) or not isinstance(msgid, (int, str)) or msgid == "":
-            raise TransportError("/cgi-bin/message/template/send: the answer has no msgid",
-                                 "/cgi-bin/message/template/send", 200)
-        return str(msgid)
-
-    async def templates(self) -> list[dict[str, Any]]:
-        """/cgi-bin/template/get_all_private_template: the OA's template_list."""
-        answer = await self._client.call("GET", "/cgi-bin/template/get_all_private_template",
-                                         token=self._token)
-        items = answer.get("template_list")
-        if not isinstance(items, list):
-            return []
-        return [item for item in items if isinstance(item, dict)]
-
-
-class MiniProgramAPI:
-    """The Mini Program endpoints wxd uses. code2session takes the MP appid/secret, no token."""
-
-    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
-        self._client = client
-        self._appid = appid
-        self._secret = secret
-
-    def __repr__(self) -> str:
-        return f"MiniProgramAPI(appid={self._appid!r})"
-
-    async def code2session(self, code: str) -> dict[str, Any]:
-        """/sns/jscode2session: openid, session_key and (when bound) unionid.
-
-        The code is single use and lives 5 minutes (40029 invalid, 40163 already used).
-        The answer holds the session_key: never log it or return it to a client.
-        """
-        return await self._client.call("GET", "/sns/jscode2session", params={
-            "appid": self._appid, "secret": self._secret, "js_code": code,
-            "grant_type": "authorization_code",
-        })
