@@ -81,7 +81,7 @@ def strings_json(values: list[str]) -> str:
 def whitelist_errmsg(ip: str) -> str:
     """40164's errmsg for a caller at `ip`, as WeChat words it: an IPv4 address appears twice,
     the second time in its IPv6-mapped form ("invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4, not in
-    whitelist"). https://developers.weixin.qq.com/community/develop/doc/000e067cac4100bd739c10fe55b000"""
+    whitelist"). https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html"""
     address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped

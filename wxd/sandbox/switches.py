@@ -27,6 +27,8 @@ from wxd.sandbox.token_book import next_beijing_midnight
 # The refusals a token fetch can meet that say nothing about the request itself: IP whitelist
 # (40164, 61004), risky-IP confirmation (89501 waiting, 89503 needs the admin, 89506 refused
 # twice in 24 h, 89507 refused once in 1 h), a frozen AppSecret (40243), a bad secret or appid.
+# https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html
+# https://developers.weixin.qq.com/doc/offiaccount/Getting_Started/Global_Return_Code.html
 # https://developers.weixin.qq.com/community/personal/oCJUsw-s_Z-CWgXaLXfwgmwB41xI/answer
 # https://developers.weixin.qq.com/community/develop/doc/000e067cac4100bd739c10fe55b000
 # https://developers.weixin.qq.com/community/minihome/doc/00026e3d380f1818352acf32456000
@@ -116,6 +118,7 @@ class FaultSwitches:
         """user/get resumed at `next_openid` ("*" = any cursor) answers `kind`: "40003", "empty"
         (the end-of-list answer {"total": N, "count": 0, "next_openid": ""} before the list is
         complete) or "empty_bare" ({"total": N, "count": 0}).
+        https://developers.weixin.qq.com/doc/offiaccount/User_Management/Getting_a_User_List.html
         https://developers.weixin.qq.com/community/minihome/doc/000a2ead4dcd18784d3f5617851c00
         https://developers.weixin.qq.com/community/develop/doc/00004a44da0088b5c171180f66bc00"""
         return self.script_fault(
@@ -135,6 +138,7 @@ class FaultSwitches:
         with `errcode`: 50005 (reported for a lone unfollowed openid), 40003 (repeatably, for
         an openid user/get itself listed) or 40032 (invalid openid list size, reported for
         exactly 100 entries).
+        https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
         https://developers.weixin.qq.com/community/develop/doc/000882d36a45e80b796be46be5b800
         https://developers.weixin.qq.com/community/develop/doc/0004e25a390b58e0419b79efd51400"""
         return self.script_fault(path, str(errcode), times, seconds=seconds, openids=openids)
@@ -144,12 +148,17 @@ class FaultSwitches:
     ) -> FaultRule:
         """A template/send repeating an openid + client_msg_id within 10 minutes is answered
         per `mode` (faults.DUPLICATE_MODES) instead of 0 with the first msgid. The message is
-        still delivered only once."""
+        still delivered only once.
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html"""
         return self.script_fault(SEND_PATH, f"dup:{mode}", times, seconds=seconds)
 
     def daily_quota(self, path: str, limit: int, errcode: int = 45009) -> FaultRule:
         """`path` allows `limit` calls a Beijing day; further calls answer `errcode` until
-        Beijing midnight by the emulator's clock. Lasts until cleared."""
+        Beijing midnight by the emulator's clock (the reset hour is an assumption: WeChat does
+        not publish it). Lasts until cleared. A real account's user/info quota may be far
+        below the documented one (the second link).
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/API_Call_Limits.html
+        https://developers.weixin.qq.com/community/develop/doc/00086e6eb48f30040fba1a2cc56000"""
         return self.script_fault(path, str(errcode), None, allow=limit, per="day")
 
     def exhaust_daily_quota(self, path: str, errcode: int = 45009) -> FaultRule:
