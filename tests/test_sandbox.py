@@ -1072,9 +1072,9 @@ class FaultSwitchTests(SandboxTestCase):
         for _ in range(3):
             assert self.api_json("GET", USER_INFO, query)["openid"] == openid
         assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
-        self.clock.now = midnight - 1
+        self.clock.set(midnight - 1)
         assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
-        self.clock.now = midnight
+        self.clock.set(midnight)
         token = self.token()
         query["access_token"] = token
         for _ in range(3):
@@ -1098,7 +1098,7 @@ class FaultSwitchTests(SandboxTestCase):
         query = {"access_token": token, "openid": follower.oa_openid}
         assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
         assert self.send(token, follower)["errcode"] == 45009
-        self.clock.now = exhausted.until or 0.0
+        self.clock.set(exhausted.until or 0.0)
         token = self.token()
         assert self.send(token, follower)["errcode"] == 0
         assert self.fake.faults.live() == []
@@ -1113,7 +1113,7 @@ class FaultSwitchTests(SandboxTestCase):
         self.clock.advance(600)
         assert self.send(token, busy)["errcode"] == 0
         # A counted limit: 2 sends per openid per hour window of the clock.
-        self.clock.now = START - START % 3600 + 7200
+        self.clock.set(START - START % 3600 + 7200)
         token = self.token()
         self.fake.frequency_limit(2, 3600)
         assert [self.send(token, busy)["errcode"] for _ in range(3)] == [0, 0, 43117]
