@@ -27,9 +27,11 @@ from tornado.testing import bind_unused_port, gen_test
 
 from tests.sandbox_fixture import START, FakeClock, SandboxTestCase, sandbox  # noqa: F401
 from wxd.sandbox import (
+    DUPLICATE_MODES,
     LEGACY_TEMPLATE_ID,
     NOTICE_TEMPLATE_ID,
     ORDER_TEMPLATE_ID,
+    TOKEN_REFUSALS,
     Credentials,
     FakeWeChat,
     Person,
@@ -589,6 +591,22 @@ class LoginTests(SandboxTestCase):
         assert self.exchange(code)["errcode"] == 40029  # 5 minutes old
         assert "openid" in self.exchange(fresh)
 
+    def test_resend_after_a_lost_answer_is_40163(self) -> None:
+        # The code was exchanged but the answer never arrived: a resend finds it used (real
+        # WeChat's single-use rule; the client must log in again).
+        person = next(p for p in self.fake.people if not p.used_mp)
+        code = self.fake.issue_login_code(person)
+        self.fake.script_fault("/sns/jscode2session", "reset_after")
+        creds = self.fake.credentials
+        with pytest.raises(HTTPClientError) as lost:
+            self.call_api("GET", "/sns/jscode2session", {
+                "appid": creds.mp_appid, "secret": creds.mp_secret, "js_code": code,
+                "grant_type": "authorization_code"})
+        assert lost.value.code == 599 and person.used_mp
+        resent = self.exchange(code)
+        assert resent["errcode"] == 40163 and resent["errmsg"].startswith("code been used")
+        assert "openid" in self.exchange(self.fake.issue_login_code(person))
+
 
 # Misc endpoint behaviour: unknown paths, methods, the call log, faults ---------------------------------
 
@@ -758,6 +776,361 @@ def test_random_faults_are_seeded() -> None:
     assert set(faulted) <= {"-1", "45009", "45011", "http500", "hang", "reset"}
     fixed = FakeWeChat(5, latency_s=0.25)
     assert dispatch(fixed, "GET", "/cgi-bin/user/get", {}, b"").delay_s == 0.25
+
+
+# Fault switches: real-WeChat behaviours produced on demand (faults.py, switches.py) ----------------
+
+
+BATCHGET = "/cgi-bin/user/info/batchget"
+USER_GET = "/cgi-bin/user/get"
+USER_INFO = "/cgi-bin/user/info"
+
+
+class FaultSwitchTests(SandboxTestCase):
+    """Each switch produces its behaviour, and stops producing it once cleared or expired."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.followers = [p for p in self.fake.people if p.follows]
+
+    def token_answer(self, app: str = "oa") -> dict[str, Any]:
+        creds = self.fake.credentials
+        appid, secret = ((creds.oa_appid, creds.oa_secret) if app == "oa"
+                         else (creds.mp_appid, creds.mp_secret))
+        return self.api_json("GET", "/cgi-bin/token",
+                             {"grant_type": CC, "appid": appid, "secret": secret})
+
+    def stable_answer(self) -> dict[str, Any]:
+        creds = self.fake.credentials
+        return self.api_json("POST", "/cgi-bin/stable_token", body={
+            "grant_type": CC, "appid": creds.oa_appid, "secret": creds.oa_secret})
+
+    def control(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        response = self.call_api(method, "/_sandbox/" + path, body=body)
+        return response.code, json.loads(response.body)
+
+    def send(self, token: str, person: Person, **fields: Any) -> dict[str, Any]:
+        body = {"touser": person.oa_openid, "template_id": ORDER_TEMPLATE_ID, "data": GOOD_ORDER,
+                **fields}
+        return self.api_json("POST", SEND, {"access_token": token}, body)
+
+    # The mechanism: lifetimes, conditions, listing and clearing.
+
+    def test_lifetimes_count_window_and_until_cleared(self) -> None:
+        token = self.token()
+        query = {"access_token": token}
+        once = self.fake.script_fault(USER_GET, "-1")  # default: the next call only
+        assert self.api_json("GET", USER_GET, query)["errcode"] == -1
+        assert "total" in self.api_json("GET", USER_GET, query)
+        assert once.fired == 1 and self.fake.faults.live() == []
+        # A time window by the emulator's clock: every call in it, then recovery by itself.
+        window = self.fake.script_fault(USER_GET, "45011", seconds=60)
+        for _ in range(3):
+            assert self.api_json("GET", USER_GET, query)["errcode"] == 45011
+        self.clock.advance(59.9)
+        assert self.api_json("GET", USER_GET, query)["errcode"] == 45011
+        self.clock.advance(0.1)
+        assert "total" in self.api_json("GET", USER_GET, query)
+        assert window.fired == 4 and self.fake.faults.live() == []
+        # At most `times` answers inside a window.
+        self.fake.script_fault(USER_GET, "-1", 2, seconds=60)
+        codes = [self.api_json("GET", USER_GET, query).get("errcode") for _ in range(3)]
+        assert codes == [-1, -1, None]
+        # times=None without a time limit: until cleared (by path, by id or all).
+        forever = self.fake.script_fault(USER_GET, "-1", None)
+        other = self.fake.script_fault(USER_INFO, "-1", None)
+        self.clock.advance(10 * 86400)
+        query = {"access_token": self.token()}
+        assert self.api_json("GET", USER_GET, query)["errcode"] == -1
+        assert self.fake.clear_faults(rule_id=forever.id) == 1
+        assert "total" in self.api_json("GET", USER_GET, query)
+        assert self.fake.faults.live() == [other]
+        assert self.fake.clear_faults(USER_INFO) == 1 and self.fake.faults.live() == []
+        # An absolute end time on the emulator's clock.
+        self.fake.script_fault(USER_GET, "-1", until=self.clock() + 5)
+        assert self.api_json("GET", USER_GET, query)["errcode"] == -1
+        self.clock.advance(5)
+        assert "total" in self.api_json("GET", USER_GET, query)
+
+    def test_rule_arguments_are_checked(self) -> None:
+        bad: list[dict[str, Any]] = [
+            {"kind": "boom"}, {"times": 0}, {"times": True}, {"seconds": 0},
+            {"seconds": 5, "until": START + 5}, {"app": "web"}, {"ips": ["1.2.3.999"]},
+            {"allow": -1}, {"per": "week"}, {"kind": "empty"}, {"kind": "dup:ok"},
+            {"kind": "dup:nope", "path": SEND}, {"kind": "report:msgid0", "path": "*"},
+        ]
+        for overrides in bad:
+            args: dict[str, Any] = {"path": USER_INFO, "kind": "-1", **overrides}
+            path, kind = args.pop("path"), args.pop("kind")
+            with pytest.raises(ValueError):
+                self.fake.script_fault(path, kind, **args)
+        assert self.fake.faults.live() == []
+
+    def test_control_routes_add_list_and_clear(self) -> None:
+        code, rule = self.control("POST", "faults", {
+            "path": "token", "kind": "89503", "seconds": 30, "app": "oa", "ip": "10.1.2.3"})
+        assert code == 200 and rule["kind"] == "89503" and rule["until"] == START + 30
+        assert rule["times"] is None and rule["app"] == "oa" and rule["ips"] == ["10.1.2.3"]
+        assert self.token_answer()["errcode"] == 89503
+        code, listed = self.control("GET", "faults")
+        assert [r["id"] for r in listed["faults"]] == [rule["id"]]
+        assert listed["faults"][0]["fired"] == 1
+        self.clock.advance(30)  # the admin confirmed: the emulator recovers by itself
+        assert "access_token" in self.token_answer()
+        assert self.control("GET", "faults")[1] == {"faults": []}
+        code, until_cleared = self.control("POST", "faults", {
+            "path": USER_INFO, "kind": "45009", "times": None})
+        assert code == 200 and until_cleared["times"] is None and until_cleared["until"] is None
+        self.control("POST", "faults", {"path": USER_GET, "kind": "-1"})
+        assert self.control("DELETE", f"faults?id={until_cleared['id']}")[1] == {"cleared": 1}
+        assert self.control("DELETE", "faults")[1] == {"cleared": 1}
+        for broken in ({"path": USER_GET, "kind": "-1", "tims": 2},
+                       {"path": USER_GET, "kind": "-1", "seconds": "soon"},
+                       {"path": USER_GET, "kind": "-1", "openids": "x"},
+                       {"path": USER_GET, "kind": "dup:45066"}):
+            code, answer = self.control("POST", "faults", broken)
+            assert code == 400 and answer["error"], broken
+
+    # 1. WeChat unreachable for us: token refusals, optionally on business calls too.
+
+    def test_refuse_tokens_for_a_window_then_recover(self) -> None:
+        token = self.token()
+        for errcode in TOKEN_REFUSALS:
+            self.fake.refuse_tokens(errcode, seconds=60)
+            assert self.token_answer()["errcode"] == errcode
+            assert self.stable_answer()["errcode"] == errcode
+            assert RID_RE.search(self.stable_answer()["errmsg"])
+            assert "total" in self.api_json("GET", USER_GET, {"access_token": token})
+            self.clock.advance(60)
+            token = self.token_answer()["access_token"]
+            assert self.fake.faults.live() == []
+
+    def test_whitelist_errmsg_names_the_callers_ip(self) -> None:
+        self.fake.refuse_tokens(40164, times=1)
+        answer = self.token_answer()
+        assert answer["errmsg"].startswith(
+            "invalid ip 127.0.0.1 ipv6 ::ffff:127.0.0.1, not in whitelist rid: ")
+        # Behind NAT the address changes from call to call.
+        self.fake.refuse_tokens(40164, times=3, ips=["1.2.3.4", "5.6.7.8"])
+        shown = [self.token_answer()["errmsg"].split(",")[0] for _ in range(3)]
+        assert shown == ["invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4",
+                         "invalid ip 5.6.7.8 ipv6 ::ffff:5.6.7.8",
+                         "invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4"]
+        assert "access_token" in self.token_answer()
+        self.fake.refuse_tokens(40164, times=1, ips=["2001:db8::1"], business=True)
+        v6 = dispatch(self.fake, "GET", USER_GET, {}, b"")
+        assert v6.body is not None
+        assert v6.body["errmsg"].startswith("invalid ip 2001:db8::1 ipv6 2001:db8::1, not in")
+        self.fake.refuse_tokens(61004, times=1, errmsg="access clientip is not registered")
+        assert self.token_answer()["errmsg"].startswith("access clientip is not registered rid: ")
+
+    def test_refusals_on_business_calls_and_per_app(self) -> None:
+        oa = self.token()
+        creds = self.fake.credentials
+        self.fake.refuse_tokens(40164, business=True, seconds=300)
+        assert self.api_json("GET", USER_GET, {"access_token": oa})["errcode"] == 40164
+        assert self.send(oa, self.followers[0])["errcode"] == 40164
+        code = self.fake.issue_login_code(self.fake.people[0])
+        login = self.api_json("GET", "/sns/jscode2session", {
+            "appid": creds.mp_appid, "secret": creds.mp_secret, "js_code": code})
+        assert login["errcode"] == 40164
+        assert self.fake.inbox(self.followers[0].oa_openid) == []
+        self.clock.advance(300)
+        assert "total" in self.api_json("GET", USER_GET, {"access_token": oa})
+        # Only the MP's fetches (its whitelist is its own); the OA is untouched.
+        self.fake.refuse_tokens(40243, app="mp")
+        assert self.token_answer("mp")["errcode"] == 40243
+        assert "access_token" in self.token_answer("oa")
+        assert self.api_json("GET", USER_GET, {"access_token": oa}).get("errcode") is None
+        self.fake.clear_faults()
+        assert "access_token" in self.token_answer("mp")
+
+    # 2. The backfill cursor goes stale.
+
+    def test_stale_cursor_answers_40003_or_an_empty_page(self) -> None:
+        token = self.token()
+        openids = self.fake.follower_openids
+        cursor, other = openids[50], openids[60]
+
+        def page(next_openid: str = "") -> dict[str, Any]:
+            query = {"access_token": token}
+            if next_openid:
+                query["next_openid"] = next_openid
+            return self.api_json("GET", USER_GET, query)
+
+        total = len(openids)
+        rule = self.fake.stale_cursor(cursor)
+        assert page(cursor)["errcode"] == 40003
+        assert page(cursor)["errcode"] == 40003  # until cleared
+        assert page(other)["data"]["openid"] == openids[61:]
+        assert page()["count"] == total
+        self.fake.clear_faults(rule_id=rule.id)
+        assert page(cursor)["data"]["openid"] == openids[51:]
+        self.fake.stale_cursor(cursor, "empty", times=1)
+        assert page(cursor) == {"total": total, "count": 0, "next_openid": ""}
+        assert page(cursor)["count"] == total - 51
+        self.fake.stale_cursor("*", "empty_bare", seconds=10)
+        assert page(cursor) == {"total": total, "count": 0}
+        assert page(other) == {"total": total, "count": 0}
+        assert page()["count"] == total  # "*" is any cursor, not the first page
+        self.clock.advance(10)
+        assert page(other)["count"] == total - 61
+
+    # 3. batchget with one bad openid in the chunk.
+
+    def test_poisoned_openid_fails_the_whole_chunk(self) -> None:
+        token = self.token()
+        people = self.fake.people[:100]
+        bad = people[37].oa_openid
+
+        def batch(chunk: list[Person]) -> dict[str, Any]:
+            body = {"user_list": [{"openid": p.oa_openid, "lang": "zh_CN"} for p in chunk]}
+            return self.api_json("POST", BATCHGET, {"access_token": token}, body)
+
+        for errcode in (50005, 40003, 40032):
+            rule = self.fake.poison_openid(bad, errcode)
+            answer = batch(people)
+            assert answer["errcode"] == errcode and RID_RE.search(answer["errmsg"])
+            assert batch([people[37]])["errcode"] == errcode
+            clean = batch(people[:37] + people[38:])
+            assert len(clean["user_info_list"]) == 99
+            assert rule.fired == 2
+            self.fake.clear_faults()
+            assert len(batch(people)["user_info_list"]) == 100
+        code, _ = self.control("POST", "faults", {
+            "path": BATCHGET, "kind": "50005", "openids": [bad], "times": 1})
+        assert code == 200 and batch(people)["errcode"] == 50005
+        assert len(batch(people)["user_info_list"]) == 100
+        # The same condition works on user/info (openid) and template/send (touser).
+        self.fake.poison_openid(bad, 40003, path=USER_INFO, times=1)
+        query = {"access_token": token}
+        assert self.api_json("GET", USER_INFO, {**query, "openid": bad})["errcode"] == 40003
+        assert self.api_json("GET", USER_INFO, {**query, "openid": bad})["openid"] == bad
+
+    # 4. A repeated client_msg_id within WeChat's 10-minute window.
+
+    def test_every_duplicate_answer_and_a_single_delivery(self) -> None:
+        token = self.token()
+        follower = self.followers[0]
+        expected_keys = {
+            "ok": {"errcode", "errmsg", "msgid"}, "ok_no_msgid": {"errcode", "errmsg"},
+            "45065": {"errcode", "errmsg"}, "45065_msg_id": {"errcode", "errmsg", "msg_id"},
+            "45065_msgid": {"errcode", "errmsg", "msgid"}, "40241": {"errcode", "errmsg"},
+            "45066": {"errcode", "errmsg"},
+        }
+        texts = {"45065": "clientmsgid exist", "40241": "The message is duplicate in 60 seconds",
+                 "45066": "retry too fast"}
+        assert set(expected_keys) == set(DUPLICATE_MODES)
+        for number, mode in enumerate(DUPLICATE_MODES):
+            client_msg_id = f"push-{number}"
+            first = self.send(token, follower, client_msg_id=client_msg_id)["msgid"]
+            rule = self.fake.answer_duplicates(mode, times=1)
+            self.clock.advance(30)
+            again = self.send(token, follower, client_msg_id=client_msg_id)
+            assert set(again) == expected_keys[mode], (mode, again)
+            code = mode.partition("_")[0]
+            assert again["errcode"] == (0 if code == "ok" else int(code))
+            assert again["errmsg"].startswith(texts.get(code, "ok"))
+            assert again.get("msgid", again.get("msg_id", first)) == first
+            assert rule.fired == 1
+            # Used up: the next repeat gets the default answer; nothing is delivered twice.
+            default = self.send(token, follower, client_msg_id=client_msg_id)
+            assert default == {"errcode": 0, "errmsg": "ok", "msgid": first}
+            assert self.fake.calls[-2].fault == f"dup:{mode}" and self.fake.calls[-1].fault is None
+        assert len(self.fake.inbox(follower.oa_openid)) == len(DUPLICATE_MODES)
+
+    def test_duplicate_rule_touches_only_duplicates(self) -> None:
+        token = self.token()
+        follower = self.followers[1]
+        code, rule = self.control("POST", "faults", {
+            "path": SEND, "kind": "dup:45065_msg_id", "times": None})
+        assert code == 200
+        first = self.send(token, follower, client_msg_id="a")
+        assert first["errcode"] == 0
+        assert self.send(token, follower, client_msg_id="b")["errcode"] == 0
+        assert self.send(token, follower)["errcode"] == 0
+        assert self.control("GET", "faults")[1]["faults"][0]["fired"] == 0
+        for _ in range(2):
+            again = self.send(token, follower, client_msg_id="a")
+            assert again["errcode"] == 45065 and again["msg_id"] == first["msgid"]
+        self.clock.advance(600)  # past WeChat's window: a new message, no duplicate answer
+        later = self.send(token, follower, client_msg_id="a")
+        assert later["errcode"] == 0 and later["msgid"] != first["msgid"]
+        assert len(self.fake.inbox(follower.oa_openid)) == 4
+        self.control("DELETE", f"faults?id={rule['id']}")
+        assert self.send(token, follower, client_msg_id="a")["msgid"] == later["msgid"]
+
+    # 5. Daily quotas (reset at Beijing midnight by the emulator's clock) and 43117.
+
+    def test_daily_quota_resets_at_beijing_midnight(self) -> None:
+        token = self.token()
+        openid = self.followers[0].oa_openid
+        query = {"access_token": token, "openid": openid}
+        midnight = self.fake.next_beijing_midnight()
+        assert (midnight + 8 * 3600) % 86400 == 0 and START < midnight <= START + 86400
+        self.fake.daily_quota(USER_INFO, 3)
+        for _ in range(3):
+            assert self.api_json("GET", USER_INFO, query)["openid"] == openid
+        assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
+        self.clock.set(midnight - 1)
+        assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
+        self.clock.set(midnight)
+        token = self.token()
+        query["access_token"] = token
+        for _ in range(3):
+            assert self.api_json("GET", USER_INFO, query)["openid"] == openid
+        assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
+        self.fake.clear_faults()
+        assert self.api_json("GET", USER_INFO, query)["openid"] == openid
+
+    def test_template_send_quota_and_used_up_until_midnight(self) -> None:
+        token = self.token()
+        follower = self.followers[0]
+        self.fake.daily_quota(SEND, 1)
+        assert self.send(token, follower)["errcode"] == 0
+        assert self.send(token, follower)["errcode"] == 45009
+        assert len(self.fake.inbox(follower.oa_openid)) == 1
+        self.fake.clear_faults()
+        code, rule = self.control("POST", "faults", {
+            "path": USER_INFO, "kind": "45009", "until": "beijing_midnight"})
+        assert code == 200 and rule["until"] == self.fake.next_beijing_midnight()
+        exhausted = self.fake.exhaust_daily_quota(SEND)
+        query = {"access_token": token, "openid": follower.oa_openid}
+        assert self.api_json("GET", USER_INFO, query)["errcode"] == 45009
+        assert self.send(token, follower)["errcode"] == 45009
+        self.clock.set(exhausted.until or 0.0)
+        token = self.token()
+        assert self.send(token, follower)["errcode"] == 0
+        assert self.fake.faults.live() == []
+
+    def test_43117_per_user_frequency_limit(self) -> None:
+        token = self.token()
+        busy, calm = self.followers[0], self.followers[1]
+        self.fake.throttle_openid(busy.oa_openid, seconds=600)
+        answer = self.send(token, busy)
+        assert answer["errcode"] == 43117 and answer["errmsg"].startswith("Sending messages")
+        assert self.send(token, calm)["errcode"] == 0
+        self.clock.advance(600)
+        assert self.send(token, busy)["errcode"] == 0
+        # A counted limit: 2 sends per openid per hour window of the clock.
+        self.clock.set(START - START % 3600 + 7200)
+        token = self.token()
+        self.fake.frequency_limit(2, 3600)
+        assert [self.send(token, busy)["errcode"] for _ in range(3)] == [0, 0, 43117]
+        assert [self.send(token, calm)["errcode"] for _ in range(3)] == [0, 0, 43117]
+        self.clock.advance(3600)
+        assert self.send(token, busy)["errcode"] == 0
+        self.fake.clear_faults()
+        assert [self.send(token, busy)["errcode"] for _ in range(3)] == [0, 0, 0]
+        assert len(self.fake.inbox(busy.oa_openid)) == 1 + 2 + 1 + 3
+
+
+def test_next_beijing_midnight() -> None:
+    # 2023-11-14 22:13:20 UTC is 2023-11-15 06:13:20 in Beijing: the next midnight there is
+    # 2023-11-15 16:00:00 UTC.
+    fake = FakeWeChat(5, clock=FakeClock())
+    assert fake.next_beijing_midnight() == 1_700_064_000
+    assert FakeWeChat(5, clock=FakeClock(1_700_064_000)).next_beijing_midnight() == 1_700_150_400
 
 
 # The WeChat side of the webhook: known-answer vectors (see test_crypto) -----------------------------
@@ -962,6 +1335,100 @@ class WebhookTests(SandboxTestCase):
         assert calls["count"] == 0
         code, inbox = await control(f"inbox/{stranger.oa_openid}")
         assert inbox == {"messages": []}
+
+    async def control(self, path: str, body: Any = None) -> tuple[int, Any]:
+        response = await self.http_client.fetch(
+            self.get_url("/_sandbox/" + path), method="GET" if body is None else "POST",
+            body=None if body is None else json.dumps(body), raise_error=False)
+        return response.code, json.loads(response.body)
+
+    async def api(self, method: str, path: str, query: dict[str, str], body: Any = None) -> Any:
+        response = await self.http_client.fetch(
+            self.get_url(f"{path}?{urllib.parse.urlencode(query)}"), method=method,
+            body=None if body is None else json.dumps(body, ensure_ascii=False))
+        return json.loads(response.body)
+
+    async def oa_token(self) -> str:
+        creds = self.fake.credentials
+        answer = await self.api("GET", "/cgi-bin/token", {
+            "grant_type": CC, "appid": creds.oa_appid, "secret": creds.oa_secret})
+        token: str = answer["access_token"]
+        return token
+
+    async def wait_for_events(self, box: dict[str, Any], count: int) -> None:
+        for _ in range(500):
+            if len(box.get("events", [])) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(box.get('events', []))} events, expected {count}")
+
+    @gen_test
+    async def test_mangled_delivery_reports(self) -> None:
+        url, box = self.start_receiver()
+        self.fake.configure_webhook(url, mode="safe")
+        for mode in ("msgid0", "no_msgid", "lost"):
+            self.fake.mangle_reports(mode, times=1)
+        token = await self.oa_token()
+        followers = [p for p in self.fake.people if p.follows][:4]
+        msgids = []
+        for number, person in enumerate(followers):
+            answer = await self.api("POST", SEND, {"access_token": token}, {
+                "touser": person.oa_openid, "template_id": ORDER_TEMPLATE_ID,
+                "client_msg_id": f"job-{number}", "data": GOOD_ORDER})
+            msgids.append(answer["msgid"])
+        await self.wait_for_events(box, 3)
+        await asyncio.sleep(0.05)
+        events = dict(box["events"])
+        assert len(box["events"]) == 3
+        zero, bare, lost, normal = (p.oa_openid for p in followers)
+        assert events[zero]["MsgID"] == "0" and events[zero]["Status"] == "success"
+        assert "MsgID" not in events[bare] and events[bare]["Event"] == "TEMPLATESENDJOBFINISH"
+        assert lost not in events  # the report never came
+        assert events[normal]["MsgID"] == str(msgids[3])
+        faults = [c.fault for c in self.fake.calls if c.path == SEND]
+        assert faults == ["report:msgid0", "report:no_msgid", "report:lost", None]
+        assert all(len(self.fake.inbox(p.oa_openid)) == 1 for p in followers)
+
+    @gen_test
+    async def test_control_events_reports_without_msgid_and_msgid_collisions(self) -> None:
+        url, box = self.start_receiver()
+        assert (await self.control("webhook", {"url": url, "mode": "safe"}))[0] == 200
+        one, two = self.fake.people[:2]
+        report = {"index": one.index, "event": "TEMPLATESENDJOBFINISH"}
+        code, zero = await self.control("events", {**report, "msgid": 0,
+                                                   "status": "failed:user block"})
+        assert code == 200 and zero["webhook"]["status"] == 200
+        assert (await self.control("events", {**report, "msgid": None}))[0] == 200
+        assert (await self.control("events", report))[0] == 400
+        assert (await self.control("events", {**report, "msgid": "7"}))[0] == 400
+        text = {"event": "text", "content": "hi", "msg_id": "last"}
+        assert (await self.control("events", {**text, "index": one.index}))[0] == 400
+        del text["msg_id"]
+        assert (await self.control("events", {**text, "index": one.index}))[0] == 200
+        code, _ = await self.control("events", {**text, "index": two.index, "msg_id": "last"})
+        assert code == 200
+        await self.wait_for_events(box, 4)
+        (_, first_report), (_, bare_report), (_, first), (_, second) = box["events"]
+        assert first_report["MsgID"] == "0" and first_report["Status"] == "failed:user block"
+        assert "MsgID" not in bare_report
+        # Two different users, one MsgId: a collision a MsgId-only dedupe would get wrong.
+        assert first["MsgId"] == second["MsgId"]
+        assert (first["FromUserName"], second["FromUserName"]) == (one.oa_openid, two.oa_openid)
+
+    @gen_test
+    async def test_silent_unfollow_then_43004(self) -> None:
+        url, box = self.start_receiver()
+        self.fake.configure_webhook(url, mode="safe")
+        person = next(p for p in self.fake.people if p.follows)
+        code, answer = await self.control("unfollow", {"index": person.index, "notify": False})
+        assert code == 200 and answer["webhook"] is None and not answer["person"]["follows"]
+        token = await self.oa_token()
+        sent = await self.api("POST", SEND, {"access_token": token}, {
+            "touser": person.oa_openid, "template_id": ORDER_TEMPLATE_ID, "data": GOOD_ORDER})
+        assert sent["errcode"] == 43004
+        await asyncio.sleep(0.05)
+        assert "events" not in box  # no unsubscribe event ever reached the webhook
+        assert self.fake.inbox(person.oa_openid) == []
 
 
 # Thread-hosted sandbox, the CLI runner, and the 100k listing figure ------------------------------------

@@ -73,7 +73,14 @@ class ApiHandler(tornado.web.RequestHandler):
             for key, values in self.request.query_arguments.items()
             if values
         }
-        answer = dispatch(runtime.fake, method, self.request.path, query, self.request.body)
+        answer = dispatch(
+            runtime.fake,
+            method,
+            self.request.path,
+            query,
+            self.request.body,
+            self.request.remote_ip or "127.0.0.1",
+        )
         if answer.delay_s > 0:
             await asyncio.sleep(answer.delay_s)
         if answer.report is not None:

@@ -2,6 +2,38 @@
 
 Imports tornado.web, stdlib and the sandbox's own modules; never wxd's service layers.
 Errors are {"error": "..."} with 400 or 404.
+
+Fault switches (the HTTP form of FakeWeChat.script_fault and its shorthands; faults.py has the
+whole contract):
+- POST /_sandbox/faults {path, kind, times?, seconds?, until?, app?, openids? | openid?,
+  next_openid?, ips? | ip?, errmsg?, allow?, per?, per_openid?} adds a rule and answers it as
+  JSON (with its "id"). `path` is an API path, "token" (both token endpoints) or "*" (every
+  API path). `times` absent: 1 without a time limit, no count limit with one; null: no count
+  limit (with no time limit either, the rule lasts until cleared). `until` is an emulator time
+  or "beijing_midnight" (the next daily-quota reset).
+- GET /_sandbox/faults -> {"faults": [...]}: the rules still in force, with what they fired.
+- DELETE /_sandbox/faults[?path=…][&id=…] -> {"cleared": <count>}: all rules, or some.
+The shorthands as HTTP bodies:
+- tokens refused: {"path": "token" (or "*" for business calls too), "kind": "40164" | "61004" |
+  "89501" | "89503" | "89506" | "89507" | "40243" | "40125" | "40013", "seconds": T,
+  "app"?: "oa" | "mp", "ips"?: [...]}
+- stale backfill cursor: {"path": "/cgi-bin/user/get", "kind": "40003" | "empty" |
+  "empty_bare", "next_openid": "<openid>" or "*", "times": null}
+- a bad openid in a batchget chunk: {"path": "/cgi-bin/user/info/batchget", "kind": "50005" |
+  "40003" | "40032", "openids": [...], "times": null}
+- a repeated client_msg_id: {"path": "/cgi-bin/message/template/send", "kind": "dup:ok" |
+  "dup:ok_no_msgid" | "dup:45065" | "dup:45065_msg_id" | "dup:45065_msgid" | "dup:40241" |
+  "dup:45066", "times": null}
+- daily quota: {"path": ..., "kind": "45009", "allow": N, "per": "day", "times": null}; quota
+  already used up today: {"path": ..., "kind": "45009", "until": "beijing_midnight"}
+- per-user limit: {"path": "/cgi-bin/message/template/send", "kind": "43117", "openids": [...],
+  "seconds": T} or {..., "allow": N, "per": S, "per_openid": true, "times": null}
+- delivery reports: {"path": "/cgi-bin/message/template/send", "kind": "report:msgid0" |
+  "report:no_msgid" | "report:lost", "times": N}
+Other behaviours: POST /_sandbox/unfollow {who, "notify": false} is a silent unfollow (no
+unsubscribe event; template/send then answers 43004). POST /_sandbox/events can send a
+TEMPLATESENDJOBFINISH with any MsgID (0, or null for none) and text messages with a chosen
+MsgId ("last": the previous text message's, i.e. a collision across users).
 """
 
 from __future__ import annotations
@@ -15,8 +47,8 @@ import tornado.web
 
 from wxd.sandbox.population import Person
 from wxd.sandbox.runtime import SandboxRuntime
-from wxd.sandbox.state import Call, check_fault_kind
-from wxd.sandbox.webhook_sender import Delivery
+from wxd.sandbox.state import Call
+from wxd.sandbox.webhook_sender import Delivery, WebhookSender
 
 
 class _ControlError(Exception):
@@ -185,8 +217,15 @@ class FollowHandler(ControlHandler):
 
 
 class EventHandler(ControlHandler):
-    """POST {who, event: subscribe|unsubscribe|SCAN|text, scene?, content?} -> the webhook's
-    answer. Fires the event only; it does not change follow state (use /follow for that)."""
+    """POST {who, event: subscribe|unsubscribe|SCAN|text|TEMPLATESENDJOBFINISH, scene?,
+    content?, msg_id?, msgid?, status?} -> the webhook's answer. Fires the event only; it does
+    not change follow state (use /follow for that).
+
+    text: `msg_id` is the MsgId (drawn if absent; "last" reuses the previous text message's,
+    a collision across users: https://github.com/binarywang/WxJava/issues/333).
+    TEMPLATESENDJOBFINISH: `msgid` is required, an integer (0 is a reported case) or null for
+    a report without MsgID; `status` defaults to "success".
+    """
 
     async def post(self) -> None:
         await self._run(self._post)
@@ -207,14 +246,39 @@ class EventHandler(ControlHandler):
         elif event == "SCAN":
             delivery = await sender.scan(openid, str(scene or "0"))
         elif event == "text":
-            delivery = await sender.text(openid, str(spec.get("content", "")))
+            content = str(spec.get("content", ""))
+            delivery = await sender.text(openid, content, _text_msg_id(spec, sender))
+        elif event == "TEMPLATESENDJOBFINISH":
+            if "msgid" not in spec:
+                raise _ControlError(400, "TEMPLATESENDJOBFINISH needs msgid (an integer or null)")
+            msgid = spec["msgid"]
+            if msgid is not None and (isinstance(msgid, bool) or not isinstance(msgid, int)):
+                raise _ControlError(400, "msgid must be an integer or null")
+            status = spec.get("status", "success")
+            delivery = await sender.template_finished(openid, msgid, str(status))
         else:
-            raise _ControlError(400, "event must be subscribe, unsubscribe, SCAN or text")
+            raise _ControlError(
+                400, "event must be subscribe, unsubscribe, SCAN, text or TEMPLATESENDJOBFINISH"
+            )
         return {"webhook": delivery_json(delivery)}
 
 
+def _text_msg_id(spec: dict[str, Any], sender: WebhookSender) -> int | None:
+    msg_id = spec.get("msg_id")
+    if msg_id == "last":
+        if sender.last_msg_id is None:
+            raise _ControlError(400, "no text message was sent yet")
+        return sender.last_msg_id
+    if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, int)):
+        raise _ControlError(400, 'msg_id must be an integer or "last"')
+    return msg_id
+
+
 class FaultsHandler(ControlHandler):
-    """POST {path, kind, times?} scripts a fault; DELETE clears scripted faults."""
+    """POST adds a fault rule, GET lists the live ones, DELETE clears (see the module docstring)."""
+
+    async def get(self) -> None:
+        await self._run(self._get)
 
     async def post(self) -> None:
         await self._run(self._post)
@@ -222,21 +286,80 @@ class FaultsHandler(ControlHandler):
     async def delete(self) -> None:
         await self._run(self._delete)
 
+    async def _get(self) -> dict[str, Any]:
+        return {"faults": [rule.as_json() for rule in self.fake.faults.live()]}
+
     async def _post(self) -> dict[str, Any]:
         spec = self.body_json()
-        path, kind, times = spec.get("path"), spec.get("kind"), spec.get("times", 1)
-        if not isinstance(path, str) or not isinstance(kind, str) or not isinstance(times, int):
-            raise _ControlError(400, "need path (str), kind (str) and optional times (int)")
+        path, kind = spec.get("path"), spec.get("kind")
+        if not isinstance(path, str) or not isinstance(kind, str):
+            raise _ControlError(400, "need path (str) and kind (str)")
+        unknown = set(spec) - _FAULT_FIELDS
+        if unknown:
+            raise _ControlError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+        until = spec.get("until")
+        if until == "beijing_midnight":
+            until = self.fake.next_beijing_midnight()
         try:
-            check_fault_kind(kind)
+            rule = self.fake.script_fault(
+                path,
+                kind,
+                spec["times"] if "times" in spec else ...,
+                seconds=_number_or_none(spec, "seconds"),
+                until=_number_or_none({"until": until}, "until"),
+                app=_str_or_none(spec, "app"),
+                openids=_strings(spec, "openids", "openid"),
+                next_openid=_str_or_none(spec, "next_openid"),
+                ips=_strings(spec, "ips", "ip") or (),
+                errmsg=_str_or_none(spec, "errmsg"),
+                allow=spec.get("allow", 0),
+                per=spec.get("per"),
+                per_openid=bool(spec.get("per_openid", False)),
+            )
         except ValueError as error:
             raise _ControlError(400, str(error)) from None
-        self.fake.script_fault(path, kind, times)
-        return {"path": path, "kind": kind, "times": times}
+        return rule.as_json()
 
     async def _delete(self) -> dict[str, Any]:
-        self.fake.clear_faults()
-        return {"cleared": True}
+        path = self.get_query_argument("path", None)
+        rule_id = self.get_query_argument("id", None)
+        if rule_id is not None and not rule_id.isdigit():
+            raise _ControlError(400, "id must be an integer")
+        cleared = self.fake.clear_faults(path, int(rule_id) if rule_id is not None else None)
+        return {"cleared": cleared}
+
+
+_FAULT_FIELDS = frozenset({
+    "path", "kind", "times", "seconds", "until", "app", "openids", "openid", "next_openid",
+    "ips", "ip", "errmsg", "allow", "per", "per_openid",
+})
+
+
+def _number_or_none(spec: dict[str, Any], key: str) -> float | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _ControlError(400, f"{key} must be a number")
+    return float(value)
+
+
+def _str_or_none(spec: dict[str, Any], key: str) -> str | None:
+    value = spec.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _ControlError(400, f"{key} must be a string")
+    return value
+
+
+def _strings(spec: dict[str, Any], many: str, one: str) -> list[str] | None:
+    """The list under `many`, or the single string under `one`, or None."""
+    if many in spec:
+        values = spec[many]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise _ControlError(400, f"{many} must be a list of strings")
+        return values
+    value = _str_or_none(spec, one)
+    return [value] if value is not None else None
 
 
 class CallsHandler(ControlHandler):

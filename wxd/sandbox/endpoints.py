@@ -2,6 +2,11 @@
 
 Pure and synchronous: stdlib and the sandbox's pure modules only; must not import tornado.
 The tornado layer (app.py) only applies an Answer's delay and transport fault.
+
+Scripted faults (faults.py) are applied here: "call"-stage rules in dispatch() before the
+endpoint runs (errcodes, with 40164's errmsg naming the caller's address; user/get's empty
+pages; transport faults), "duplicate"-stage rules where template/send detects a repeated
+client_msg_id, and "report"-stage rules where it builds the TEMPLATESENDJOBFINISH.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from functools import cached_property
 from json.encoder import encode_basestring
 from typing import Any
 
+from wxd.sandbox.fault_answers import call_facts, duplicate_answer, fault_body
+from wxd.sandbox.faults import SEND_PATH, CallFacts
 from wxd.sandbox.shapes import encode_json, error_body, strings_json, user_info, user_info_json
 from wxd.sandbox.state import Call, FakeWeChat, decode_body
 from wxd.sandbox.templates import check_data, check_miniprogram
@@ -29,11 +36,14 @@ _UNPARSED: Any = object()
 
 @dataclass(frozen=True)
 class Report:
-    """A TEMPLATESENDJOBFINISH to push after an accepted message."""
+    """A TEMPLATESENDJOBFINISH to push after an accepted message. `event_msgid` is the MsgID
+    the event carries: the message's `msgid`, unless a "report:" fault made it 0 or None (no
+    MsgID element)."""
 
     oa_openid: str
     msgid: int
     status: str
+    event_msgid: int | None
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ class _Ctx:
     body: bytes
     app: str | None = None
     report: Report | None = None
+    fault: str | None = None  # the kind of a "duplicate"/"report" fault that fired
     parsed: Any = _UNPARSED
 
     def parse(self) -> Any:
@@ -217,11 +228,13 @@ def _template_send(ctx: _Ctx) -> dict[str, Any]:
         raise _Reject(47001)
     if client_msg_id:
         # Same openid + client_msg_id within 10 minutes: WeChat sends only one message. The
-        # sandbox answers success with the first msgid (the exact answer is unconfirmed),
-        # before any other check, so a retry after an unfollow still learns the msgid.
+        # exact answer is unconfirmed: by default the sandbox answers success with the first
+        # msgid, and a "dup:<mode>" fault picks any other reported answer. It comes before any
+        # other check, so a retry after an unfollow still learns the msgid.
         msgid = fake.deduped_msgid(touser, client_msg_id)
         if msgid is not None:
-            return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
+            answer, ctx.fault = duplicate_answer(fake, touser, msgid)
+            return answer
     template_id = body.get("template_id")
     if not isinstance(template_id, str) or not template_id:
         raise _Reject(40036)  # e.g. the field misspelled as "temlate_id" (community reports)
@@ -254,8 +267,21 @@ def _template_send(ctx: _Ctx) -> dict[str, Any]:
         client_msg_id or None,
     )
     if fake.webhook is not None:
-        ctx.report = Report(person.oa_openid, msgid, fake.report_status_for(person))
+        ctx.report = _report(ctx, person.oa_openid, msgid, fake.report_status_for(person))
     return {"errcode": 0, "errmsg": "ok", "msgid": msgid}
+
+
+def _report(ctx: _Ctx, openid: str, msgid: int, status: str) -> Report | None:
+    """The TEMPLATESENDJOBFINISH for an accepted message; a "report:" fault can make its MsgID
+    0 or absent, or lose it (MsgID 0 was reported with client_msg_id set:
+    https://developers.weixin.qq.com/community/personal/oCJUswwJ54BzNN0XkUvQKH5XOkCk/question)."""
+    rule = ctx.fake.draw_fault(SEND_PATH, lambda: CallFacts("oa", frozenset({openid})), "report")
+    if rule is None:
+        return Report(openid, msgid, status, msgid)
+    ctx.fault = rule.kind
+    if rule.kind == "report:lost":
+        return None
+    return Report(openid, msgid, status, 0 if rule.kind == "report:msgid0" else None)
 
 
 def _templates(ctx: _Ctx) -> dict[str, Any]:
@@ -320,13 +346,19 @@ def _encode(answer: dict[str, Any] | _Encoded | None) -> tuple[str | None, int |
 
 
 def dispatch(
-    fake: FakeWeChat, method: str, path: str, query: Mapping[str, str], body: bytes
+    fake: FakeWeChat,
+    method: str,
+    path: str,
+    query: Mapping[str, str],
+    body: bytes,
+    remote_ip: str = "127.0.0.1",
 ) -> Answer:
     """Answer one API call and record it in fake.calls.
 
     Unknown paths answer HTTP 404 with errcode 40066 naming the path. A wrong method answers
     43001/43002 like WeChat. Otherwise the fault drawn for the path (scripted first, then
-    fault_rate) replaces or follows the real processing.
+    fault_rate) replaces or follows the real processing. `remote_ip` is the caller's address
+    as WeChat would see it (40164's errmsg names it).
     """
     route = ROUTES.get(path)
     ctx = _Ctx(fake, dict(query), body)
@@ -339,15 +371,16 @@ def dispatch(
         answer_body = error_body(fake, 43001 if route[0] == "GET" else 43002)
     else:
         delay = fake.next_latency()
-        fault = fake.next_fault(path)
+        rule = fake.draw_fault(path, lambda: call_facts(fake, path, ctx.query, ctx.parse()))
+        fault = rule.kind if rule is not None else None
         if fault is not None and fault.startswith("delay:"):
             delay += float(fault.removeprefix("delay:"))
             fault = None
         if fault in ("hang", "reset", "http500"):
             answer_body = None
             status = 500 if fault == "http500" else 200
-        elif fault is not None and fault not in ("hang_after", "reset_after"):
-            answer_body = error_body(fake, int(fault))
+        elif rule is not None and fault is not None and fault not in ("hang_after", "reset_after"):
+            answer_body = fault_body(fake, rule, remote_ip)
         else:
             try:
                 answer_body = route[1](ctx)
@@ -364,7 +397,7 @@ def dispatch(
             errcode=None if fault in ("hang_after", "reset_after") else errcode,
             at=fake.clock(),
             app=ctx.app,
-            fault=fault,
+            fault=fault or ctx.fault,
         )
     )
     # For "hang_after"/"reset_after" the call was processed (a report may still go out), but the

@@ -77,7 +77,9 @@ class SandboxRuntime:
         sender = self.sender()
         if sender is None:
             return
-        delivery = await sender.template_finished(report.oa_openid, report.msgid, report.status)
+        delivery = await sender.template_finished(
+            report.oa_openid, report.event_msgid, report.status
+        )
         if delivery.status != 200:
             logger.warning(
                 "delivery report for msgid %d: webhook answered %s (%s)",

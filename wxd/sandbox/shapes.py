@@ -5,6 +5,7 @@ Pure: stdlib and the sandbox's pure modules only; must not import tornado.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from json.encoder import encode_basestring
@@ -30,6 +31,8 @@ ERRMSG: Mapping[int, str] = {
     40066: "invalid url",
     40125: "invalid appsecret",
     40163: "code been used",
+    40241: "The message is duplicate in 60 seconds",
+    40243: "appsecret is frozen",  # wording unconfirmed
     41001: "access_token missing",
     41002: "appid missing",
     41004: "appsecret missing",
@@ -37,11 +40,21 @@ ERRMSG: Mapping[int, str] = {
     43001: "require GET method",
     43002: "require POST method",
     43004: "require subscribe",
+    43117: "Sending messages to this openid too frequently, please try later",
     45009: "reach max api daily quota limit",
     45011: "api minute-quota reach limit mustslower retry next minute",
+    45065: "clientmsgid exist",
+    45066: "retry too fast",
     47001: "data format error",
     47003: "argument invalid!",
     48001: "api unauthorized",
+    # Wording of the following unconfirmed (the meanings are WeChat's).
+    50005: "user is not a follower",
+    61004: "access clientip is not registered, not in ip-white-list",
+    89501: "this ip is waiting for the admin's confirmation",
+    89503: "this ip needs the admin's confirmation",
+    89506: "this ip was refused twice by the admin in 24 hours",
+    89507: "this ip was refused by the admin within the last hour",
 }
 
 
@@ -63,6 +76,17 @@ def strings_json(values: list[str]) -> str:
         if len(raw.translate(None, _ESCAPED_ASCII)) == len(raw):
             return '["' + '","'.join(values) + '"]'
     return encode_json(values)
+
+
+def whitelist_errmsg(ip: str) -> str:
+    """40164's errmsg for a caller at `ip`, as WeChat words it: an IPv4 address appears twice,
+    the second time in its IPv6-mapped form ("invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4, not in
+    whitelist"). https://developers.weixin.qq.com/doc/offiaccount/Basic_Information/Get_access_token.html"""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    mapped = f"::ffff:{address}" if address.version == 4 else str(address)
+    return f"invalid ip {address} ipv6 {mapped}, not in whitelist"
 
 
 def error_body(fake: FakeWeChat, errcode: int, detail: str | None = None) -> dict[str, Any]:

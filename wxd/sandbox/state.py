@@ -2,6 +2,22 @@
 
 Pure and synchronous: stdlib and the sandbox's own pure modules only; must not import tornado.
 Not thread-safe: mutate it only on the loop that serves it (SandboxThread.call does that).
+
+Fault switches (methods from switches.FaultSwitches; each adds one rule to the one mechanism,
+faults.FaultBook, returns it, and takes a lifetime: `times` answers, `seconds` from now or
+`until` an emulator time; the HTTP form is POST /_sandbox/faults, see control.py):
+- script_fault(path, kind, times, ...): the general switch; every other one is a shorthand.
+- refuse_tokens(errcode, business=...): token fetches (and business calls) answer 40164 (errmsg
+  with the caller's IP), 61004, 89501/89503/89506/89507, 40243, 40125 or 40013.
+- stale_cursor(next_openid, kind): user/get resumed at that cursor answers 40003 or an empty page.
+- poison_openid(openid, errcode): a batchget chunk holding that openid answers 50005/40003/40032.
+- answer_duplicates(mode): how a repeated openid + client_msg_id is answered (faults.DUPLICATE_MODES).
+- daily_quota(path, limit) / exhaust_daily_quota(path): 45009 past a daily quota, until Beijing
+  midnight by the clock.
+- throttle_openid(openid) / frequency_limit(limit, per_s): template/send's per-user 43117.
+- mangle_reports(mode): TEMPLATESENDJOBFINISH with MsgID 0, without MsgID, or never sent.
+unfollow() never notifies the webhook by itself: it is the silent unfollow (template/send then
+answers 43004 although no unsubscribe event was delivered).
 """
 
 from __future__ import annotations
@@ -12,15 +28,22 @@ import gc
 import json
 import logging
 import random
-import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from wxd.sandbox.faults import (
+    DEFAULT_FAULT_KINDS,
+    CallFacts,
+    FaultBook,
+    FaultRule,
+    check_fault_kind,
+)
 from wxd.sandbox.population import Credentials, Person, generate_people
+from wxd.sandbox.switches import FaultSwitches
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, Template
 from wxd.sandbox.token_book import TokenBook
 
@@ -33,12 +56,6 @@ LOGIN_CODE_LIFETIME_S = 300
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 CLIENT_MSG_ID_WINDOW_S = 600
 
-DEFAULT_FAULT_KINDS: tuple[str, ...] = ("-1", "45009", "45011", "http500", "hang", "reset")
-# "hang_after"/"reset_after" process the call (state changes, e.g. a message is accepted) and then
-# lose the answer: the case idempotency keys exist for. "delay:<seconds>" adds latency only.
-_TRANSPORT_FAULTS = frozenset({"http500", "hang", "reset", "hang_after", "reset_after"})
-_FAULT_RE = re.compile(r"-?[0-9]+|delay:[0-9]+(?:\.[0-9]+)?")
-
 MODES = ("plain", "compat", "safe")
 # Template msgids are large int64s, like real ones (community samples; the API's page:
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html).
@@ -46,13 +63,6 @@ _MSGID_BASE = 3_487_542_469_355_618_313
 # From this many people on, FakeWeChat ends its set-up with a full GC collection (its cost grows
 # with the population; small set-ups skip it). Cost measured: docs/internals.md.
 _COLLECT_FROM_USERS = 100_000
-
-
-def check_fault_kind(kind: str) -> str:
-    """Return `kind` if it is a known fault kind, else raise ValueError."""
-    if kind in _TRANSPORT_FAULTS or _FAULT_RE.fullmatch(kind):
-        return kind
-    raise ValueError(f"unknown fault kind {kind!r}")
 
 
 def decode_body(raw: bytes) -> Any:
@@ -111,7 +121,7 @@ class _LoginCode:
     used: bool = False
 
 
-class FakeWeChat:
+class FakeWeChat(FaultSwitches):
     """The emulated WeChat platform for one OA and one MP.
 
     Everything random (population, tokens, codes, msgids, faults, latency) comes from `seed`;
@@ -172,7 +182,7 @@ class FakeWeChat:
         self._codes: dict[str, _LoginCode] = {}
         self._inbox: dict[str, list[dict[str, Any]]] = {}
         self._sent: dict[tuple[str, str], tuple[int, float]] = {}
-        self._scripted: dict[str, deque[str]] = {}
+        self.faults = FaultBook(clock)
         self._next_msgid = _MSGID_BASE + self._rng.randrange(1_000_000)
         self._rid = 0
 
@@ -215,7 +225,9 @@ class FakeWeChat:
         bisect.insort(self._followers, person.oa_openid)
 
     def unfollow(self, person: Person) -> None:
-        """Make `person` stop following. user/info then answers the subscribe=0 shape."""
+        """Make `person` stop following. user/info then answers the subscribe=0 shape and
+        template/send 43004. Silent: no unsubscribe event is sent (the control route's
+        /_sandbox/unfollow sends one unless "notify" is false)."""
         if not person.follows:
             return
         person.follows = False
@@ -321,23 +333,21 @@ class FakeWeChat:
 
     # Faults, latency and the call log ----------------------------------------------------------
 
-    def script_fault(self, path: str, kind: str, times: int = 1) -> None:
-        """The next `times` calls to `path` answer `kind`: an errcode as a string ("-1",
-        "40001", "45009", ...), "http500", "hang", "reset", "hang_after", "reset_after" or
-        "delay:<seconds>". Scripted faults come before random ones."""
-        check_fault_kind(kind)
-        self._scripted.setdefault(path, deque()).extend([kind] * times)
-
-    def clear_faults(self) -> None:
-        self._scripted.clear()
-
     def next_fault(self, path: str) -> str | None:
-        """Draw the fault (if any) for the next call to `path`."""
-        queue = self._scripted.get(path)
-        if queue:
-            return queue.popleft()
+        """Draw the fault kind (if any) for the next call to `path` (unconditional rules only)."""
+        rule = self.draw_fault(path)
+        return rule.kind if rule is not None else None
+
+    def draw_fault(
+        self, path: str, facts: Callable[[], CallFacts] | None = None, stage: str = "call"
+    ) -> FaultRule | None:
+        """The fault for this call at `stage`: a scripted rule first, then (at the "call"
+        stage) a random one drawn with `fault_rate` (returned as a one-off rule, id 0)."""
+        rule = self.faults.draw(path, facts, stage)
+        if rule is not None or stage != "call":
+            return rule
         if self.fault_rate > 0 and self._fault_rng.random() < self.fault_rate:
-            return self._fault_rng.choice(self.fault_kinds)
+            return FaultRule(0, path, self._fault_rng.choice(self.fault_kinds), None, None, fired=1)
         return None
 
     def next_latency(self) -> float:

@@ -34,6 +34,11 @@ def beijing_day(now: float) -> int:
     return int((now + _BEIJING_OFFSET_S) // 86400)
 
 
+def next_beijing_midnight(now: float) -> float:
+    """The unix time of the first Beijing midnight after `now` (when daily quotas reset)."""
+    return float((beijing_day(now) + 1) * 86400 - _BEIJING_OFFSET_S)
+
+
 @dataclass(eq=False, slots=True)
 class TokenRecord:
     """One issued access_token. `dead_at` is set when a newer token superseded it."""

@@ -83,6 +83,7 @@ class WebhookSender:
         self._clock = clock
         self._rng = random.Random(f"{seed}:webhook")
         self._random_prefix = random_prefix
+        self.last_msg_id: int | None = None  # the MsgId of the latest text message built
         self._client = http_client
         self._owns_client = http_client is None
         creds = self.credentials
@@ -139,18 +140,27 @@ class WebhookSender:
     def text_fields(
         self, openid: str, content: str, msg_id: int | None = None, create_time: int | None = None
     ) -> dict[str, str | int]:
+        """A text message; MsgId is drawn unless given. Passing the MsgId of another user's
+        message (`last_msg_id`) makes the collision reported across users:
+        https://github.com/binarywang/WxJava/issues/333"""
         fields = self._header(openid, "text", create_time)
         fields["Content"] = content
         fields["MsgId"] = msg_id if msg_id is not None else self._rng.getrandbits(63)
+        self.last_msg_id = int(fields["MsgId"])
         return fields
 
     def template_finished_fields(
-        self, openid: str, msgid: int, status: str, create_time: int | None = None
+        self, openid: str, msgid: int | None, status: str, create_time: int | None = None
     ) -> dict[str, str | int]:
         """TEMPLATESENDJOBFINISH: note "MsgID" with a capital D, unlike MsgId elsewhere.
-        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html"""
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+        `msgid` None leaves the MsgID element out; a report with MsgID 0 has been seen too:
+        https://developers.weixin.qq.com/community/personal/oCJUswwJ54BzNN0XkUvQKH5XOkCk/question"""
         fields = self._header(openid, "event", create_time)
-        fields.update(Event="TEMPLATESENDJOBFINISH", MsgID=msgid, Status=status)
+        fields["Event"] = "TEMPLATESENDJOBFINISH"
+        if msgid is not None:
+            fields["MsgID"] = msgid
+        fields["Status"] = status
         return fields
 
     def _ticket(self) -> str:
@@ -266,7 +276,7 @@ class WebhookSender:
     async def text(self, openid: str, content: str, msg_id: int | None = None) -> Delivery:
         return await self.post_fields(self.text_fields(openid, content, msg_id))
 
-    async def template_finished(self, openid: str, msgid: int, status: str) -> Delivery:
+    async def template_finished(self, openid: str, msgid: int | None, status: str) -> Delivery:
         return await self.post_fields(self.template_finished_fields(openid, msgid, status))
 
     def close(self) -> None:
