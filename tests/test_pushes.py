@@ -83,7 +83,8 @@ class PushCase(AsyncHTTPTestCase):
         self.oa = OfficialAccountAPI(self.client, self.tokens)
         self.service = PushService(
             self.db, self.oa, mp_appid=self.creds.mp_appid if self.mini_program else None,
-            template_cache_s=3600, clock=self.clock, metrics=self.metrics)
+            template_cache_s=3600, clock=self.clock, metrics=self.metrics,
+            on_enqueued=self.ring_workers)
         self.former = [p for p in self.fake.people if not p.follows][:3]
         await self.db.write(self._seed)
 
@@ -131,9 +132,13 @@ class PushCase(AsyncHTTPTestCase):
         }
         settings.update(options)
         workers = PushWorkers(self.db, self.oa, **settings)
-        self.service.set_doorbell(workers.ring)
         self.workers.append(workers)
         return workers
+
+    def ring_workers(self) -> None:
+        """The service's doorbell (the daemon wires it to its PushWorkers.ring)."""
+        for workers in self.workers:
+            workers.ring()
 
     async def call(self, method: str, path: str, body: Any = None,
                    auth: bool = True) -> tuple[int, Any]:

@@ -148,7 +148,7 @@ class TestCalls(ClientCase):
             await oa.user_info("not-an-openid")
         exc = info.value
         assert (exc.errcode, exc.kind, exc.path) == (40003, "terminal", "/cgi-bin/user/info")
-        assert exc.errmsg.startswith("invalid openid") and not exc.retryable
+        assert exc.errmsg.startswith("invalid openid") and exc.kind == "terminal"
         assert "?" not in str(exc) and "access_token" not in str(exc)
 
     @gen_test

@@ -5,7 +5,6 @@
     ├── StorageError           database unusable, lock held by another process
     │   └── LockedError
     ├── WebhookError           the webhook edge; never reaches event code
-    │   ├── SignatureError     bad/missing signature or msg_signature, stale timestamp, replay
     │   ├── DecryptError       bad base64, bad padding, wrong appid, bad length
     │   └── MessageError       malformed/oversized XML, DTD/entities, missing fields
     ├── MiniProgramError       MP encryptedData problems
@@ -41,10 +40,6 @@ class LockedError(StorageError):
 
 class WebhookError(WxdError):
     """Rejected webhook input. The message is safe to log (never contains the body or secrets)."""
-
-
-class SignatureError(WebhookError):
-    """Signature, msg_signature, timestamp window or nonce replay check failed."""
 
 
 class DecryptError(WebhookError):
@@ -94,14 +89,6 @@ class WeChatAPIError(WxdError):
     @property
     def token_invalid(self) -> bool:
         return self.kind == "token"
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind == "transient"
-
-    @property
-    def quota(self) -> bool:
-        return self.kind == "quota"
 
 
 class TokenBudgetError(WxdError):

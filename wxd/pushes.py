@@ -91,10 +91,6 @@ class PushService:
         self._rejected = registry.counter(
             "wxd_push_rejected_total", "Push requests refused before queueing.", ("code",))
 
-    def set_doorbell(self, on_enqueued: Callable[[], None] | None) -> None:
-        """Set the callback rung after new pushes commit (PushWorkers.ring)."""
-        self._on_enqueued = on_enqueued
-
     # Templates ------------------------------------------------------------------------------
 
     def invalidate_templates(self) -> None:

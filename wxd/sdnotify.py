@@ -25,10 +25,6 @@ class Notifier:
         wanted = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.watchdog_interval_s: float | None = int(usec) / 2e6 if wanted else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._address)
-
     def notify(self, state: str) -> None:
         if not self._address:
             return
