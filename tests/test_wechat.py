@@ -200,6 +200,21 @@ class TestCalls(ClientCase):
         assert code not in text and self.creds.mp_secret not in text
 
     @gen_test
+    async def test_code2session_is_not_resent_after_a_lost_answer(self) -> None:
+        # WeChat exchanged the code, then the reused keep-alive connection was reset before
+        # the answer: a resend would answer 40163 and a good login would look like a bad code.
+        mp = MiniProgramAPI(self.client, self.creds.mp_appid, self.creds.mp_secret)
+        person = self.fake.person(4)
+        await mp.code2session(self.fake.issue_login_code(person))  # leaves an idle connection
+        assert self.http.idle_connections() == 1
+        self.fake.script_fault("/sns/jscode2session", "reset_after")
+        with pytest.raises(TransportError) as info:
+            await mp.code2session(self.fake.issue_login_code(person))
+        assert info.value.status is None
+        assert self.fake.count_calls("/sns/jscode2session") == 2  # the second one, once
+        assert self.http.stats.retried_stale == 0
+
+    @gen_test
     async def test_token_error_refreshes_once_and_retries_once(self) -> None:
         source = self.oa_source()
         oa = OfficialAccountAPI(self.client, source)

@@ -89,7 +89,7 @@ class WeChatClient:
         invalidates the token it used (a refresh happens only if that token is still current)
         and is retried exactly once; a second failure surfaces. `replay_safe` lets the transport
         resend once after a stale keep-alive connection (see wxd.wechat.transport); every WeChat call wxd
-        makes may be repeated except a forced stable_token refresh.
+        makes may be repeated except a forced stable_token refresh and /sns/jscode2session.
         """
         if token is None:
             return await self._once(method, path, params, body, None, replay_safe)

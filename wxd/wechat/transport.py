@@ -14,7 +14,8 @@ Contract:
   often the server closed the idle connection as we wrote, and nothing was processed) is sent
   once more on a new connection when it is `replay_safe` (default: GET and HEAD only). As in
   Go's net/http, "nothing was processed" cannot be proven, so only callers whose request may
-  be repeated say so (wechat.py: every call but a forced stable_token refresh).
+  be repeated say so (wechat/client.py: every call but a forced stable_token refresh and
+  jscode2session, whose code is single-use).
 - Errors: FetchError (no URL, no query string: they carry secrets) for connect failures,
   timeouts, resets, malformed or oversized answers. Any HTTP status is returned, not raised.
 """
