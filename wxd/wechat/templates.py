@@ -48,7 +48,7 @@ _RULES: Mapping[str, tuple[int | None, str]] = {
     "amount": (None, "one optional currency symbol and at most 12 digits, may end with 元"),
     "phone_number": (17, "at most 17 characters: digits and symbols"),
     "car_number": (8, "at most 8 characters: first and last may be Chinese, the rest letters or digits"),
-    "const": (20, "at most 20 characters (a value approved for the template)"),
+    "const": (20, "at most 20 characters (a value approved for the template, or empty)"),
     "phrase": (5, "at most 5 characters, Chinese only"),
 }
 
@@ -228,13 +228,18 @@ def normalize_data(data: Any, template_keys: Iterable[str] | None = None) -> dic
 
 def value_problem(key: str, value: str) -> str | None:
     """The category-template value rule `value` breaks for the type named by `key`, or None when
-    it is fine (or the type is unknown: legacy keys are not type-checked by WeChat)."""
+    it is fine (or the type is unknown: legacy keys are not type-checked by WeChat).
+
+    Every typed value must be non-empty (47003 "is emtpy") except a `const` one: a const key
+    takes one of the strings approved for the template *or the empty string*.
+    https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+    """
     kind = key_type(key)
     if kind is None:
         return None
     limit, rule = _RULES[kind]
     if value == "":
-        return f"must not be empty ({kind}: {rule})"
+        return None if kind == "const" else f"must not be empty ({kind}: {rule})"
     if limit is not None and len(value) > limit:
         return f"{kind} values are {rule}; got {len(value)} characters"
     ok = True
