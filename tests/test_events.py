@@ -175,6 +175,44 @@ class RouterTest(EventsCase):
         assert transitions.get(status="delivered") == 1
 
     @gen_test
+    async def test_template_report_without_msgid_matches_by_recipient_and_time(self) -> None:
+        def sent_push(openid: str, msgid: str, at: float) -> Any:
+            def write(conn: Any) -> str:
+                push = push_store.NewPush(push_store.new_push_id(), None, {"oa_openid": openid},
+                                         openid, "tpl",
+                                         {"touser": openid, "template_id": "tpl", "data": {}})
+                push_store.insert(conn, push, at)
+                push_store.lease(conn, at, 1, 60)
+                push_store.mark_sent(conn, push.id, msgid, at + 1)
+                return push.id
+            return write
+
+        async def status(push_id: str) -> str:
+            push = await self.db.read(lambda conn: push_store.get(conn, push_id))
+            assert push is not None
+            return str(push["status"])
+
+        one = await self.db.write(sent_push("oA", "801", T0 - 30))
+        two = await self.db.write(sent_push("oB", "802", T0 - 30))
+        zero = event("oA", "TEMPLATESENDJOBFINISH", MsgID="0", Status="success")
+        missing = event("oB", "TEMPLATESENDJOBFINISH", Status="failed:user block")
+        assert zero.dedupe_key == f"tsjf:oA:{int(T0)}" and missing.dedupe_key == f"tsjf:oB:{int(T0)}"
+        assert await self.router.handle(zero) == "delivery_matched"
+        assert await self.router.handle(missing) == "delivery_matched"
+        assert (await status(one), await status(two)) == ("delivered", "failed")
+        # Two candidates (ambiguous) or none within the hour (too old): nothing is guessed.
+        three = await self.db.write(sent_push("oC", "803", T0 - 60))
+        four = await self.db.write(sent_push("oC", "804", T0 - 20))
+        assert await self.router.handle(
+            event("oC", "TEMPLATESENDJOBFINISH", MsgID="0", Status="success")) == "delivery_unmatched"
+        five = await self.db.write(sent_push("oD", "805", T0 - 7200))
+        assert await self.router.handle(
+            event("oD", "TEMPLATESENDJOBFINISH", Status="success")) == "delivery_unmatched"
+        assert [await status(p) for p in (three, four, five)] == ["sent"] * 3
+        transitions = self.metrics.counter("wxd_pushes_total", "", ("status",))
+        assert (transitions.get(status="delivered"), transitions.get(status="failed")) == (1, 1)
+
+    @gen_test
     async def test_anything_else_is_ignored(self) -> None:
         assert await self.router.handle(event("oA", "CLICK", EventKey="menu")) == "ignored"
         assert await self.follower("oA") is None

@@ -122,10 +122,21 @@ def test_template_send_job_finish_failed_status_verbatim() -> None:
 
 
 def test_template_send_job_finish_needs_capital_d_msgid() -> None:
-    # MsgId (lower-case d) is the normal-message field; the report uses MsgID.
+    # MsgId (lower-case d) is the normal-message field; the report uses MsgID. Without MsgID
+    # the report is identified by sender and time only (matched to a push by time).
     msg = event(Event="TEMPLATESENDJOBFINISH", MsgId=200163836, Status="success")
-    assert type(msg) is OtherMessage
-    assert msg.dedupe_key == "msg:200163836"
+    assert type(msg) is TemplateSendJobFinish and msg.msgid is None
+    assert msg.dedupe_key == "tsjf:oUSER:1700000000"
+
+
+def test_template_send_job_finish_with_msgid_zero_or_missing() -> None:
+    for fields in ({"MsgID": "0"}, {"MsgID": 0}, {"MsgID": ""}, {}):
+        msg = event(Event="TEMPLATESENDJOBFINISH", Status="success", **fields)
+        assert type(msg) is TemplateSendJobFinish and msg.msgid is None, fields
+        assert msg.dedupe_key == "tsjf:oUSER:1700000000"
+    later = parse_message({**HEADER, "CreateTime": "1700000001", "Event": "TEMPLATESENDJOBFINISH",
+                           "MsgID": "0", "Status": "success"})
+    assert later.dedupe_key == "tsjf:oUSER:1700000001"
 
 
 def test_text_message() -> None:
@@ -133,7 +144,7 @@ def test_text_message() -> None:
     assert type(msg) is TextMessage
     assert msg.content == " this is a test "  # CDATA kept verbatim, whitespace included
     assert msg.msg_id == "1234567890123456"
-    assert msg.dedupe_key == "msg:1234567890123456"
+    assert msg.dedupe_key == "msg:OPENID:1234567890123456"
 
 
 def test_subscribe_msg_popup_event_list_normalised() -> None:
@@ -172,8 +183,18 @@ def test_unknown_event_and_type_are_other() -> None:
 def test_other_message_dedupe_keys() -> None:
     assert event(Event="CLICK", EventKey="MENU_1").dedupe_key == "evt:oUSER:1700000000:CLICK:MENU_1"
     image = parse_message({**HEADER, "MsgType": "image", "MsgId": "42"})
-    assert image.dedupe_key == "msg:42"
+    assert image.dedupe_key == "msg:oUSER:42"
     assert event().dedupe_key == "evt:oUSER:1700000000:event"
+
+
+def test_msgid_dedupe_key_includes_the_sender() -> None:
+    # MsgId collisions across users have been reported: the same MsgId from two senders is two
+    # messages, from one sender a retry.
+    first = parse_message({**HEADER, "MsgType": "text", "Content": "hi", "MsgId": "42"})
+    other_user = parse_message({**HEADER, "FromUserName": "oOTHER", "MsgType": "text",
+                                "Content": "hello", "MsgId": "42"})
+    retry = parse_message({**HEADER, "MsgType": "text", "Content": "hi", "MsgId": "42"})
+    assert first.dedupe_key == retry.dedupe_key != other_user.dedupe_key
 
 
 def test_dedupe_key_distinguishes_retries_from_new_events() -> None:

@@ -19,8 +19,8 @@ def event(openid: str = "oUser1", event: str = "subscribe", create_time: int = 1
     return parse_message(fields)
 
 
-def text(msg_id: str, content: str = "hi") -> Message:
-    return parse_message({"ToUserName": "gh_0123456789ab", "FromUserName": "oUser1",
+def text(msg_id: str, content: str = "hi", openid: str = "oUser1") -> Message:
+    return parse_message({"ToUserName": "gh_0123456789ab", "FromUserName": openid,
                           "CreateTime": "1700000000", "MsgType": "text", "Content": content,
                           "MsgId": msg_id})
 
@@ -57,6 +57,20 @@ def test_messages_dedupe_by_msgid_and_reports_by_msgid(conn: sqlite3.Connection)
                   MsgID="3487542469355618313", Status="success")
     assert not store_message(conn, later, T0)
     assert count_rows(conn, "inbox") == 2
+
+
+def test_same_msgid_from_two_users_is_two_messages(conn: sqlite3.Connection) -> None:
+    # MsgId collisions across users have been reported: the sender is part of the key.
+    assert store_message(conn, text("42", openid="oUser1"), T0)
+    assert store_message(conn, text("42", "other", openid="oUser2"), T0)
+    assert not store_message(conn, text("42", openid="oUser1"), T0 + 5)  # a retry
+    assert not store_message(conn, text("42", "other", openid="oUser2"), T0 + 5)
+    assert inbox.store_prepared(conn, [inbox.prepare(text("43", openid="oUser1"), T0),
+                                       inbox.prepare(text("43", openid="oUser2"), T0),
+                                       inbox.prepare(text("43", openid="oUser1"), T0)]) == \
+        [True, True, False]
+    rows = conn.execute("SELECT from_user FROM inbox ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["oUser1", "oUser2", "oUser1", "oUser2"]
 
 
 def test_only_actionable_messages_get_a_job(conn: sqlite3.Connection) -> None:

@@ -133,6 +133,58 @@ def test_early_report_for_another_openid_does_not_apply(conn: sqlite3.Connection
     assert push_store.mark_sent(conn, push_id, "3001", NOW) == "sent"
 
 
+def sent_at(conn: sqlite3.Connection, at: float, msgid: str, openid: str = "oA") -> str:
+    """A push to `openid` whose send (POST) started at `at` and was accepted with `msgid`."""
+    [push_id] = add(conn, now=at, openid=openid)
+    push_store.lease(conn, at, 1, 60)
+    assert push_store.mark_sent(conn, push_id, msgid, at + 1) == "sent"
+    return push_id
+
+
+def test_report_without_msgid_matches_the_one_push_sent_before_it(
+        conn: sqlite3.Connection) -> None:
+    old = sent_at(conn, NOW - 7200, "5000")  # beyond the window: never a candidate
+    other = sent_at(conn, NOW - 30, "5001", openid="oB")  # another recipient
+    mine = sent_at(conn, NOW - 20, "5002")
+    later = NOW + 600
+    assert push_store.apply_delivery_report_by_time(conn, "oA", NOW, "success", later) == \
+        (True, "delivered")
+    assert (status(conn, mine), status(conn, old), status(conn, other)) == \
+        ("delivered", "sent", "sent")
+    # The same report again (a WeChat retry that escaped the inbox dedupe): no candidate left.
+    assert push_store.apply_delivery_report_by_time(conn, "oA", NOW, "success", later) == \
+        (False, None)
+    failed = sent_at(conn, NOW + 100, "5003", openid="oB")
+    # Two sent pushes to oB (5001, 5003) could be the one reported: neither changes ...
+    assert push_store.apply_delivery_report_by_time(
+        conn, "oB", NOW + 90, "failed:user block", later) == (False, None)
+    assert (status(conn, other), status(conn, failed)) == ("sent", "sent")
+    # ... until 5001's own report came. Then 5003 matches although the report's CreateTime is
+    # 10 s before our send time: WeChat's clock may be a little behind ours.
+    assert push_store.apply_delivery_report(conn, "5001", "success", "oB", later)[0]
+    assert push_store.apply_delivery_report_by_time(
+        conn, "oB", NOW + 90, "failed:user block", later) == (True, "failed")
+    assert status(conn, failed) == "failed"
+    assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
+
+
+def test_report_without_msgid_is_not_guessed(conn: sqlite3.Connection) -> None:
+    first = sent_at(conn, NOW - 50, "6001")
+    second = sent_at(conn, NOW - 10, "6002")
+    # Two sent pushes could be the one reported: neither is changed.
+    assert push_store.apply_delivery_report_by_time(conn, "oA", NOW, "success", NOW) == \
+        (False, None)
+    # Too old: the only sent push is more than an hour before the report.
+    lonely = sent_at(conn, NOW, "6003", openid="oC")
+    assert push_store.apply_delivery_report_by_time(
+        conn, "oC", NOW + push_store.REPORT_MATCH_WINDOW_S + 1, "success", NOW) == (False, None)
+    # A report from before the send (beyond the clock skew) is not this push's.
+    assert push_store.apply_delivery_report_by_time(
+        conn, "oC", NOW - push_store.REPORT_CLOCK_SKEW_S - 1, "success", NOW) == (False, None)
+    assert {status(conn, p) for p in (first, second, lonely)} == {"sent"}
+    assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
+
+
 def test_unmatched_reports_are_pruned(conn: sqlite3.Connection) -> None:
     report(conn, "1", "success", "o", NOW)
     report(conn, "2", "success", "o", NOW + 100)

@@ -52,7 +52,8 @@ class EventRouter:
     followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
     SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
     TEMPLATESENDJOBFINISH → push_store.apply_delivery_report (an unknown MsgID is stored for late
-    matching there); anything else → nothing (it is in the inbox).
+    matching there; a MsgID of 0 or none is matched by recipient and time, or left unmatched);
+    anything else → nothing (it is in the inbox).
     Upstream errors propagate to the caller (EventWorkers retries them).
     """
 
@@ -100,12 +101,20 @@ class EventRouter:
                                               msg.ticket))
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):
-            matched, new_status = await self._db.write(
-                lambda conn: push_store.apply_delivery_report(conn, msg.msgid, msg.status,
-                                                             openid, now))
+            msgid = msg.msgid
+            if msgid is None:  # MsgID 0 or missing: match by recipient and time
+                matched, new_status = await self._db.write(
+                    lambda conn: push_store.apply_delivery_report_by_time(
+                        conn, openid, at, msg.status, now))
+            else:
+                matched, new_status = await self._db.write(
+                    lambda conn: push_store.apply_delivery_report(conn, msgid, msg.status,
+                                                                 openid, now))
             if new_status is not None:
                 self._push_transitions.inc(status=new_status)
-            return "delivery_matched" if matched else "delivery_stored"
+            if matched:
+                return "delivery_matched"
+            return "delivery_stored" if msgid is not None else "delivery_unmatched"
         return "ignored"
 
 

@@ -25,6 +25,11 @@ PAUSE_KEY = "pushes.paused_until"
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 CLIENT_MSG_ID_WINDOW_S = 600.0
 DELIVERY_SUCCESS = "success"
+# A delivery report without a MsgID is matched by recipient and time: to the one push sent to
+# that openid within this long before the report's CreateTime (see apply_delivery_report_by_time).
+REPORT_MATCH_WINDOW_S = 3600.0
+# The report's CreateTime is WeChat's clock, last_attempt_at ours: allow this much disagreement.
+REPORT_CLOCK_SKEW_S = 60.0
 # One encoder for every row (json.dumps with options builds a new encoder per call). UTF-8 text
 # without \u escapes, as wechatpy sends it: some WeChat APIs refuse \u escapes with 40033, and
 # whether template/send does is unconfirmed.
@@ -232,6 +237,29 @@ def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: st
     if row["status"] == "sent":
         return True, _apply_report(conn, row["id"], status, now)
     return True, None
+
+
+def apply_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, create_time: float,
+                                  status: str, now: float,
+                                  window_s: float = REPORT_MATCH_WINDOW_S,
+                                  skew_s: float = REPORT_CLOCK_SKEW_S) -> tuple[bool, str | None]:
+    """apply_delivery_report for a report whose MsgID is 0 or missing: the push it reports is
+    the one push to `oa_openid` that is `sent` (msgid known, no report yet) and whose send
+    (last_attempt_at) lies in [create_time - window_s, create_time + skew_s].
+
+    None or several such pushes → (False, None) and nothing changes: guessing would give a
+    push another message's outcome. Such a report stays in the inbox only (delivery_reports
+    is keyed by msgid and matched by mark_sent, which a report without one can never be), so
+    one that arrives before its push's send answer is stored leaves that push `sent`.
+    """
+    rows = conn.execute(
+        "SELECT id FROM pushes WHERE oa_openid = ? AND status = 'sent' AND msgid IS NOT NULL"
+        " AND last_attempt_at BETWEEN ? AND ? ORDER BY last_attempt_at DESC LIMIT 2",
+        (oa_openid, create_time - window_s, create_time + skew_s),
+    ).fetchall()
+    if len(rows) != 1:
+        return False, None
+    return True, _apply_report(conn, rows[0]["id"], status, now)
 
 
 def prune_reports(conn: sqlite3.Connection, before: float) -> int:

@@ -225,14 +225,21 @@ class Message:
     def dedupe_key(self) -> str:
         """Idempotency key for WeChat's retries.
 
-        "msg:<MsgId>" when MsgId is present, else
-        "evt:<FromUserName>:<CreateTime>:<Event or MsgType>[:<EventKey>]".
+        "msg:<FromUserName>:<MsgId>" when MsgId is present, else
+        "evt:<FromUserName>:<CreateTime>:<Event or MsgType>[:<EventKey>]". WeChat's guide says
+        to dedupe messages on MsgId, but MsgId collisions across users have been reported, so
+        the sender is part of the key.
         https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_standard_messages.html
         https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Receiving_event_pushes.html
+
+        Rows stored before the sender was added keep their "msg:<MsgId>" key: a WeChat retry
+        of such a message arriving after the upgrade (retries last about 15 s) is stored a
+        second time. Accepted: messages with a MsgId have no event job, so the only effect is
+        a second inbox row, and rewriting every stored key at start would be a long write.
         """
         msg_id = _text(self.raw.get("MsgId"))
         if msg_id:
-            return f"msg:{msg_id}"
+            return f"msg:{self.from_user}:{msg_id}"
         key = f"evt:{self.from_user}:{self.create_time}:{self.event or self.msg_type}"
         event_key = _text(self.raw.get("EventKey"))
         return f"{key}:{event_key}" if event_key else key
@@ -270,15 +277,20 @@ class ScanEvent(Message):
 
 @dataclass(frozen=True)
 class TemplateSendJobFinish(Message):
-    """Event TEMPLATESENDJOBFINISH. `msgid` comes from MsgID (capital D); `status` is verbatim,
-    e.g. "success", "failed:user block", "failed: system failed"."""
+    """Event TEMPLATESENDJOBFINISH. `msgid` comes from MsgID (capital D); None when MsgID is 0
+    or missing (reported when client_msg_id was set), and then only the sender and CreateTime
+    identify the report. `status` is verbatim, e.g. "success", "failed:user block",
+    "failed: system failed"."""
 
-    msgid: str
+    msgid: str | None
     status: str
 
     @property
     def dedupe_key(self) -> str:
-        """ "tsjf:<MsgID>": one report per template message."""
+        """ "tsjf:<MsgID>": one report per template message; without a MsgID
+        "tsjf:<FromUserName>:<CreateTime>"."""
+        if self.msgid is None:
+            return f"tsjf:{self.from_user}:{self.create_time}"
         return f"tsjf:{self.msgid}"
 
 
@@ -293,7 +305,7 @@ def parse_message(fields: Mapping[str, Any]) -> Message:
     MessageError when ToUserName, FromUserName or MsgType is missing or not a non-empty string,
     or CreateTime is not a non-negative integer (int or decimal string). Anything else never
     raises: unknown types and events, and known ones missing their own fields (e.g. a
-    TEMPLATESENDJOBFINISH without MsgID), become OtherMessage.
+    TEMPLATESENDJOBFINISH without Status), become OtherMessage.
     """
     header: dict[str, str] = {}
     for name in ("ToUserName", "FromUserName", "MsgType"):
@@ -335,7 +347,9 @@ def parse_message(fields: Mapping[str, Any]) -> Message:
         return ScanEvent(**base, event_key=event_key, ticket=ticket)
     if event == "TEMPLATESENDJOBFINISH":
         msgid, status = _text(fields.get("MsgID")), _text(fields.get("Status"))
-        if msgid and status is not None:
+        if status is not None:
+            if msgid is not None and not msgid.strip().lstrip("0"):
+                msgid = None  # "0" (or "") identifies no message
             return TemplateSendJobFinish(**base, msgid=msgid, status=status)
     return OtherMessage(**base)
 
