@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
 
-from tests.helpers import fetchall, fetchone
+from tests.helpers import FakeClock, fetchall, fetchone
+from tests.storage_faults import disk_full, outside_writer, read_only
 from wxd.errors import LockedError, StorageError
+from wxd.metrics import Registry
 from wxd.store import db as dbmod
-from wxd.store.db import Database, backup_file, migrate
+from wxd.store.db import Database, backup_file, migrate, storage_error
 from wxd.store.schema import MIGRATIONS, REBUILT_ON_OPEN
 
 
@@ -74,6 +76,10 @@ def test_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     with pytest.raises(StorageError, match="newer"):
         migrate(conn)
+
+
+def health(db: Database) -> tuple[str | None, float | None]:
+    return db.write_error, db.write_failing_since
 
 
 class DatabaseTest(AsyncTestCase):
@@ -227,6 +233,120 @@ class DatabaseTest(AsyncTestCase):
             await db.close()
 
     @gen_test
+    async def test_reads_raise_storage_faults_as_storage_error_and_keep_other_errors(
+            self) -> None:
+        metrics = Registry()
+        db = await Database.open(self.path, metrics=metrics)
+        errors = metrics.counter("wxd_storage_errors_total", "", ("op",))
+        try:
+            async with read_only(db):
+                with pytest.raises(StorageError, match="readonly database") as info:
+                    await db.read(lambda conn: conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('r', '1')"))
+                assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+                assert (await fetchone(db, "SELECT COUNT(*) FROM meta") or [None])[0] == 0
+            assert errors.get(op="read") == 1
+            # Programming errors are not outages: SQLITE_ERROR keeps its type.
+            with pytest.raises(sqlite3.OperationalError, match="no such table"):
+                await fetchall(db, "SELECT * FROM nope")
+            with pytest.raises(sqlite3.OperationalError, match="syntax error"):
+                await fetchone(db, "SELEC 1")
+            with pytest.raises(sqlite3.IntegrityError):
+                await db.read(lambda conn: conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES ('k', '1')", [(), ()]))
+            assert errors.get(op="read") == 1
+            assert db.write_error is None  # reads do not change the write health
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_write_health_is_set_by_a_storage_fault_until_a_commit_succeeds(
+            self) -> None:
+        clock = FakeClock(1000.0)
+        metrics = Registry()
+        db = await Database.open(self.path, metrics=metrics, clock=clock)
+        up = metrics.gauge("wxd_storage_up", "")
+        errors = metrics.counter("wxd_storage_errors_total", "", ("op",))
+
+        def put(key: str) -> dbmod.WriteFn:
+            return lambda conn: conn.execute("INSERT INTO meta (key, value) VALUES (?, 'v')",
+                                             (key,))
+
+        try:
+            await db.write(put("before"))
+            assert (db.write_error, up.get()) == (None, 1)
+            with pytest.raises(sqlite3.IntegrityError):  # not a storage fault
+                await db.write(put("before"))
+            assert (db.write_error, up.get()) == (None, 1)
+            async with read_only(db):
+                with pytest.raises(StorageError, match="readonly database"):
+                    await db.write(put("during"))
+                clock.set(1005.0)
+                with pytest.raises(StorageError):
+                    await db.write_many(lambda conn, keys: [put(k)(conn) for k in keys], "x")
+                assert db.write_error is not None and "readonly database" in db.write_error
+                assert (db.write_failing_since, up.get(), errors.get(op="write")) == (1000.0, 0, 2)
+            assert db.write_error is not None  # until a write succeeds
+            await db.write(put("after"))
+            assert health(db) == (None, None)
+            assert up.get() == 1
+            keys = sorted(r[0] for r in await fetchall(db, "SELECT key FROM meta"))
+            assert keys == ["after", "before"]
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_disk_full_acknowledges_nothing_that_is_not_committed(self) -> None:
+        db = await Database.open(self.path)
+
+        def small(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('small', 'v')")
+
+        def large(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('large', ?)", ("x" * 200_000,))
+
+        try:
+            async with disk_full(db):
+                results = await asyncio.gather(db.write(small), db.write(large),
+                                               return_exceptions=True)
+                assert isinstance(results[1], StorageError)
+                assert "database or disk is full" in str(results[1])
+                assert db.write_error is not None
+                # Whatever a caller was told is true in an independent connection: SQLite may
+                # roll the whole transaction back on SQLITE_FULL (then the small write failed
+                # too) or only the statement.
+                other = sqlite3.connect(self.path)
+                try:
+                    stored = {r[0] for r in other.execute("SELECT key FROM meta")}
+                finally:
+                    other.close()
+                assert stored == (set() if isinstance(results[0], StorageError) else {"small"})
+            # Space again: writes resume on the same connection, no restart.
+            await db.write(large)
+            assert db.write_error is None
+            row = await fetchone(db, "SELECT length(value) FROM meta WHERE key = 'large'")
+            assert row is not None and row[0] == 200_000
+        finally:
+            await db.close()
+
+    @gen_test
+    async def test_an_outside_writer_holding_the_lock_fails_writes_until_it_lets_go(
+            self) -> None:
+        db = await Database.open(self.path)
+        try:
+            async with outside_writer(db):
+                with pytest.raises(StorageError, match="database is locked"):
+                    await db.write(lambda conn: conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('k', 'v')"))
+                assert db.write_error is not None
+                assert (await fetchone(db, "SELECT COUNT(*) FROM meta") or [None])[0] == 0
+            await db.write(lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('k', 'v')"))
+            assert db.write_error is None
+        finally:
+            await db.close()
+
+    @gen_test
     async def test_an_item_arriving_during_a_commit_lands_in_the_next_one(self) -> None:
         db = await Database.open(self.path)
         release = threading.Event()
@@ -302,6 +422,44 @@ class DatabaseTest(AsyncTestCase):
             conn.close()
         with pytest.raises(StorageError, match="exists"):
             backup_file(self.path, dests[0])
+
+
+def test_storage_faults_are_told_from_programming_errors(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "codes.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.01)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+        caught: dict[str, sqlite3.Error] = {}
+
+        def catch(name: str, connection: sqlite3.Connection, sql: str) -> None:
+            with pytest.raises(sqlite3.Error) as info:
+                connection.execute(sql)
+            caught[name] = info.value
+
+        conn.execute("INSERT INTO t VALUES ('a')")
+        catch("constraint", conn, "INSERT INTO t VALUES ('a')")
+        catch("no_table", conn, "SELECT * FROM nope")
+        catch("syntax", conn, "SELEC 1")
+        conn.execute("BEGIN IMMEDIATE")
+        catch("busy", other, "BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        conn.execute("PRAGMA query_only = ON")
+        catch("read_only", conn, "INSERT INTO t VALUES ('b')")
+    finally:
+        conn.close()
+        other.close()
+    faults = {name for name, exc in caught.items()
+              if isinstance(storage_error(exc), StorageError)}
+    assert faults == {"busy", "read_only"}
+    assert storage_error(caught["syntax"]) is caught["syntax"]
+    # Raised without a result code (by the sqlite3 module, or a test): judged by its type.
+    assert isinstance(storage_error(sqlite3.OperationalError("database or disk is full")),
+                      StorageError)
+    for error in (sqlite3.IntegrityError("UNIQUE constraint failed"),
+                  sqlite3.ProgrammingError("closed")):
+        assert storage_error(error) is error
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path: pathlib.Path) -> None:

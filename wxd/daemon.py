@@ -151,7 +151,7 @@ class Daemon:
 
     async def _build_and_start(self) -> None:
         cfg, clock, metrics = self.config, self.clock, self.metrics
-        self.db = db = await Database.open(cfg.wxd.database, metrics=metrics)
+        self.db = db = await Database.open(cfg.wxd.database, metrics=metrics, clock=clock)
         http = HttpClient(cfg.wechat.max_clients, metrics)
         await self._start(http)
         client = WeChatClient(http.client, cfg.wechat.api_base, cfg.wechat.connect_timeout_s,

@@ -13,7 +13,7 @@ import random
 from typing import Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.errors import MessageError
+from wxd.errors import MessageError, StorageError
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
 from wxd.retry import Backoff, Fail, Pause, Policy, Retry, decide
@@ -122,7 +122,9 @@ class EventWorkers:
     """N named asyncio tasks that lease event jobs and run them through the router.
 
     `ring()` (the webhook's on_stored) wakes idle workers at once; idle polling backs off
-    between IDLE_MIN_S and IDLE_MAX_S (on the clock) otherwise. A failed job is classified by
+    between IDLE_MIN_S and IDLE_MAX_S (on the clock) otherwise, and wakes when the next job
+    is due or the next lease ends (a job whose outcome could not be written runs again then).
+    A failed job is classified by
     wxd.retry.decide: transient, token, quota (45009: user/info's daily quota is large) and
     unexpected errors go back to the queue after backoff_base_s·2^(n-1) (-20 % jitter, at most
     backoff_max_s; 45011 not before the next minute) until `max_attempts` leases, then the job
@@ -222,8 +224,12 @@ class EventWorkers:
         idle = IDLE_MIN_S
         while not self._stopping:
             self._doorbell.clear()
+            unavailable = False
             try:
                 ran = await self.run_once(limit=1)
+            except StorageError as exc:  # no traceback: the database is full, busy, read-only
+                log.warning("event worker: cannot lease jobs (%s); retrying", exc)
+                ran, unavailable = 0, True
             except Exception:
                 log.exception("event worker loop error; continuing")
                 ran = 0
@@ -238,11 +244,11 @@ class EventWorkers:
                 log.exception("pruning the inbox and finished jobs failed; continuing")
             timeout = idle
             try:
-                due = await self._db.read(job_store.next_due)
+                due = await self._db.read(job_store.next_wake)
             except Exception:
                 log.exception("reading the next due job failed; continuing")
                 due = None
-            if due is not None:
+            if due is not None and not unavailable:  # while writes fail, back off instead
                 timeout = min(idle, max(due - self._clock.now(), IDLE_MIN_S))
             if await self._clock.wait(self._doorbell, timeout):
                 idle = IDLE_MIN_S
@@ -273,7 +279,13 @@ class EventWorkers:
         jobs = await self._db.write(
             lambda conn: job_store.lease(conn, now, limit, self._lease_s))
         for job in jobs:
-            await self._run_job(job)
+            try:
+                await self._run_job(job)
+            except StorageError as exc:
+                # Its outcome (done, retry, failed) was not written: the job stays leased, and
+                # jobs.lease takes it again once the lease has passed, in this very process.
+                log.warning("event job %d: recording its outcome failed (%s); it runs again "
+                            "when its lease ends", job.id, exc)
         return len(jobs)
 
     async def _run_job(self, job: job_store.Job) -> None:

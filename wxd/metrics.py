@@ -162,8 +162,16 @@ class Registry:
         self._collectors.append(collector)
 
     async def collect(self) -> None:
+        """Run every collector. If some raise, the first error is raised once all have run,
+        so one failing collector does not leave the others' values stale."""
+        first: Exception | None = None
         for collector in self._collectors:
-            await collector()
+            try:
+                await collector()
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def render(self) -> str:
         lines: list[str] = []

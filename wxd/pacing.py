@@ -10,7 +10,9 @@ import math
 from wxd.clock import Clock
 
 # A leased push or event job is recorded with leased_until = now + LEASE_S; a job running longer
-# than its own timeout is abandoned well before. Recovery at start is what frees leases.
+# than its own timeout is abandoned well before. A lease that passed without its outcome being
+# recorded (the write failed, the worker died) is taken again by the running daemon; recovery
+# at start frees the leases of a previous process at once.
 LEASE_S = 120.0
 # The longest idle wait between looks at a queue: a safety net only (the doorbell rings on new
 # work, retries wake at their due time), long enough that an idle daemon stays asleep.

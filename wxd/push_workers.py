@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.errors import WeChatAPIError
+from wxd.errors import StorageError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S, RateLimiter
 from wxd.retry import (
@@ -62,6 +62,10 @@ class PushWorkers:
     token budget likewise, until the next UTC midnight); anything else → failed at once
     (40037 also calls `on_template_invalid`). `rate_per_s` caps sends per second
     (0 = unlimited). Time (stored instants, idle waits, the rate limit) comes from `clock`.
+    A push whose outcome could not be written (disk full, database locked) stays `sending`;
+    once its LEASE_S lease has passed the dispatcher queues it again with the same
+    client_msg_id (push_store.requeue_expired; past WeChat's 10-minute window `stale_sending`
+    decides, as at start).
     """
 
     def __init__(self, db: Database, oa_api: SendAPI, *, workers: int = 8,
@@ -92,6 +96,9 @@ class PushWorkers:
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, push_store.Leased] = {}
+        # Leased by this process and not yet done with (queued for a sender, being sent, its
+        # outcome being written): never re-leased, even when a send outlasts LEASE_S.
+        self._held: set[str] = set()
         self._paused_until: float | None = None
         self._state = "new"
         self.recovered: dict[str, int] = {}
@@ -223,18 +230,36 @@ class PushWorkers:
                     continue
                 self._doorbell.clear()
                 now = self._clock.now()
-                leased = await self._db.write(
-                    lambda conn: push_store.lease(conn, now, room, LEASE_S))  # noqa: B023
+                held = frozenset(self._held)
+                expired, leased = await self._db.write(
+                    lambda conn: self._lease(conn, now, room, held))  # noqa: B023
+                if expired["requeued"] or expired["failed"]:
+                    log.warning("pushes still sending after their lease (outcome not recorded): "
+                                "%(requeued)d queued again with their client_msg_id, "
+                                "%(failed)d failed as outcome_unknown", expired)
+                self._transition("failed", expired["failed"])
                 self._transition("sending", len(leased))
+                self._held.update(item.id for item in leased)
                 for item in leased:
                     self._queue.put_nowait(item)
                 if len(leased) < room:
                     await self._idle()
             except asyncio.CancelledError:
                 raise
+            except StorageError as exc:  # no traceback: the database is full, locked, read-only
+                log.warning("push dispatcher: the database is not available (%s); retrying", exc)
+                await self._clock.sleep(1.0)
             except Exception:
                 log.exception("push dispatcher error; retrying shortly")
                 await self._clock.sleep(1.0)
+
+    def _lease(self, conn: sqlite3.Connection, now: float, room: int, held: frozenset[str]
+               ) -> tuple[dict[str, int], list[push_store.Leased]]:
+        """One write: queue again the pushes left `sending` past their lease that this process
+        does not hold (their outcome was never recorded), then lease up to `room` due ones.
+        Returns (requeue_expired's counts, leased)."""
+        expired = push_store.requeue_expired(conn, now, self._stale_sending, held)
+        return expired, push_store.lease(conn, now, room, LEASE_S)
 
     def _room_to_lease(self) -> int:
         """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
@@ -287,9 +312,10 @@ class PushWorkers:
             outcome = await self._send(item)
             try:
                 self._transition(await self._db.write_many(push_store.apply_outcomes, outcome))
-            except Exception as exc:  # the push stays `sending`; recovery at start requeues it
+            except Exception as exc:  # it stays `sending`: queued again when its lease ends
                 log.error("recording the outcome of push %s failed: %s", item.id, exc)
             del self._inflight[item.id]
+            self._held.discard(item.id)
             if not self._room.is_set() and self._room_to_lease():
                 self._room.set()
 

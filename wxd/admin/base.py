@@ -9,10 +9,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from types import TracebackType
 from typing import Any
 
 import tornado.web
 
+from wxd.errors import StorageError
 from wxd.metrics import Registry
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,16 @@ STATUS_CODES = {
 }
 
 
+STORAGE_UNAVAILABLE = "the database is not available; retry later"
+
+
 class JsonHandler(tornado.web.RequestHandler):
-    """Base for every admin route: JSON in and out, errors as {"error": {"code", "message"}}."""
+    """Base for every admin route: JSON in and out, errors as {"error": {"code", "message"}}.
+
+    A StorageError escaping any handler (disk full, I/O error, database busy or read-only)
+    answers 503 `storage_unavailable` and is logged as one line without a traceback: nothing
+    was stored, and the same request succeeds once the database takes writes again.
+    """
 
     auth_required = True
     route_name = "unknown"
@@ -92,10 +102,22 @@ class JsonHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        if isinstance(value, StorageError):
+            # The message is SQLite's (no SQL, no parameters); the path carries no secret.
+            log.error("%s %s (%s): storage unavailable: %s", self.request.method,
+                      self.request.path, self.route_name, value)
+            return
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            error: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.extra}
+        if isinstance(exc, StorageError):
+            self.set_status(503)  # tornado chose 500 for an exception that is not HTTPError
+            error: dict[str, Any] = {"code": "storage_unavailable", "message": STORAGE_UNAVAILABLE}
+        elif isinstance(exc, ApiError):
+            error = {"code": exc.code, "message": exc.message, **exc.extra}
         else:
             code = STATUS_CODES.get(status_code, "error")
             reason = self._reason if status_code != 500 else "internal error; see the daemon log"

@@ -30,6 +30,9 @@ def _op(summary: str, ok: int = 200, body: dict[str, Any] | None = None,
         "responses": {str(ok): {"description": "OK", **_json(ok_schema)},
                       **{str(code): {"description": "error", **_json(ERROR)} for code in errors}},
     }
+    # Any route: the database cannot be used (disk full, I/O error, busy, read-only).
+    op["responses"].setdefault("503", {"description": "storage_unavailable; retry later",
+                                       **_json(ERROR)})
     if body is not None:
         op["requestBody"] = {"required": True, **_json(body)}
     if params:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import tornado.web
 from tornado.routing import URLSpec
 
 from wxd.admin.base import JsonHandler
+from wxd.errors import StorageError
 from wxd.metrics import Registry
 from wxd.store.db import Database
 
+log = logging.getLogger(__name__)
+
 
 class HealthHandler(JsonHandler):
-    """`{"status": "ok"}`, or 503 `{"status": "unavailable"}` when the database does not answer."""
+    """`{"status": "ok"}`; 503 `{"status": "unavailable"}` when the database does not answer
+    at all; 503 `{"status": "storage_unavailable", "error", "since"}` from a write failed by a
+    storage fault (disk full, I/O, busy, read-only) until a write succeeds again."""
 
     auth_required = False
     route_name = "healthz"
@@ -23,10 +29,15 @@ class HealthHandler(JsonHandler):
         self._db = db
 
     async def get(self) -> None:
-        if await self._db.healthy():
-            self.send_json({"status": "ok"})
-        else:
+        if not await self._db.healthy():
             self.send_json({"status": "unavailable"}, status=503)
+            return
+        error = self._db.write_error
+        if error is not None:
+            self.send_json({"status": "storage_unavailable", "error": error,
+                            "since": self._db.write_failing_since}, status=503)
+        else:
+            self.send_json({"status": "ok"})
 
 
 class MetricsHandler(JsonHandler):
@@ -39,7 +50,11 @@ class MetricsHandler(JsonHandler):
         self._registry = registry
 
     async def get(self) -> None:
-        await self._registry.collect()
+        try:
+            await self._registry.collect()
+        except StorageError as exc:
+            # Still answer: wxd_storage_up and the counters are what an alert needs now.
+            log.warning("/metrics: a collector could not read the database: %s", exc)
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self._registry.render())
 

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import tornado.web
 from tornado.routing import URLSpec
 
-from wxd.admin.base import ApiError, JsonHandler
+from wxd.admin.base import STORAGE_UNAVAILABLE, ApiError, JsonHandler
 from wxd.errors import StorageError, TokenBudgetError, TransportError, WeChatAPIError
 from wxd.linking import Linking, LinkingError
 from wxd.store.identity import Identity
@@ -50,7 +50,7 @@ def raise_api_error(exc: Exception) -> NoReturn:
     if isinstance(exc, TokenBudgetError):
         raise ApiError(503, "upstream_unavailable", "the daily token budget is spent") from None
     if isinstance(exc, StorageError):
-        raise ApiError(503, "storage_unavailable", "the database is not available") from None
+        raise ApiError(503, "storage_unavailable", STORAGE_UNAVAILABLE) from None
     raise exc
 
 

@@ -1,6 +1,6 @@
 """Owns wxd's single aiosqlite connection: lock file, PRAGMAs, migrations, group commit, backup.
 
-Imports wxd.errors, wxd.metrics, wxd.store.schema and aiosqlite only. Every write in wxd goes
+Imports wxd.clock, wxd.errors, wxd.metrics, wxd.store.schema and aiosqlite only. Every write in wxd goes
 through `Database.write` or `Database.write_many`: durability and batching are decided here and
 nowhere else.
 """
@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import LockedError, StorageError
 from wxd.metrics import Registry
 from wxd.store.schema import MIGRATIONS, REBUILT_ON_OPEN
@@ -36,13 +37,29 @@ BatchFn = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]
 Outcome = tuple[bool, Any]
 
 
+# SQLite's primary result codes for a fault of the database itself rather than of the SQL:
+# BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOLFS, NOTADB.
+# https://www.sqlite.org/rescode.html
+_FAULT_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 22, 26})
+
+
+def is_storage_fault(exc: sqlite3.Error) -> bool:
+    """True for a fault of the database itself (disk full, I/O error, busy, read-only file,
+    corruption); False for an IntegrityError or a programming error (SQLITE_ERROR: a syntax
+    error, a missing table). An error without a result code (raised by the sqlite3 module
+    itself, or by a test) is judged by its type."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _FAULT_CODES
+    return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or \
+        type(exc) is sqlite3.DatabaseError
+
+
 def storage_error(exc: sqlite3.Error) -> StorageError | sqlite3.Error:
-    """The error a caller sees for `exc` raised by SQLite: StorageError for a fault of the
-    database itself (disk full, I/O error, busy, read-only file, corruption), which callers
-    answer with "try again later"; anything else (an IntegrityError, a programming error)
-    stays what it is, so it is never mistaken for an outage."""
-    if isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or \
-            type(exc) is sqlite3.DatabaseError:
+    """The error a caller sees for `exc` raised by SQLite: StorageError for a storage fault
+    (is_storage_fault), which callers answer with "try again later"; anything else stays what
+    it is, so it is never mistaken for an outage."""
+    if is_storage_fault(exc):
         error = StorageError(f"database error: {exc}")
         error.__cause__ = exc
         return error
@@ -104,6 +121,10 @@ def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[], T]) -> Outcome:
     try:
         result = fn()
     except Exception as exc:
+        if not conn.in_transaction:
+            # SQLite rolled the whole transaction back (it may, on SQLITE_FULL, IOERR, BUSY or
+            # NOMEM): every write of the batch is lost, so the batch fails with this error.
+            raise
         conn.execute("ROLLBACK TO w")
         conn.execute("RELEASE w")
         return False, storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
@@ -209,11 +230,17 @@ def backup_file(source: str, dest: str) -> None:
 
 
 class Database:
-    """The single connection. Open with `await Database.open(path)`; close with `await close()`."""
+    """The single connection. Open with `await Database.open(path)`; close with `await close()`.
+
+    Storage health: `write_error` holds the last storage fault of a write (a failed commit, or
+    a write that raised StorageError) and is cleared by the next commit whose writes all
+    succeeded; `wxd_storage_up` mirrors it and `wxd_storage_errors_total` counts every fault.
+    """
 
     def __init__(self, conn: aiosqlite.Connection, path: str, lock: FileLock | None,
-                 metrics: Registry) -> None:
+                 metrics: Registry, clock: Clock = SYSTEM_CLOCK) -> None:
         self._conn = conn
+        self._clock = clock
         self.path = path
         self._lock = lock
         self._pending: list[_Single | _Group] = []
@@ -221,6 +248,15 @@ class Database:
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
         self.commits = 0
+        self.write_error: str | None = None
+        self.write_failing_since: float | None = None
+        self._storage_up = metrics.gauge(
+            "wxd_storage_up", "1 while database writes succeed; 0 from a write failed by a "
+            "storage fault (disk full, I/O, busy, read-only, corrupt) until the next good commit.")
+        self._storage_up.set(1)
+        self._storage_errors = metrics.counter(
+            "wxd_storage_errors_total", "Storage faults met, by operation (read, write).",
+            ("op",))
         self._commit_seconds = metrics.histogram(
             "wxd_db_commit_seconds", "Group-commit latency (BEGIN..COMMIT).")
         self._batch_size = metrics.histogram(
@@ -229,8 +265,10 @@ class Database:
 
     @classmethod
     async def open(cls, path: str, *, lock: bool = True,
-                   metrics: Registry | None = None) -> Database:
-        """Lock, connect, set PRAGMAs (WAL, synchronous=FULL, busy timeout) and migrate."""
+                   metrics: Registry | None = None,
+                   clock: Clock = SYSTEM_CLOCK) -> Database:
+        """Lock, connect, set PRAGMAs (WAL, synchronous=FULL, busy timeout) and migrate.
+        `clock` dates write_failing_since."""
         file_lock: FileLock | None = None
         if lock and path != ":memory:":
             directory = os.path.dirname(os.path.abspath(path))
@@ -245,7 +283,7 @@ class Database:
                 file_lock.release()
             raise StorageError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
-        db = cls(conn, path, file_lock, metrics if metrics is not None else Registry())
+        db = cls(conn, path, file_lock, metrics if metrics is not None else Registry(), clock)
         try:
             await db.read(cls._setup)
         except BaseException:
@@ -275,9 +313,20 @@ class Database:
         result: T = await self._conn._execute(fn, conn, *args)  # type: ignore[no-untyped-call]
         return result
 
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self._run(fn, *args)
+        except sqlite3.Error as exc:
+            error = storage_error(exc)
+            if error is exc:
+                raise
+            self._storage_errors.inc(op="read")
+        raise error  # outside the except block: the cause is set, no second context
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` on the database thread, outside any write transaction."""
-        return await self._run(fn)
+        """Run `fn(conn)` on the database thread, outside any write transaction. A storage
+        fault is raised as StorageError (like a write's); other errors keep their type."""
+        return await self._read(fn)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in the next group commit; return its result once the commit is durable.
@@ -334,6 +383,7 @@ class Database:
             except Exception as exc:
                 log.error("group commit of %d writes failed: %s", len(futures), exc)
                 error = StorageError(f"commit failed: {exc}")
+                self._write_failed(str(error))
                 for future in futures:
                     if not future.done():
                         future.set_exception(error)
@@ -342,6 +392,12 @@ class Database:
             self._commit_seconds.observe(time.perf_counter() - started)
             self._batch_size.observe(len(futures))
             results = [outcome for group in outcomes for outcome in group]
+            faults = [value for ok, value in results
+                      if not ok and isinstance(value, StorageError)]
+            if faults:
+                self._write_failed(str(faults[0]))
+            else:
+                self._write_ok()
             for future, (ok, value) in zip(futures, results, strict=True):
                 if future.done():  # the caller was cancelled; its data is committed anyway
                     continue
@@ -349,6 +405,22 @@ class Database:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    def _write_failed(self, error: str) -> None:
+        self._storage_errors.inc(op="write")
+        if self.write_error is None:
+            self.write_failing_since = self._clock.now()
+            log.error("database writes are failing (%s); wxd keeps retrying", error)
+        self.write_error = error
+        self._storage_up.set(0)
+
+    def _write_ok(self) -> None:
+        if self.write_error is not None:
+            log.warning("database writes succeed again (failing since %.0f: %s)",
+                        self.write_failing_since or 0.0, self.write_error)
+        self.write_error = None
+        self.write_failing_since = None
+        self._storage_up.set(1)
 
     async def healthy(self) -> bool:
         """True when a trivial query answers; used by /healthz."""
@@ -371,7 +443,7 @@ class Database:
             finally:
                 target.close()
 
-        await self._run(run)
+        await self._read(run)
 
     async def close(self) -> None:
         """Commit what is pending, close the connection (joins aiosqlite's thread), drop the lock."""

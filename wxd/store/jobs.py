@@ -122,6 +122,14 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     return float(row[0]) if row is not None and row[0] is not None else None
 
 
+def next_wake(conn: sqlite3.Connection) -> float | None:
+    """next_due, or the earliest end of a lease when sooner: lease takes a leased job again
+    then (e.g. its outcome could not be written). None when nothing is queued or leased."""
+    row = conn.execute("SELECT MIN(leased_until) FROM jobs WHERE state = 'leased'").fetchone()
+    ends = [t for t in (next_due(conn), row[0] if row is not None else None) if t is not None]
+    return float(min(ends)) if ends else None
+
+
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Number of jobs per state: queued, leased, done, failed (every state present)."""
     result = dict.fromkeys(JOB_STATES, 0)

@@ -13,7 +13,7 @@ import binascii
 import json
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,24 +271,49 @@ def recover(conn: sqlite3.Connection, now: float, stale_sending: str) -> dict[st
     """At start every `sending` push is orphaned: back to queued at once (same client_msg_id).
     One whose last attempt is older than WeChat's dedupe window is resent anyway
     (`stale_sending` "resend": may duplicate) or failed with error_code outcome_unknown ("fail")."""
-    stale = conn.execute(
-        "SELECT COUNT(*) FROM pushes WHERE status = 'sending'"
-        " AND (last_attempt_at IS NULL OR last_attempt_at < ?)", (now - CLIENT_MSG_ID_WINDOW_S,),
-    ).fetchone()[0]
-    failed = 0
-    if stale_sending == "fail":
-        failed = conn.execute(
-            "UPDATE pushes SET status = 'failed', error_code = 'outcome_unknown',"
-            " error = 'wxd stopped during the send and WeChat''s 10-minute client_msg_id window"
-            " has passed; whether the message arrived is unknown', leased_until = NULL,"
-            " finished_at = ?, updated_at = ?"
-            " WHERE status = 'sending' AND (last_attempt_at IS NULL OR last_attempt_at < ?)",
-            (now, now, now - CLIENT_MSG_ID_WINDOW_S),
+    ids = [str(row[0]) for row in conn.execute("SELECT id FROM pushes WHERE status = 'sending'")]
+    return _requeue_sending(conn, ids, now, stale_sending, "wxd stopped during the send")
+
+
+def requeue_expired(conn: sqlite3.Connection, now: float, stale_sending: str,
+                    held: Collection[str] = ()) -> dict[str, int]:
+    """recover() for the `sending` pushes whose lease has passed, in a running daemon: the
+    outcome of their attempt was never recorded (its write failed, or the sender died). They
+    are queued again, due now, keeping their client_msg_id, so WeChat drops the resend if the
+    first POST got through (within its 10-minute window; past it `stale_sending` decides).
+    `held` are pushes the caller still holds (queued for a sender, being sent, outcome on its
+    way): they are left alone however long that takes."""
+    ids = [str(row[0]) for row in conn.execute(
+        "SELECT id FROM pushes WHERE status = 'sending' AND leased_until <= ?", (now,))
+        if row[0] not in held]
+    return _requeue_sending(conn, ids, now, stale_sending,
+                            "the outcome of the send was never recorded")
+
+
+def _requeue_sending(conn: sqlite3.Connection, ids: Sequence[str], now: float,
+                     stale_sending: str, why: str) -> dict[str, int]:
+    stale = failed = requeued = 0
+    for push_id in ids:
+        row = conn.execute(
+            "SELECT last_attempt_at FROM pushes WHERE id = ? AND status = 'sending'", (push_id,)
+        ).fetchone()
+        if row is None:
+            continue
+        if row[0] is None or row[0] < now - CLIENT_MSG_ID_WINDOW_S:
+            stale += 1
+            if stale_sending == "fail":
+                failed += conn.execute(
+                    "UPDATE pushes SET status = 'failed', error_code = 'outcome_unknown',"
+                    " error = ?, leased_until = NULL, finished_at = ?, updated_at = ?"
+                    " WHERE id = ?", (f"{why} and WeChat's 10-minute client_msg_id window has"
+                                      " passed; whether the message arrived is unknown",
+                                      now, now, push_id),
+                ).rowcount
+                continue
+        requeued += conn.execute(
+            "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
+            " updated_at = ? WHERE id = ?", (now, now, push_id),
         ).rowcount
-    requeued = conn.execute(
-        "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
-        " updated_at = ? WHERE status = 'sending'", (now, now),
-    ).rowcount
     return {"requeued": requeued, "stale": stale, "failed": failed}
 
 
@@ -407,7 +432,8 @@ Outcome = Callable[[sqlite3.Connection], str]  # records one send's result; retu
 def apply_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[str]:
     """The batch function of db.write_many for send outcomes: apply each in the caller's
     transaction, return the new statuses in order. A failing one raises: write_many then applies
-    each outcome on its own, so only that push stays `sending` (until recovery)."""
+    each outcome on its own, so only that push stays `sending` (until its lease passes: then
+    requeue_expired queues it again)."""
     return [outcome(conn) for outcome in outcomes]
 
 
