@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -16,7 +17,7 @@ from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
-from wxd.pacing import IDLE_MAX_S
+from wxd.pacing import IDLE_MAX_S, LEASE_S
 from wxd.retry import Fail, Pause, Retry, decide
 from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
 from wxd.store import ingest
@@ -50,6 +51,7 @@ class FakeRefresher:
         self.calls: list[str] = []
         self.errors: list[BaseException] = []
         self.gate: asyncio.Event | None = None
+        self.after: Callable[[], Awaitable[None]] | None = None  # once, after the write
 
     async def refresh_follower(self, oa_openid: str) -> None:
         self.calls.append(oa_openid)
@@ -61,6 +63,9 @@ class FakeRefresher:
                 "subscribe_time": int(T0)}
         now = self.clock()
         await self.db.write(lambda conn: ingest.apply_user_infos(conn, [info], now, now))
+        after, self.after = self.after, None
+        if after is not None:
+            await after()
 
 
 class EventsCase(FakeTime, AsyncTestCase):
@@ -347,6 +352,58 @@ class WorkersTest(EventsCase):
         await self.store(event("oA", "subscribe"))
         await self.metrics.collect()
         assert 'wxd_events_jobs{state="queued"} 1' in self.metrics.render()
+
+
+class LeaseExpiryTest(EventsCase):
+    """The follow was applied but recording the job's outcome failed (the disk filled up,
+    another process held the database): the job stays leased and runs again once its lease
+    has passed, in the same process, without a restart."""
+
+    async def fault_until_turned_off(self) -> None:
+        await self.db.read(lambda conn: conn.execute("PRAGMA query_only = ON"))
+
+    async def writable(self) -> None:
+        await self.db.read(lambda conn: conn.execute("PRAGMA query_only = OFF"))
+
+    @gen_test
+    async def test_a_job_whose_outcome_write_failed_runs_again_after_its_lease(self) -> None:
+        await self.store(event("oA", "subscribe"))
+        self.refresher.after = self.fault_until_turned_off
+        assert await self.workers.run_once() == 1  # no exception escapes: the outcome is lost
+        await self.writable()
+        assert await self.jobs() == {"queued": 0, "leased": 1, "done": 0, "failed": 0}
+        assert self.db.write_error is not None
+        assert await self.workers.run_once() == 0  # its lease still runs
+        assert await self.db.read(job_store.next_wake) == T0 + LEASE_S
+        self.now = T0 + LEASE_S
+        assert await self.workers.run_once() == 1
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        assert self.refresher.calls == ["oA", "oA"]  # the follow is applied again (idempotent)
+        assert self.db.write_error is None
+
+    @gen_test(timeout=20)
+    async def test_running_workers_take_it_again_without_a_restart(self) -> None:
+        self.refresher.after = self.fault_until_turned_off
+        await self.workers.start()
+        await self.store(event("oA", "subscribe"))
+        self.workers.ring()
+        for _ in range(500):
+            if self.refresher.calls and self.db.write_error is not None:
+                break
+            await asyncio.sleep(0.01)
+        await self.writable()
+        for _ in range(50):  # the workers keep polling; nothing is due before the lease ends
+            await asyncio.sleep(0.01)
+        assert (await self.jobs())["leased"] == 1 and self.refresher.calls == ["oA"]
+        self.now = T0 + LEASE_S + 1
+        for _ in range(1000):
+            if (await self.jobs())["done"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
+        assert self.refresher.calls == ["oA", "oA"]
+        row = await self.follower("oA")
+        assert row is not None and row["unionid"] == "u-oA"
 
 
 class EndToEndTest(FakeTime, AsyncHTTPTestCase):

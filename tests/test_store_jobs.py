@@ -32,6 +32,16 @@ def test_lease_finish_and_counts(conn: sqlite3.Connection) -> None:
     assert jobs.next_due(conn) is None
 
 
+def test_next_wake_is_the_next_due_job_or_the_next_lease_end(conn: sqlite3.Connection) -> None:
+    assert jobs.next_wake(conn) is None
+    enqueue(conn, "event", "{}", T0 + 100)
+    assert jobs.next_wake(conn) == T0 + 100
+    enqueue(conn, "event", "{}", T0)
+    jobs.lease(conn, T0, 1, lease_s=30)  # its outcome may never be written
+    assert jobs.next_wake(conn) == T0 + 30
+    assert jobs.next_due(conn) == T0 + 100  # next_due is about queued jobs only
+
+
 def test_lease_respects_limit_and_expired_leases_come_back(conn: sqlite3.Connection) -> None:
     ids = [enqueue(conn, "event", f'{{"n": {n}}}', T0) for n in range(3)]
     assert [j.id for j in jobs.lease(conn, T0, 1, 30)] == ids[:1]

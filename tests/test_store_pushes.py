@@ -227,6 +227,33 @@ def test_recover(conn: sqlite3.Connection, policy: str) -> None:
         assert (held["status"], held["error_code"]) == ("failed", "outcome_unknown")
 
 
+def test_expired_leases_are_taken_again_unless_held(conn: sqlite3.Connection) -> None:
+    held, lost, fresh = add(conn, 3)
+    push_store.lease(conn, NOW, 2, 60)  # held and lost: sending until NOW + 60
+    assert push_store.requeue_expired(conn, NOW + 59, "resend", held={held}) == \
+        {"requeued": 0, "stale": 0, "failed": 0}  # no lease has passed yet
+    assert [p.id for p in push_store.lease(conn, NOW + 59, 10, 60)] == [fresh]
+    # The outcome of `lost` was never recorded (its write failed); `held` is still being sent.
+    assert push_store.requeue_expired(conn, NOW + 61, "resend", held={held}) == \
+        {"requeued": 1, "stale": 0, "failed": 0}
+    leased = push_store.lease(conn, NOW + 61, 10, 60)
+    assert [(p.id, p.attempts, p.client_msg_id) for p in leased] == [(lost, 2, lost)]
+    assert status(conn, held) == "sending"
+    # Past WeChat's 10-minute window the stale_sending policy decides, as at start.
+    later = NOW + 61 + push_store.CLIENT_MSG_ID_WINDOW_S + 60
+    assert push_store.requeue_expired(conn, later, "fail", held={fresh}) == \
+        {"requeued": 0, "stale": 2, "failed": 2}
+    for push_id in (held, lost):
+        push = push_store.get(conn, push_id)
+        assert push is not None
+        assert (push["status"], push["error_code"]) == ("failed", "outcome_unknown")
+        assert "never recorded" in push["error"]
+    assert status(conn, fresh) == "sending"  # its lease has passed too, but it is held
+    assert push_store.requeue_expired(conn, later + 1, "resend") == \
+        {"requeued": 1, "stale": 1, "failed": 0}
+    assert status(conn, fresh) == "queued"
+
+
 def test_operator_retry_and_cancel(conn: sqlite3.Connection) -> None:
     a, b, c = add(conn, 3)
     assert push_store.operator_retry(conn, a, NOW) == ("invalid_state", "queued")

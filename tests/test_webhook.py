@@ -31,6 +31,7 @@ from tests.helpers import (
     fetchall,
     fetchone,
 )
+from tests.storage_faults import disk_full
 from wxd.metrics import Registry
 from wxd.sandbox import Credentials, SignedRequest, WebhookSender
 from wxd.store import inbox
@@ -399,6 +400,34 @@ class RefusalTest(WebhookCase):
         assert response.code == 503 and response.body != b"success"
         assert self.result("storage_error") == 1
         self.db = await Database.open(self.path)  # for tearDown
+
+
+class DiskFullTest(WebhookCase):
+    """A full disk (SQLite's own SQLITE_FULL, tests/storage_faults.py): the event gets 503 and
+    is not stored, nothing else of its commit is acknowledged, and WeChat's retry is stored
+    once there is room again, on the same connection."""
+
+    @gen_test
+    async def test_a_message_that_does_not_fit_is_refused_and_its_retry_stored(self) -> None:
+        sender = self.sender("safe")
+        # Large enough to need new pages (a text message may carry up to 2,048 characters of
+        # Content; the XML is encrypted and base64-encoded in safe mode).
+        big = sender.build(sender.text_fields("oUser1", "大" * 2048, msg_id=1))
+        small = sender.build(sender.subscribe_fields("oUser2"))
+        async with disk_full(self.db):
+            refused, other = await asyncio.gather(sender.send(big), sender.send(small))
+            assert refused.status == 503 and refused.body != b"success"
+            assert self.result("storage_error") >= 1
+            stored = await self.counts()
+            # Whatever was answered `success` is stored; SQLite may have rolled the whole
+            # commit back (then the small one got 503 too).
+            assert stored == ((1, 1) if other.status == 200 else (0, 0)), (other, stored)
+            assert other.status in (200, 503)
+        retry = await sender.send(big)
+        assert retry.status == 200 and retry.body == b"success"
+        again = await sender.send(small)
+        assert again.status == 200
+        assert await self.counts() == (2, 1)  # the text message has no job
 
 
 class BatchingTest(WebhookCase):

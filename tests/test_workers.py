@@ -12,8 +12,10 @@ import pytest
 from tornado.testing import gen_test
 
 from tests.helpers import fetchall, fetchone
+from tests.storage_faults import read_only
 from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
 from wxd.errors import WeChatAPIError
+from wxd.pacing import LEASE_S
 from wxd.push_workers import PushWorkers
 from wxd.retry import BEIJING, Retry, decide
 from wxd.retry import next_quota_reset as next_resume
@@ -396,6 +398,67 @@ class StopAndRecoveryTest(PushCase):
         status, answer = await self.call("POST", f"/v1/pushes/{push['id']}/retry")
         self.assertEqual((status, answer["status"]), (200, "queued"))
         await self.until_status(push["id"], "sent")
+
+
+class LeaseExpiryTest(PushCase):
+    """WeChat accepted a push but recording `sent` failed (disk full, database locked): the
+    push stays `sending`; once its lease has passed the running workers send it again with the
+    same client_msg_id, WeChat drops the duplicate, and the person gets one message."""
+
+    async def outcome_lost(self, workers: PushWorkers) -> None:
+        """Make the database read-only while the send is answered, until its outcome write
+        (by the flusher or along with a lease) has failed."""
+        send_seconds = self.metrics.histogram("wxd_push_send_seconds", "")
+        await self.eventually(lambda: self._called(), "the send to reach WeChat")
+        async with read_only(self.db):
+            await self.eventually(lambda: self._answered(workers, send_seconds.count()),
+                                  "the answer and its outcome write")
+        assert self.db.write_error is not None
+
+    async def _called(self) -> bool:
+        return self.fake.count_calls(SEND_PATH) == 1
+
+    async def _answered(self, workers: PushWorkers, sends: int) -> bool:
+        # A sender drops the push from _inflight once its outcome write has returned (or failed).
+        return sends == 1 and not workers._inflight
+
+    @gen_test(timeout=20)
+    async def test_a_push_whose_outcome_write_failed_is_sent_again_after_its_lease(
+            self) -> None:
+        person = self.person()
+        workers = self.make_workers()
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "delay:0.3")
+        push = await self.push(self.order(person))
+        await self.outcome_lost(workers)
+        row = await self.get_push(push["id"])
+        self.assertEqual((row["status"], row["attempts"], row["msgid"]), ("sending", 1, None))
+        self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1)
+        await asyncio.sleep(0.3)  # the workers keep leasing; this lease has not passed
+        self.assertEqual(self.fake.count_calls(SEND_PATH), 1)
+        self.clock.advance(LEASE_S + 1)
+        workers.ring()
+        done = await self.until_status(push["id"], "sent")
+        self.assertEqual((done["attempts"], done["client_msg_id"]), (2, push["id"]))
+        self.assertEqual([c.body["client_msg_id"] for c in sends(self)], [push["id"]] * 2)
+        [message] = self.fake.inbox(person.oa_openid)  # delivered once
+        self.assertEqual(done["msgid"], str(message["msgid"]))
+        self.assertIsNone(self.db.write_error)
+
+    @gen_test(timeout=20)
+    async def test_past_the_dedupe_window_the_stale_sending_policy_decides(self) -> None:
+        person = self.person()
+        workers = self.make_workers(stale_sending="fail")
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "delay:0.3")
+        push = await self.push(self.order(person))
+        await self.outcome_lost(workers)
+        # The database took no writes for longer than WeChat's 10-minute client_msg_id window.
+        self.clock.advance(push_store.CLIENT_MSG_ID_WINDOW_S + 1)
+        workers.ring()
+        done = await self.until_status(push["id"], "failed")
+        self.assertEqual((done["error_code"], done["attempts"]), ("outcome_unknown", 1))
+        self.assertEqual(self.fake.count_calls(SEND_PATH), 1)
 
 
 class RateTest(PushCase):
