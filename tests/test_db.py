@@ -346,6 +346,47 @@ class DatabaseTest(AsyncTestCase):
         finally:
             await db.close()
 
+    @gen_test(timeout=15)
+    async def test_a_backup_tool_checkpointing_behind_a_reader_fails_writes_with_busy(
+            self) -> None:
+        """A reader alone never blocks a WAL writer; a tool running a TRUNCATE checkpoint
+        (as backup scripts do before copying the file) waits for that reader while holding
+        the write lock, and the daemon's writes meet SQLITE_BUSY until it is done."""
+        db = await Database.open(self.path)
+        reader = sqlite3.connect(self.path, isolation_level=None)
+        tool = sqlite3.connect(self.path, isolation_level=None, timeout=3.0,
+                               check_same_thread=False)
+        try:
+            await db.read(lambda conn: conn.execute("PRAGMA busy_timeout = 20").fetchall())
+            reader.execute("BEGIN")
+            reader.execute("SELECT COUNT(*) FROM meta").fetchall()
+            await db.write(lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('with_reader', 'v')"))
+            checkpoint = asyncio.get_running_loop().run_in_executor(
+                None, lambda: tool.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+            refused: StorageError | None = None
+            for _ in range(100):  # until the tool's thread holds the lock
+                try:
+                    await db.write(lambda conn: conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', 'v')"))
+                except StorageError as exc:
+                    refused = exc
+                    break
+                await asyncio.sleep(0.02)
+            assert refused is not None and "database is locked" in str(refused)
+            assert db.write_error is not None
+            reader.execute("COMMIT")
+            await checkpoint
+            await db.write(lambda conn: conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('after', 'v')"))
+            assert db.write_error is None
+            keys = {r[0] for r in await fetchall(db, "SELECT key FROM meta")} - {"probe"}
+            assert keys == {"after", "with_reader"}
+        finally:
+            reader.close()
+            tool.close()
+            await db.close()
+
     @gen_test
     async def test_an_item_arriving_during_a_commit_lands_in_the_next_one(self) -> None:
         db = await Database.open(self.path)
