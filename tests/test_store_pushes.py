@@ -232,7 +232,9 @@ def test_expired_leases_are_taken_again_unless_held(conn: sqlite3.Connection) ->
     push_store.lease(conn, NOW, 2, 60)  # held and lost: sending until NOW + 60
     assert push_store.requeue_expired(conn, NOW + 59, "resend", held={held}) == \
         {"requeued": 0, "stale": 0, "failed": 0}  # no lease has passed yet
+    assert push_store.next_wake(conn, NOW + 59) == NOW  # `fresh` is due
     assert [p.id for p in push_store.lease(conn, NOW + 59, 10, 60)] == [fresh]
+    assert push_store.next_wake(conn, NOW + 59) == NOW + 60  # then the first leases end
     # The outcome of `lost` was never recorded (its write failed); `held` is still being sent.
     assert push_store.requeue_expired(conn, NOW + 61, "resend", held={held}) == \
         {"requeued": 1, "stale": 0, "failed": 0}
@@ -249,6 +251,7 @@ def test_expired_leases_are_taken_again_unless_held(conn: sqlite3.Connection) ->
         assert (push["status"], push["error_code"]) == ("failed", "outcome_unknown")
         assert "never recorded" in push["error"]
     assert status(conn, fresh) == "sending"  # its lease has passed too, but it is held
+    assert push_store.next_wake(conn, later) is None  # a lease end already past: no wake-up
     assert push_store.requeue_expired(conn, later + 1, "resend") == \
         {"requeued": 1, "stale": 1, "failed": 0}
     assert status(conn, fresh) == "queued"

@@ -124,12 +124,12 @@ class EventWorkers:
     `ring()` (the webhook's on_stored) wakes idle workers at once; idle polling backs off
     between IDLE_MIN_S and IDLE_MAX_S (on the clock) otherwise, and wakes when the next job
     is due or the next lease ends (a job whose outcome could not be written runs again then).
-    A failed job is classified by
-    wxd.retry.decide: transient, token, quota (45009: user/info's daily quota is large) and
-    unexpected errors go back to the queue after backoff_base_s·2^(n-1) (-20 % jitter, at most
-    backoff_max_s; 45011 not before the next minute) until `max_attempts` leases, then the job
-    fails with the error kept; a spent token budget retries it at the next UTC midnight;
-    terminal failures (e.g. 40003 invalid openid, a malformed message) fail at once.
+    A failed job is classified by wxd.retry.decide: transient, token, quota (45009:
+    user/info's daily quota is large) and unexpected errors go back to the queue after
+    backoff_base_s·2^(n-1) (-20 % jitter, at most backoff_max_s; 45011 not before the next
+    minute) until `max_attempts` leases, then the job fails with the error kept; a spent
+    token budget retries it at the next UTC midnight; terminal failures (e.g. 40003 invalid
+    openid, a malformed message) fail at once.
     `start()` first requeues leases left by a previous process. `stop()` lets running jobs
     finish within drain_timeout_s, then cancels them (their lease is recovered at the next
     start). Both are idempotent.

@@ -271,10 +271,12 @@ class PushWorkers:
         return room if room >= chunk or (room > 0 and buffered == 0) else 0
 
     async def _idle(self) -> None:
-        """Wait for the doorbell, the next due push (by the injected clock) or idle_max_s."""
+        """Wait for the doorbell, the next due push or lease end (by the injected clock) or
+        idle_max_s."""
         if self._doorbell.is_set():
             return
-        due = await self._db.read(push_store.next_due)
+        now = self._clock.now()
+        due = await self._db.read(lambda conn: push_store.next_wake(conn, now))
         wait = self._idle_max_s
         if due is not None:
             wait = min(wait, max(0.0, due - self._clock.now()))

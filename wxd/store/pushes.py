@@ -142,6 +142,17 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     return float(row[0]) if row is not None else None
 
 
+def next_wake(conn: sqlite3.Connection, now: float) -> float | None:
+    """next_due, or the next end of a `sending` push's lease after `now` when sooner: then
+    requeue_expired may take it again (its outcome may never be recorded)."""
+    row = conn.execute(
+        "SELECT MIN(leased_until) FROM pushes WHERE status = 'sending' AND leased_until > ?",
+        (now,),
+    ).fetchone()
+    ends = [t for t in (next_due(conn), row[0] if row is not None else None) if t is not None]
+    return float(min(ends)) if ends else None
+
+
 def _apply_report(conn: sqlite3.Connection, push_id: str, status: str, now: float) -> str:
     if status == DELIVERY_SUCCESS:
         conn.execute(
