@@ -518,6 +518,43 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
         report = await fetchone(self.db, "SELECT status FROM delivery_reports WHERE msgid = '99'")
         assert report is not None and report[0] == "failed:user block"
 
+    @gen_test
+    async def test_reports_without_msgid_and_colliding_msgids_through_the_webhook(self) -> None:
+        """MsgID 0 / no MsgID reports are matched to the one push sent to that openid; a MsgId
+        reused by another user is a second message, a repeat from the same user a retry."""
+        first, second = self.fake.person(2), self.fake.person(3)
+
+        def sent(openid: str, msgid: str, at: float) -> Any:
+            def write(conn: Any) -> str:
+                push = push_store.NewPush(push_store.new_push_id(), None, {"oa_openid": openid},
+                                         openid, "tpl",
+                                         {"touser": openid, "template_id": "tpl", "data": {}})
+                push_store.insert(conn, push, at)
+                push_store.lease(conn, at, 1, 60)
+                push_store.mark_sent(conn, push.id, msgid, at + 1)
+                return push.id
+            return write
+
+        one = await self.db.write(sent(first.oa_openid, "901", self.now - 30))
+        two = await self.db.write(sent(second.oa_openid, "902", self.now - 30))
+        sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "safe",
+                               clock=self.clock, http_client=self.http_client, seed=2)
+        assert (await sender.template_finished(first.oa_openid, 0, "success")).body == b"success"
+        assert (await sender.template_finished(second.oa_openid, None, "failed:user block")
+                ).body == b"success"
+        assert (await sender.text(first.oa_openid, "hi")).body == b"success"
+        collision = sender.build(sender.text_fields(second.oa_openid, "hello",
+                                                    msg_id=sender.last_msg_id))
+        assert (await sender.send(collision)).body == b"success"
+        assert (await sender.send(collision)).body == b"success"  # WeChat's retry
+        await self.settled()
+        rows = [await fetchone(self.db, "SELECT status FROM pushes WHERE id = ?", (push_id,))
+                for push_id in (one, two)]
+        assert [row[0] if row else None for row in rows] == ["delivered", "failed"]
+        texts = await fetchall(self.db, "SELECT from_user FROM inbox WHERE msg_type = 'text'")
+        assert sorted(r[0] for r in texts) == sorted([first.oa_openid, second.oa_openid])
+        assert self.webhook.requests.get(result="duplicate") == 1
+
 
 class PruneTest(EventsCase):
     @gen_test
