@@ -356,6 +356,7 @@ class DatabaseTest(AsyncTestCase):
         reader = sqlite3.connect(self.path, isolation_level=None)
         tool = sqlite3.connect(self.path, isolation_level=None, timeout=3.0,
                                check_same_thread=False)
+        checkpoint: asyncio.Future[Any] | None = None
         try:
             await db.read(lambda conn: conn.execute("PRAGMA busy_timeout = 20").fetchall())
             reader.execute("BEGIN")
@@ -383,6 +384,10 @@ class DatabaseTest(AsyncTestCase):
             keys = {r[0] for r in await fetchall(db, "SELECT key FROM meta")} - {"probe"}
             assert keys == {"after", "with_reader"}
         finally:
+            if reader.in_transaction:
+                reader.execute("COMMIT")
+            if checkpoint is not None:  # never close a connection another thread is using
+                await asyncio.gather(checkpoint, return_exceptions=True)
             reader.close()
             tool.close()
             await db.close()
