@@ -406,8 +406,8 @@ class LeaseExpiryTest(PushCase):
     same client_msg_id, WeChat drops the duplicate, and the person gets one message."""
 
     async def outcome_lost(self, workers: PushWorkers) -> None:
-        """Make the database read-only while the send is answered, until its outcome write
-        (by the flusher or along with a lease) has failed."""
+        """Make the database read-only while the send is answered, until the sender's outcome
+        write has failed."""
         send_seconds = self.metrics.histogram("wxd_push_send_seconds", "")
         await self.eventually(lambda: self._called(), "the send to reach WeChat")
         async with read_only(self.db):
