@@ -206,8 +206,6 @@ def test_wxd_accepts_nothing_the_sandbox_would_refuse_for_length(key: str, value
     rules: a value WeChat refuses (47003) is refused before it is queued."""
     if value_problem(key, value) is not None:
         return
-    if key.startswith("const") and value == "":
-        return  # real WeChat accepts an empty const value; the emulator still refuses it
     template = Template("T", "t", "{{%s.DATA}}" % key)  # noqa: UP031 - braces would need escaping
     rejection = check_data(template, {key: {"value": value}})
     if rejection is not None:
@@ -219,3 +217,10 @@ def test_wxd_accepts_nothing_the_sandbox_would_refuse_for_length(key: str, value
 def test_default_sandbox_templates_parse() -> None:
     for template in DEFAULT_TEMPLATES:
         assert placeholders(template.content) == template.keys
+
+
+def test_the_emulator_takes_an_empty_const_value_and_refuses_other_empty_typed_ones() -> None:
+    template = Template("T", "t", "{{thing1.DATA}} {{const2.DATA}}")
+    assert check_data(template, {"thing1": {"value": "a"}, "const2": {"value": ""}}) is None
+    refused = check_data(template, {"thing1": {"value": ""}, "const2": {"value": ""}})
+    assert refused is not None and refused.errcode == 47003

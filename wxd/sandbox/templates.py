@@ -138,7 +138,8 @@ def check_data(template: Template, data: Mapping[str, Any]) -> Rejection | None:
     """Apply the category-template value rules to a template/send `data` object; None when acceptable.
 
     Every typed key of the template must be present with a non-empty string value (47003
-    "... is emtpy", WeChat's spelling) obeying its type. Legacy keys may be absent or empty.
+    "... is emtpy", WeChat's spelling) obeying its type, except a `const` key, which takes an
+    approved string or the empty string. Legacy keys may be absent or empty.
     Keys not in the template are ignored (first/remark are harmless since 2023), except
     `miniprogram`, which belongs at the top level (47003).
     """
@@ -157,6 +158,8 @@ def check_data(template: Template, data: Mapping[str, Any]) -> Rejection | None:
         if typed is None:
             continue
         if value == "":
+            if typed.group(1) == "const":
+                continue
             return Rejection(47003, f"argument invalid! data.{key}.value is emtpy")
         if not _value_ok(typed.group(1), value):
             return Rejection(47003, f"argument invalid! data.{key}.value invalid")
