@@ -350,6 +350,9 @@ class OrdersTest(LinkingCase):
         error = results[7]
         assert isinstance(error, WeChatAPIError)
         self.assertEqual(error.errcode, 40003)
+        # Split in halves (coalesce.split_refused), not asked one by one: a few user/info calls.
+        self.assertLessEqual(self.fake.count_calls("/cgi-bin/user/info"), 4)
+        self.assertLessEqual(self.fake.count_calls("/cgi-bin/user/info/batchget"), 1 + 2 * 5)
         for person in people:
             stored = await self.stored(person.oa_openid)
             assert stored is not None and stored.unionid == person.unionid

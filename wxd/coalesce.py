@@ -1,8 +1,11 @@
-"""Coalescer: upstream lookups waiting at the same moment share one batched call.
+"""Batched upstream lookups: Coalescer shares one call among lookups waiting at the same moment;
+split_refused isolates the keys that make the upstream refuse a whole batch.
 
 The upstream counterpart of the store's batched write: a burst of follows asks user/info once
 per event, yet WeChat's batchget answers 100 openids in one call (and counts once against the
-account's daily quota). Service level; imports only the standard library.
+account's daily quota). The other side of batching: one openid WeChat will not describe fails
+the whole batchget (50005, 40003, 40032), and must fail only itself. Service level; imports
+only the standard library.
 """
 
 from __future__ import annotations
@@ -88,3 +91,62 @@ class Coalescer(Generic[K, V]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+async def split_refused(
+    keys: Sequence[K], error: Exception,
+    call: Callable[[list[K]], Awaitable[Sequence[V]]],
+    refused: Callable[[Exception], bool], *,
+    single: Callable[[K], Awaitable[V]] | None = None,
+) -> tuple[list[V], list[tuple[K, Exception]]]:
+    """`keys` were refused as a whole by `call` with `error`, because of some of them (batchget
+    answers 40003 for all 100 openids when one is bad): (the answers for every key the upstream
+    does answer, in no particular order; the keys refused alone, each with its error).
+
+    Bisection: each half is asked again with `call`, a half refused (`refused(exc)`) is split
+    again, so b bad keys among n cost at most about 2·b·log2(n) calls. A part of one key is
+    asked with `single(key)` when given (user/info answers where a lone batchget refuses), else
+    with call([key]); a key refused alone is returned with its error (a lone key in `keys`
+    without `single` is returned with `error` at once). Many bad keys: once the halves have
+    cost len(keys) // 2 calls, each key of the parts still to ask is asked alone (never more
+    than 1.5·n calls after the refused one). An error `refused` does not accept propagates at once (retries,
+    pauses and failures stay the caller's business).
+    """
+    values: list[V] = []
+    failures: list[tuple[K, Exception]] = []
+    budget = len(keys) // 2
+
+    async def alone(key: K) -> None:
+        try:
+            if single is not None:
+                values.append(await single(key))
+            else:
+                values.extend(await call([key]))
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            failures.append((key, exc))
+
+    async def split(part: list[K]) -> None:
+        nonlocal budget
+        middle = (len(part) + 1) // 2
+        for half in (part[:middle], part[middle:]):
+            if len(half) == 1 or budget <= 0:
+                for key in half:
+                    await alone(key)
+                continue
+            budget -= 1
+            try:
+                values.extend(await call(half))
+            except Exception as exc:
+                if not refused(exc):
+                    raise
+                await split(half)
+
+    if len(keys) > 1:
+        await split(list(keys))
+    elif keys and single is not None:
+        await alone(keys[0])
+    else:
+        failures.extend((key, error) for key in keys)
+    return values, failures

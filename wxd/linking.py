@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.coalesce import Coalescer
+from wxd.coalesce import Coalescer, split_refused
 from wxd.errors import (
     SessionKeyError,
     StorageError,
@@ -234,9 +234,13 @@ class Linking:
             except WeChatAPIError as exc:
                 if exc.kind != "terminal":
                     raise
-                # One openid WeChat refuses (40003, 50005) fails the whole batchget: ask each
-                # alone, so that only that follower's job sees the error.
-                infos, outcomes = await self._one_by_one(openids)
+                # One openid WeChat refuses (40003, 50005) fails the whole batchget: split it
+                # (a lone openid asks user/info), so that only that follower's job sees the error.
+                infos, failures = await split_refused(
+                    openids, exc, self._oa_api.batchget,
+                    lambda error: isinstance(error, WxdError), single=self._oa_api.user_info)
+                failed = dict(failures)
+                outcomes = [failed.get(openid) for openid in openids]
         now = self._clock.now()
         newly = await self._db.write(
             lambda conn: ingest.apply_user_infos(conn, infos, observed_at, now))
@@ -245,18 +249,6 @@ class Linking:
             log.info("linked %d followers (on user/info)", len(newly))
         await self.check_unionid()
         return outcomes
-
-    async def _one_by_one(self, openids: list[str]
-                          ) -> tuple[list[dict[str, Any]], list[BaseException | None]]:
-        infos: list[dict[str, Any]] = []
-        outcomes: list[BaseException | None] = []
-        for openid in openids:
-            try:
-                infos.append(await self._oa_api.user_info(openid))
-                outcomes.append(None)
-            except WxdError as exc:
-                outcomes.append(exc)
-        return infos, outcomes
 
     async def check_unionid(self) -> bool:
         """Recompute unionid_missing from storage; warn once per process when it turns True."""
