@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 import random
+import re
 import sqlite3
 import tempfile
 import time
@@ -694,6 +696,33 @@ class TestAdmin(BackfillTestCase):
             await self.admin_http.close_all_connections()
 
 
+    @gen_test(timeout=30)
+    async def test_post_from_start_begins_a_new_run(self) -> None:
+        fake = await self.setup_sandbox(5_000)
+        fake.latency_s = 0.002
+        fake.script_fault(USER_GET, "48001", 1)
+        instance = self.backfill()
+        base = await self.admin_server(instance)
+        try:
+            code, body = await self.request(base, "POST")
+            assert code == 202
+            assert (await instance.join())["state"] == "failed"
+            code, body = await self.request(base, "POST", body={"from_start": "yes"})
+            assert code == 400 and body["error"]["field"] == "from_start"
+            code, body = await self.request(base, "POST", body={"from_start": True})
+            assert code == 202 and body["run"] == 2 and body["active"]
+            code, body = await self.request(base, "POST", body={"from_start": True})
+            assert code == 409 and body["error"]["code"] == "backfill_running"
+            assert body["error"]["backfill"]["run"] == 2
+            status = await instance.join()
+            assert (status["run"], status["state"], status["followers_done"]) == (2, "done", 5_000)
+            assert (status["complete"], status["restarts_from_head"], status["skipped"]) == (
+                True, 0, 0)
+        finally:
+            self.admin_http.stop()
+            await self.admin_http.close_all_connections()
+
+
 class TestTimers(BackfillTestCase):
     async def until(self, predicate: Any) -> None:
         for _ in range(5_000):
@@ -751,3 +780,221 @@ class TestTimers(BackfillTestCase):
         await second.start()
         assert self.clock.pending() == []  # nothing will resume it
         assert second.status()["state"] == "failed" and not second.running
+
+
+USER_INFO = "/cgi-bin/user/info"
+
+
+class TestStaleCursor(BackfillTestCase):
+    """A saved cursor WeChat refuses (40003) or answers empty before the list is complete: the run
+    restarts from the head (bounded, said once, counted), and only a complete listing sweeps."""
+
+    async def first_sync(self, count: int) -> FollowerBackfill:
+        await self.setup_sandbox(count)
+        instance = self.backfill()
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["followers_done"]) == ("done", count)
+        self.first_status = status
+        return instance
+
+    async def subscribed(self) -> int:
+        return int(await self.scalar("SELECT COALESCE(SUM(subscribed), 0) FROM followers"))
+
+    @gen_test(timeout=60)
+    async def test_a_cursor_refused_the_next_day_restarts_from_the_head(self) -> None:
+        fake = await self.setup_sandbox(20_500)
+        cursor = fake.follower_openids[9_999]  # saved after page 1
+        # Day 1 ends with the quota spent in page 2; day 2 WeChat refuses the saved cursor, and
+        # the second pass meets the quota at the same place; day 3 completes the list.
+        fake.script_fault(BATCHGET, "45009", 2, openids=[fake.follower_openids[10_000]])
+        first = self.backfill(concurrency=1)
+        status = await self.run_to_end(first)
+        assert (status["state"], status["pages_done"]) == ("paused", 1)
+        paused = status
+        fake.stale_cursor(cursor, "40003", times=1)
+        await first.stop()
+
+        self.clock.set(status["paused_until"] + 1)  # the next day, in a new process
+        second = self.backfill(concurrency=1)
+        await second.start()  # loads the row (a paused run resumes by begin or its timer)
+        with self.assertLogs("wxd.backfill", "WARNING") as logs:
+            status = await self.run_to_end(second)
+        assert status["state"] == "paused", status["last_error"]  # not failed: 40003 restarted
+        assert paused["seen"] == 10_000
+        saved_at = paused["cursor_at"]
+        restarts = [line for line in logs.output if "restarting from the head" in line]
+        assert len(restarts) == 1 and "restart 1 of 2" in restarts[0]
+        assert "errcode 40003" in restarts[0] and "after 10000 of 20500" in restarts[0]
+        age = re.search(r"cursor age (\d+) s", restarts[0])
+        assert age is not None and abs(int(age.group(1)) - (self.clock() - saved_at)) < 5
+        assert cursor not in "".join(logs.output)  # openids are personal data
+        assert (status["state"], status["restarts_from_head"]) == ("paused", 1)
+        assert (status["pages_done"], status["followers_done"], status["seen"]) == (
+            1, 10_000, 10_000)  # page 1 again: nothing new seen
+
+        await second.stop()
+        self.clock.set(status["paused_until"] + 1)
+        third = self.backfill(concurrency=1)
+        await third.start()
+        status = await self.run_to_end(third)
+        assert (status["state"], status["run"], status["complete"]) == ("done", 1, True)
+        assert (status["pages_done"], status["followers_done"], status["seen"]) == (
+            3, 20_500, 20_500)  # the restart's pass, not 30,500
+        assert status["restarts_from_head"] == 1 and status["skipped"] == 0
+        heads = [c for c in self.calls(USER_GET) if not c.query.get("next_openid")
+                 and c.errcode == 0]  # (the token expired overnight: one 42001 answer)
+        assert len(heads) == 2
+        await self.assert_all_stored(20_500)
+
+    @gen_test(timeout=60)
+    async def test_an_early_empty_page_restarts_and_unsubscribes_nobody(self) -> None:
+        instance = await self.first_sync(12_000)
+        cursor = self.fake.follower_openids[9_999]
+        for kind in ("empty", "empty_bare"):
+            self.fake.stale_cursor(cursor, kind, times=1)
+            self.clock.advance(3600)
+            status = await self.run_to_end(instance)
+            assert await self.subscribed() == 12_000, kind  # nobody unseen was swept
+            assert (status["state"], status["followers_done"]) == ("done", 12_000)
+            assert (status["complete"], status["restarts_from_head"], status["seen"]) == (
+                True, 1, 12_000)
+        assert instance.status()["run"] == 3
+        assert (self.first_status["complete"], self.first_status["seen"]) == (True, 12_000)
+
+    @gen_test(timeout=60)
+    async def test_restarts_are_bounded(self) -> None:
+        instance = await self.first_sync(12_000)
+        head_calls = len(self.calls(USER_GET))
+        rule = self.fake.stale_cursor("*", "40003")  # every saved cursor, never the head
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["restarts_from_head"]) == ("failed", 2)
+        assert "40003" in status["last_error"]
+        asked = [c.query.get("next_openid", "") for c in self.calls(USER_GET)[head_calls:]]
+        assert asked.count("") == 3 and len(asked) == 6  # the head, then its cursor: 3 times
+        self.fake.clear_faults(rule_id=rule.id)
+
+        self.fake.stale_cursor("*", "empty")
+        status = await self.run_to_end(instance)
+        # The run resumed its restarts budget spent: the cursor's empty page ends it, unswept.
+        assert (status["state"], status["complete"], status["run"]) == ("done", False, 2)
+        assert status["seen"] == 10_000 and await self.subscribed() == 12_000
+        self.fake.clear_faults()
+
+        # The head itself refusing the call fails the run as before; nothing to restart from.
+        self.fake.script_fault(USER_GET, "40003", 1)
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["restarts_from_head"], status["run"]) == (
+            "failed", 0, 3)
+
+    @gen_test(timeout=60)
+    async def test_from_start_begins_a_new_run_at_the_head(self) -> None:
+        fake = await self.setup_sandbox(12_000)
+        cursor = fake.follower_openids[9_999]
+        fake.stale_cursor(cursor, "40003", times=1)
+        instance = self.backfill(max_restarts_from_head=0)
+        status = await self.run_to_end(instance)
+        assert (status["state"], status["run"], status["pages_done"]) == ("failed", 1, 1)
+        started, status = await instance.begin_run(from_start=True)
+        assert started and status["run"] == 2
+        status = await instance.join()
+        assert (status["state"], status["complete"], status["followers_done"]) == (
+            "done", True, 12_000)
+        assert [c.query.get("next_openid", "") for c in self.calls(USER_GET)] == [
+            "", cursor, "", cursor, fake.follower_openids[-1]]
+        await self.assert_all_stored(12_000)
+
+
+class TestRefusedOpenids(BackfillTestCase):
+    """batchget refusing a whole chunk for some openids in it (50005, 40003, 40032): the chunk is
+    bisected, a lone openid asks user/info, the openids refused alone are skipped and counted."""
+
+    def chunk_calls(self, openid: str) -> int:
+        return sum(1 for c in self.fake.calls
+                   if (c.path == BATCHGET and any(i["openid"] == openid
+                                                  for i in c.body["user_list"]))
+                   or (c.path == USER_INFO and c.query.get("openid") == openid))
+
+    @gen_test(timeout=60)
+    async def test_refused_openids_are_bisected_skipped_and_counted(self) -> None:
+        fake = await self.setup_sandbox(12_000)
+        assert self.db is not None
+        listed = fake.follower_openids
+        bad = [listed[37], listed[10_050]]
+        kept = listed[38]
+        for path in (BATCHGET, USER_INFO):  # WeChat refuses them on both endpoints
+            fake.poison_openid(bad, 40003, path=path)
+        # A row from an earlier sync: refused now, it is not judged by the sweep either.
+        await self.db.write(lambda conn: followers.record_subscribe(
+            conn, bad[0], self.clock() - 86400, self.clock() - 86400))
+        await self.db.write(lambda conn: followers.record_subscribe(
+            conn, "oNoLongerListed", self.clock() - 86400, self.clock() - 86400))
+        registry = Registry()
+        instance = self.backfill(concurrency=4, metrics=registry)
+        with self.assertLogs("wxd.backfill", "DEBUG") as logs:
+            status = await self.run_to_end(instance)
+        assert (status["state"], status["followers_done"]) == ("done", 12_000), status["last_error"]
+        assert (status["complete"], status["seen"], status["skipped"]) == (True, 12_000, 2)
+        # Stored: every listed openid but the refused ones; bad[0]'s earlier row is marked as
+        # listed by the run (so it is not swept), bad[1] has no row.
+        assert await self.scalar("SELECT COUNT(*) FROM followers WHERE synced_run = 1") == 11_999
+        rows = {r["oa_openid"]: r for r in await self.query("SELECT * FROM followers")}
+        assert bad[1] not in rows and rows[bad[0]]["subscribed"] == 1
+        person = fake.by_oa_openid(kept)
+        assert person is not None and rows[kept]["unionid"] == person.unionid
+        assert rows["oNoLongerListed"]["subscribed"] == 0  # the sweep still ran
+        assert sum(r["subscribed"] for r in rows.values()) == 11_999
+        for openid in bad:  # bisection: at most ~2·log2(100) calls per bad openid
+            assert self.chunk_calls(openid) <= 1 + 2 * 7
+        info = [r.getMessage() for r in logs.records if r.levelno >= logging.INFO]
+        assert sum("refused to describe 1 of 100" in line for line in info) == 2
+        assert not any(openid in line for openid in bad for line in info)
+        assert any(bad[0] in r.getMessage() for r in logs.records if r.levelno == logging.DEBUG)
+        assert "wxd_backfill_skipped_total 2" in registry.render()
+
+    @gen_test(timeout=60)
+    async def test_a_lone_refused_openid_is_described_by_user_info(self) -> None:
+        fake = await self.setup_sandbox(10_001)
+        lone = fake.follower_openids[-1]  # page 2 is a chunk of one openid
+        middle = fake.follower_openids[5_555]
+        for errcode, openid in ((50005, lone), (40032, middle)):
+            fake.poison_openid(openid, errcode)  # batchget only: user/info answers
+        status = await self.run_to_end(self.backfill())
+        assert (status["state"], status["followers_done"]) == ("done", 10_001), status["last_error"]
+        assert status["skipped"] == 0
+        await self.assert_all_stored(10_001)
+        asked_alone = [c.query["openid"] for c in self.calls(USER_INFO)]
+        assert lone in asked_alone and middle in asked_alone and len(asked_alone) <= 4
+        assert self.chunk_calls(lone) == 2 and self.chunk_calls(middle) <= 1 + 2 * 7
+
+    @gen_test(timeout=60)
+    async def test_many_refused_openids_in_a_chunk_stay_bounded(self) -> None:
+        fake = await self.setup_sandbox(300)
+        bad = fake.follower_openids[100:200:2]  # half of chunk 2
+        for path in (BATCHGET, USER_INFO):
+            fake.poison_openid(bad, 40003, path=path)
+        status = await self.run_to_end(self.backfill(concurrency=1))
+        assert (status["state"], status["followers_done"]) == ("done", 300), status["last_error"]
+        assert status["skipped"] == 50
+        chunk2 = len(self.calls(BATCHGET)) + len(self.calls(USER_INFO)) - 2
+        assert chunk2 <= 1 + 50 + 100  # the bisection's budget, then one by one
+        assert await self.scalar("SELECT COUNT(*) FROM followers") == 250
+
+    @gen_test(timeout=60)
+    async def test_skipped_survives_a_restart_of_the_process(self) -> None:
+        fake = await self.setup_sandbox(12_000)
+        listed = fake.follower_openids
+        for path in (BATCHGET, USER_INFO):
+            fake.poison_openid([listed[1], listed[11_000]], 40003, path=path)
+        fake.script_fault(BATCHGET, "45009", 1, openids=[listed[10_000]])  # page 2's first chunk
+        first = self.backfill(concurrency=1)
+        status = await self.run_to_end(first)
+        assert (status["state"], status["pages_done"]) == ("paused", 1), status["last_error"]
+        assert status["skipped"] == 1
+        await first.stop()
+        self.clock.set(status["paused_until"] + 1)
+        second = self.backfill()
+        await second.start()
+        assert second.status()["skipped"] == 1
+        status = await self.run_to_end(second)
+        assert (status["state"], status["skipped"], status["followers_done"]) == (
+            "done", 2, 12_000)

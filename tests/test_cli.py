@@ -146,3 +146,22 @@ def test_metrics_counters_move_after_activity(running: Running) -> None:
     assert total("wxd_process_resident_memory_bytes") > 1_000_000
     assert any(k.startswith("wxd_token_expires_in_seconds") for k in samples)
     assert any(k.startswith("wxd_push_queue_depth") for k in samples)
+
+
+def test_backfill_from_start(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    # A failed run resumes at its cursor with a plain `wxd backfill`; --from-start begins a new
+    # run at the head of the list instead.
+    def final_status() -> dict[str, object]:
+        out = capsys.readouterr().out  # progress lines, then the JSON document
+        document: dict[str, object] = json.loads(out[out.index("{\n"):])
+        return document
+
+    rule = running.fake.script_fault("/cgi-bin/user/get", "48001", 1)
+    assert running.run("backfill", "--json") == 1
+    failed = final_status()
+    assert failed["state"] == "failed" and rule.fired == 1
+    assert running.run("backfill", "--from-start", "--json") == 0
+    status = final_status()
+    assert isinstance(failed["run"], int)
+    assert (status["state"], status["run"], status["complete"]) == ("done", failed["run"] + 1, True)
+    assert status["followers_done"] == status["total"] == status["seen"]

@@ -53,3 +53,17 @@ def test_mark_unseen_unsubscribed(store: SyncStore) -> None:
     store.write(lambda c: followers.record_subscribe(c, "e", 90, 90))
     assert store.write(lambda c: followers.mark_unseen_unsubscribed(c, 2, 130, since=95)) == 1
     assert store.row("e")["subscribed"] == 0 and store.row("d")["subscribed"] == 1
+
+
+def test_count_unlisted_and_mark_listed(store: SyncStore) -> None:
+    store.write(lambda c: ingest.apply_user_infos(c, [info("a"), info("b")], 10, 10, run=1))
+    store.write(lambda c: ingest.apply_user_infos(c, [info("c")], 10, 10, run=2))
+    # Run 2 lists a, c (stored by it), x (no row): a and x are new to run 2; repeats count once.
+    assert store.read(lambda c: followers.count_unlisted(c, ["a", "c", "x", "a"], 2)) == 2
+    # Listed but not described: a's row counts as seen by run 2, nothing else changes; no row
+    # is made for x.
+    assert store.write(lambda c: followers.mark_listed(c, ["a", "x", "c"], 2)) == 1
+    assert store.read(lambda c: followers.count_unlisted(c, ["a", "c", "x"], 2)) == 1
+    assert (store.row("a")["synced_run"], store.row("a")["synced_at"]) == (2, 10)
+    assert store.write(lambda c: followers.mark_unseen_unsubscribed(c, 2, 120)) == 1
+    assert [store.row(x)["subscribed"] for x in "abc"] == [1, 0, 1]

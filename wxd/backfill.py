@@ -1,7 +1,8 @@
 """FollowerBackfill: a resumable sync of every OA follower (user/get pages → batchget ×100 → rows).
 
-Imports base modules, pacing, retry, wxd.wechat.oa (BATCHGET_MAX) and the store only; the
-API arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports wxd.sandbox.
+Imports base modules, coalesce, pacing, retry, wxd.wechat.oa (BATCHGET_MAX) and the store only;
+the API arrives as a FollowerSource (wechat.OfficialAccountAPI satisfies it). Never imports
+wxd.sandbox.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 import math
 import random
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock, Timer
+from wxd.coalesce import split_refused
 from wxd.errors import StorageError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.pacing import RateLimiter
@@ -35,31 +37,78 @@ QUEUED_PAGES = 3            # page writes that may wait for the group commit (ea
 # more rows there are).
 DEFER_INDEX_MAX_ROWS = 10_000
 DEFER_INDEX_MAX_TOTAL = 2_000_000
+# user/get's answer to a saved cursor it no longer accepts (WeChat's list order is unspecified;
+# a cursor saved yesterday may be refused today).
+# https://developers.weixin.qq.com/community/develop/doc/00004a44da0088b5c171180f66bc00
+STALE_CURSOR_ERRCODE = 40003
+# A run restarts from the head of the list at most this often (each restart redoes the pages
+# listed so far); one more stale cursor then fails it (40003) or ends it without the sweep.
+MAX_RESTARTS_FROM_HEAD = 2
+# batchget errcodes that refuse a whole chunk because of some openids in it: 50005 (a lone
+# openid that unfollowed), 40003 (an openid WeChat listed itself), 40032 (reported for a chunk
+# of exactly 100). The chunk is split (coalesce.split_refused); the openids refused alone are
+# skipped and counted.
+# https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
+# https://developers.weixin.qq.com/community/develop/doc/000882d36a45e80b796be46be5b800
+# https://developers.weixin.qq.com/community/develop/doc/0004e25a390b58e0419b79efd51400
+CHUNK_REFUSALS = frozenset({50005, 40003, 40032})
 
 
 class FollowerSource(Protocol):
-    """The two OA endpoints the backfill needs (wechat.OfficialAccountAPI)."""
+    """The OA endpoints the backfill needs (wechat.OfficialAccountAPI): user/get, batchget, and
+    user/info for an openid a batchget chunk was refused for."""
 
     async def user_get(self, next_openid: str = "") -> dict[str, Any]: ...
     async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]: ...
+    async def user_info(self, openid: str) -> dict[str, Any]: ...
+
+
+def listing_slack(total: int) -> int:
+    """How many of `total` followers a complete listing may miss: 0.1 % of them, at least 10
+    (at most a tenth of a smaller account). It covers the follows during a run that land
+    behind the cursor (a follower's place in the list is unspecified); such followers are
+    never swept anyway (their subscribe event is newer than the run's start)."""
+    return max(total // 1000, min(10, total // 10))
+
+
+def listing_complete(seen: int, total: int | None) -> bool:
+    """Whether a run that listed `seen` distinct followers (across its restarts from the head)
+    saw the whole list of `total` (user/get's latest): seen >= total - listing_slack(total).
+    Only a complete listing may mark the followers it did not see unsubscribed; an unknown
+    total is never complete."""
+    return total is not None and seen >= total - listing_slack(total)
+
+
+_Fetched = tuple[ingest.InfoBatch, float, list[str]]
 
 
 @dataclass
 class _Page:
     """A user/get page: asked at `cursor`; storing it moves the cursor to `after`; `has_next` =
     another page follows. Its batchget chunks run on the run's workers; `done` gets the
-    prepared followers and the earliest request time, or None if stop() abandoned the page
-    before any of its chunks started."""
+    prepared followers, the earliest request time and the openids WeChat refused to describe
+    (skipped), or None if stop() abandoned the page before any of its chunks started."""
 
     cursor: str
     openids: list[str]
     after: str
     has_next: bool
-    done: asyncio.Future[tuple[ingest.InfoBatch, float] | None]
+    done: asyncio.Future[_Fetched | None]
     unanswered: int
     started: bool = False
     observed: float = math.inf
     rows: list[Any] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _End:
+    """Where a pass over the list ended: user/get at `cursor` answered an empty page (or a
+    last page), or `refused` the saved cursor (40003); `total` is its latest total."""
+
+    cursor: str
+    total: int | None
+    refused: WeChatAPIError | None = None
 
 
 class _Paused(Exception):
@@ -103,8 +152,19 @@ class FollowerBackfill:
     at most backoff_max_s), `max_attempts` tries per call, then the run fails; 45011 holds
     every call until the next minute; 45009 pauses the run until quota_resume_s after the next
     (Beijing; it resumes by itself then), a spent token budget until the next UTC midnight;
-    terminal errors fail it. begin() resumes a failed or paused run from its cursor. Time
-    (unix s, rate limit and backoff sleeps, the resume/re-sync timer) comes from `clock`.
+    terminal errors fail it. begin() resumes a failed or paused run from its cursor (or, with
+    from_start, begins a new run at the head). Time (unix s, rate limit and backoff sleeps, the
+    resume/re-sync timer) comes from `clock`.
+
+    A stale cursor (WeChat's list order is unspecified, and a big account resumes the next
+    day): when user/get refuses a saved cursor (40003) or answers an empty page there before
+    the listing is complete (listing_complete: seen ≈ total), the run restarts from the head
+    of the list, at most `max_restarts_from_head` times (one WARNING line each, counted in
+    restarts_from_head); then a 40003 fails the run and an empty page ends it. The head
+    refusing 40003 fails the run. Followers the run did not list are marked unsubscribed only
+    after a complete listing (the row's `complete`). A batchget chunk refused because of some
+    openids (CHUNK_REFUSALS) is bisected; openids refused alone (batchget and user/info) are
+    skipped and counted (`skipped`), never stored, and not judged by the sweep.
     """
 
     def __init__(self, db: Database, oa_api: FollowerSource, *, concurrency: int = 4,
@@ -113,13 +173,15 @@ class FollowerBackfill:
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  max_attempts: int = 8, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 30.0, quota_resume_s: float = 60.0,
-                 drain_timeout_s: float = 5.0) -> None:
+                 drain_timeout_s: float = 5.0,
+                 max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._db, self._api, self._clock = db, oa_api, clock
         self._concurrency = concurrency
         self._resync_s = resync_interval_s
         self._defer_index = defer_index
+        self._max_restarts = max(max_restarts_from_head, 0)
         self._index_deferred = False  # followers_unionid dropped by this run, not yet rebuilt
         self._limiter = RateLimiter(rate_per_s, concurrency, clock)
         self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5,
@@ -144,6 +206,11 @@ class FollowerBackfill:
         self._m_followers = registry.counter(
             "wxd_backfill_followers_total", "Followers stored by the backfill.")
         self._m_pages = registry.counter("wxd_backfill_pages_total", "user/get pages fully stored.")
+        self._m_skipped = registry.counter(
+            "wxd_backfill_skipped_total", "Listed openids WeChat refused to describe (skipped).")
+        self._m_restarts = registry.counter(
+            "wxd_backfill_restarts_from_head_total",
+            "Runs restarted from the head of the list after a stale cursor.")
         self._m_calls = registry.counter(
             "wxd_backfill_calls_total", "Upstream calls made by the backfill.",
             ("endpoint", "outcome"))
@@ -197,22 +264,25 @@ class FollowerBackfill:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def begin(self, force: bool = False) -> dict[str, Any]:
+    async def begin(self, force: bool = False, from_start: bool = False) -> dict[str, Any]:
         """Start or resume a run; return the status (the running one's if a run is active)."""
-        return (await self.begin_run(force))[1]
+        return (await self.begin_run(force, from_start))[1]
 
-    async def begin_run(self, force: bool = False) -> tuple[bool, dict[str, Any]]:
+    async def begin_run(self, force: bool = False,
+                        from_start: bool = False) -> tuple[bool, dict[str, Any]]:
         """(started, status). Resumes a running/paused/failed run from its cursor, else starts
-        a new run. A 45009 pause is not resumed before `paused_until` unless `force` (after an
-        operator reset the quota). Nothing starts after stop()."""
+        a new run; `from_start` always starts a new run at the head of the list (the operator
+        distrusts the saved cursor). A 45009 pause is not resumed (nor replaced) before
+        `paused_until` unless `force` (after an operator reset the quota). Nothing starts after
+        stop(), nor while a run is active."""
         async with self._begin_lock:
             row = self._row
             if self.running or self._state in ("stopping", "stopped") or (
                     row.state == "paused" and not force and row.paused_until is not None
                     and self._clock.now() < row.paused_until):
                 return False, self.status()
-            self._set_row(await self._db.write(
-                lambda conn: backfill_store.begin_run(conn, self._clock.now())))
+            self._set_row(await self._db.write(lambda conn: backfill_store.begin_run(
+                conn, self._clock.now(), from_start=from_start)))
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -320,45 +390,106 @@ class FollowerBackfill:
         in page order; up to QUEUED_PAGES writes wait, so when SQLite is the slower side the
         group commit stores several pages per transaction (fewer rewrites of random index
         pages). stop(): the page being fetched and one already started complete, then
-        _Stopping; nothing after them is asked for."""
+        _Stopping; nothing after them is asked for. A pass that ends at a saved cursor before
+        the listing is complete (refused or empty: a stale cursor) starts again at the head,
+        within max_restarts_from_head."""
         jobs: asyncio.Queue[tuple[_Page, int]] = asyncio.Queue()
         workers = [asyncio.create_task(self._batchgets(jobs)) for _ in range(self._concurrency)]
-        page: _Page | None = None
-        following: _Page | None = None
         try:
-            openids, nxt, page_total = _parse_page(await self._call("user_get", cursor))
-            total = page_total if page_total is not None else total
-            if (self._defer_index and not cursor and page_total is not None
-                    and len(openids) < page_total <= DEFER_INDEX_MAX_TOTAL):
-                await self._defer_unionid_index(page_total)
-            page = self._start_page(cursor, openids, nxt, jobs)
-            while page is not None:
-                stopping = page.has_next and self._stop_requested
-                if page.has_next and not stopping:
-                    # The next user/get runs while this page's batchgets do.
-                    openids, nxt, page_total = _parse_page(
-                        await self._call("user_get", page.after))
-                    total = page_total if page_total is not None else total
-                    following = self._start_page(page.after, openids, nxt, jobs)
-                fetched = await _fetched(page, workers)
-                if fetched is None:
-                    raise _Stopping
-                while len(queued) >= QUEUED_PAGES:
+            while True:
+                end = await self._list(run, cursor, total, jobs, workers, queued)
+                while queued:
                     await queued.popleft()
-                # Created in page order, each task hands its write to db.write before it first
-                # yields: the group commit applies pages in order.
-                store = asyncio.create_task(self._store_page(
-                    run, page.cursor, page.after, len(page.openids), total, *fetched))
-                store.add_done_callback(_retrieve)  # failures surface here or via _halt
-                queued.append(store)
-                if stopping:
-                    raise _Stopping
-                page, following = following, None
-            while queued:
-                await queued.popleft()
-            await self._finish(run, total)
+                total = end.total
+                complete = listing_complete(self._row.seen, total)
+                if complete or not end.cursor or (end.refused is None and total is None):
+                    break  # the end of the list (or no total to judge an early end by)
+                if self._row.restarts_from_head >= self._max_restarts:
+                    if end.refused is not None:
+                        raise end.refused
+                    break
+                await self._restart_from_head(run, end)
+                cursor = ""
+            await self._finish(run, total, complete)
         finally:  # no batchget runs on (or retries) after this
             await _cancel_all(workers)
+
+    async def _list(self, run: int, cursor: str, total: int | None,
+                    jobs: asyncio.Queue[tuple[_Page, int]], workers: Sequence[asyncio.Task[None]],
+                    queued: collections.deque[asyncio.Task[None]]) -> _End:
+        """One pass over the list from `cursor` (see _sync): pages until user/get answers an
+        empty (or a last) page or refuses a saved cursor; returns where it ended. The pages
+        before that end are submitted to `queued`."""
+        following: _Page | None = None
+        answer = await self._user_get(cursor)
+        if isinstance(answer, WeChatAPIError):
+            return _End(cursor, total, answer)
+        openids, nxt, page_total = _parse_page(answer)
+        total = page_total if page_total is not None else total
+        if (self._defer_index and not cursor and not self._index_deferred
+                and page_total is not None and len(openids) < page_total <= DEFER_INDEX_MAX_TOTAL):
+            await self._defer_unionid_index(page_total)
+        end = _End(cursor, total)
+        page = self._start_page(cursor, openids, nxt, jobs)
+        recount = self._row.restarts_from_head > 0  # pages may list followers seen before
+        while page is not None:
+            end = _End(page.after, total)
+            stopping = page.has_next and self._stop_requested
+            if page.has_next and not stopping:
+                # The next user/get runs while this page's batchgets do.
+                answer = await self._user_get(page.after)
+                if isinstance(answer, WeChatAPIError):
+                    end = _End(page.after, total, answer)
+                else:
+                    openids, nxt, page_total = _parse_page(answer)
+                    total = page_total if page_total is not None else total
+                    end = _End(page.after, total)
+                    following = self._start_page(page.after, openids, nxt, jobs)
+            fetched = await _fetched(page, workers)
+            if fetched is None:
+                raise _Stopping
+            while len(queued) >= QUEUED_PAGES:
+                await queued.popleft()
+            # Created in page order, each task hands its write to db.write before it first
+            # yields: the group commit applies pages in order.
+            store = asyncio.create_task(self._store_page(
+                run, page.cursor, page.after, page.openids if recount else None,
+                len(page.openids), total, *fetched))
+            store.add_done_callback(_retrieve)  # failures surface here or via _halt
+            queued.append(store)
+            if stopping:
+                raise _Stopping
+            page, following = following, None
+        return end
+
+    async def _user_get(self, cursor: str) -> dict[str, Any] | WeChatAPIError:
+        """The user/get page at `cursor`, or the 40003 refusing a saved (non-empty) cursor."""
+        try:
+            answer: dict[str, Any] = await self._call("user_get", cursor)
+        except WeChatAPIError as exc:
+            if cursor and exc.errcode == STALE_CURSOR_ERRCODE:
+                return exc
+            raise
+        return answer
+
+    async def _restart_from_head(self, run: int, end: _End) -> None:
+        """Record the restart (pass counters zeroed, restarts_from_head + 1) and say so once."""
+        before, calls, now = self._row, self._unsaved_calls, self._clock.now()
+        row = await self._db.write(lambda conn: backfill_store.restart_from_head(
+            conn, run, calls, end.total, now))
+        self._unsaved_calls -= calls
+        self._set_row(row)
+        self._session, self._rate = (now, 0), 0.0
+        self._m_restarts.inc()
+        what = (f"refused the saved cursor (errcode {end.refused.errcode})"
+                if end.refused is not None else "answered an empty page at the saved cursor")
+        age = f"{now - before.cursor_at:.0f} s" if before.cursor_at is not None else "unknown"
+        log.warning(
+            "backfill run %d: user/get %s after %d of %s followers (%d pages; cursor age %s, "
+            "%d followers seen by the run): the cursor went stale; restarting from the head "
+            "of the list (restart %d of %d)", run, what, before.followers_done,
+            "?" if end.total is None else f"{end.total}", before.pages_done, age, row.seen,
+            row.restarts_from_head, self._max_restarts)
 
     async def _defer_unionid_index(self, total: int) -> None:
         self._index_deferred = await self._db.write(
@@ -397,19 +528,53 @@ class FollowerBackfill:
                     continue
                 page.started = True
             asked_at = self._clock.now()
-            infos = await self._call("batchget", page.openids[start:start + BATCHGET_MAX])
+            infos, skipped = await self._describe(page.openids[start:start + BATCHGET_MAX])
             page.rows.extend(ingest.info_rows(infos))
+            page.skipped.extend(skipped)
             page.observed = min(page.observed, asked_at)
             self._page_progress += min(BATCHGET_MAX, len(page.openids) - start)
             page.unanswered -= 1
             if not page.unanswered:
-                page.done.set_result((ingest.batch_rows(page.rows), page.observed))
+                page.done.set_result((ingest.batch_rows(page.rows), page.observed, page.skipped))
                 page.rows = []
 
-    async def _store_page(self, run: int, cursor: str, after: str, count: int,
-                          total: int | None, batch: ingest.InfoBatch, observed: float) -> None:
+    async def _describe(self, chunk: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """batchget of one chunk: (the infos, the openids skipped). A chunk refused because of
+        some openids (CHUNK_REFUSALS) is bisected (coalesce.split_refused; user/info for a lone
+        openid); the openids refused alone are skipped: their count is logged at INFO, the
+        openids (personal data) at DEBUG only."""
+        try:
+            return await self._batchget(chunk), []
+        except WeChatAPIError as exc:
+            if exc.errcode not in CHUNK_REFUSALS:
+                raise
+            refusal = exc
+        infos, failures = await split_refused(
+            chunk, refusal, self._batchget, _chunk_refusal, single=self._user_info)
+        skipped = [openid for openid, _ in failures]
+        if skipped:
+            codes = sorted({str(getattr(error, "errcode", "?")) for _, error in failures})
+            log.info("backfill: WeChat refused to describe %d of %d openids of a batchget chunk "
+                     "(errcode %s); skipped", len(skipped), len(chunk), ", ".join(codes))
+            log.debug("backfill: skipped openids %s", " ".join(skipped))
+        return infos, skipped
+
+    async def _batchget(self, openids: list[str]) -> list[dict[str, Any]]:
+        infos: list[dict[str, Any]] = await self._call("batchget", openids)
+        return infos
+
+    async def _user_info(self, openid: str) -> dict[str, Any]:
+        info: dict[str, Any] = await self._call("user_info", openid)
+        return info
+
+    async def _store_page(self, run: int, cursor: str, after: str, listed: list[str] | None,
+                          count: int, total: int | None, batch: ingest.InfoBatch,
+                          observed: float, skipped: list[str]) -> None:
         """Store the page's followers and count the page (cursor `cursor` → `after`) in one
-        write; backfill_store.advance refuses it (rolling it back) if an earlier page failed."""
+        write; backfill_store.advance refuses it (rolling it back) if an earlier page failed.
+        `listed` (the page's openids, given once the run restarted from the head): count in
+        `seen` only those the run had not listed before. `skipped` openids keep their rows,
+        marked as listed by the run."""
         calls = self._unsaved_calls
         self._unsaved_calls -= calls
         self._queued_calls += calls
@@ -418,9 +583,13 @@ class FollowerBackfill:
 
         def store(conn: sqlite3.Connection) -> BackfillState:
             now = self._clock.now()
+            seen = None if listed is None else followers.count_unlisted(conn, listed, run)
             if batch:
                 ingest.apply_info_batch(conn, batch, observed, now, run=run)
-            return backfill_store.advance(conn, run, cursor, after, count, calls, total, now)
+            if skipped:
+                followers.mark_listed(conn, skipped, run)
+            return backfill_store.advance(conn, run, cursor, after, count, calls, total, now,
+                                          seen=seen, skipped=len(skipped))
 
         try:
             row = await self._db.write(store)
@@ -433,23 +602,35 @@ class FollowerBackfill:
         self._set_row(row)
         self._m_followers.inc(count)
         self._m_pages.inc()
+        if skipped:
+            self._m_skipped.inc(len(skipped))
 
-    async def _finish(self, run: int, total: int | None) -> None:
+    async def _finish(self, run: int, total: int | None, complete: bool) -> None:
         calls, since = self._unsaved_calls, self._row.started_at
 
         def finish(conn: sqlite3.Connection) -> tuple[BackfillState, int]:
             now = self._clock.now()
-            # Only a complete pass may judge who left; events since the run began still win.
-            gone = followers.mark_unseen_unsubscribed(conn, run, now, since=since)
+            # Only a complete listing may judge who left; events since the run began still win.
+            gone = (followers.mark_unseen_unsubscribed(conn, run, now, since=since)
+                    if complete else 0)
             ingest.restore_unionid_index(conn)
-            return backfill_store.finish(conn, run, calls, total, now), gone
+            return backfill_store.finish(conn, run, calls, total, now, complete=complete), gone
 
         row, gone = await self._db.write(finish)
         self._index_deferred = False
         self._unsaved_calls -= calls
         self._set_row(row)
-        log.info("backfill run %d done: %d followers, %d pages, %d calls; %d no longer follow",
-                 run, row.followers_done, row.pages_done, row.calls, gone)
+        extra = "".join((f"; {row.skipped} skipped" if row.skipped else "",
+                         f"; {row.restarts_from_head} restarts from the head"
+                         if row.restarts_from_head else ""))
+        if complete:
+            log.info("backfill run %d done: %d followers, %d pages, %d calls; %d no longer "
+                     "follow%s", run, row.followers_done, row.pages_done, row.calls, gone, extra)
+        else:
+            log.warning("backfill run %d done with an incomplete listing: %d of %s followers "
+                        "seen, %d pages, %d calls%s; nobody was marked unsubscribed (the next "
+                        "run lists again from the head)", run, row.seen,
+                        "?" if row.total is None else row.total, row.pages_done, row.calls, extra)
 
     async def _halt(self, run: int, queued: Sequence[asyncio.Task[None]], state: str, *,
                     last_error: str | None = None, paused_until: float | None = None) -> None:
@@ -473,9 +654,13 @@ class FollowerBackfill:
         self._set_row(row)
 
     async def _call(self, endpoint: str, arg: Any) -> Any:
-        """user_get(arg) or batchget(arg) through the rate limit, retried as wxd.retry.decide
-        says; raises _Paused (quota, token budget), _Stopping, or the call's error (failed)."""
-        fn = self._api.user_get if endpoint == "user_get" else self._api.batchget
+        """user_get(arg), batchget(arg) or user_info(arg) through the rate limit, retried as
+        wxd.retry.decide says; raises _Paused (quota, token budget), _Stopping, or the call's
+        error (failed)."""
+        fns: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "user_get": self._api.user_get, "batchget": self._api.batchget,
+            "user_info": self._api.user_info}
+        fn = fns[endpoint]
         attempt = 0
         while True:
             await self._limiter.acquire()
@@ -509,6 +694,10 @@ class FollowerBackfill:
             await self._clock.sleep(decision.delay_s)
 
 
+def _chunk_refusal(exc: Exception) -> bool:
+    return isinstance(exc, WeChatAPIError) and exc.errcode in CHUNK_REFUSALS
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -534,8 +723,7 @@ async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _fetched(page: _Page, workers: Sequence[asyncio.Task[None]],
-                   ) -> tuple[ingest.InfoBatch, float] | None:
+async def _fetched(page: _Page, workers: Sequence[asyncio.Task[None]]) -> _Fetched | None:
     """The page's result once it is complete; raises the error of a worker that failed first."""
     waits: list[asyncio.Future[Any]] = [page.done, *workers]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

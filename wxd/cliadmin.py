@@ -161,13 +161,20 @@ def progress_line(status: Mapping[str, Any], width: int = 30) -> str:
     eta_text = f" eta {eta:.0f}s" if isinstance(eta, int | float) and status.get("state") == "running" else ""
     rate = status.get("rate_per_s")
     rate_text = f" {rate:,.0f}/s" if isinstance(rate, int | float) and rate else ""
+    notes = ", ".join(
+        ([f"{status['skipped']:,} skipped"] if status.get("skipped") else [])
+        + ([f"restarted from the head {status['restarts_from_head']}x"]
+           if status.get("restarts_from_head") else []))
     return (f"[{bar.ljust(width)}] {fraction:6.1%} {done:,}/{total:,} followers "
-            f"{status.get('state')}{rate_text}{eta_text}")
+            f"{status.get('state')}{rate_text}{eta_text}" + (f" ({notes})" if notes else ""))
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     client = client_for(args)
-    status = client.post("/v1/backfill") if not args.status_only else client.get("/v1/backfill")
+    if args.status_only:
+        status = client.get("/v1/backfill")
+    else:
+        status = client.post("/v1/backfill", {"from_start": True} if args.from_start else None)
     tty = sys.stdout.isatty() and not args.json
     last_printed = 0.0
     while not args.no_wait and status.get("state") == "running":
@@ -188,6 +195,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if status.get("state") in ("failed", "paused"):
         print(f"backfill {status['state']}: {status.get('last_error') or ''}", file=sys.stderr)
         return EXIT_API
+    if status.get("state") == "done" and status.get("complete") is False:
+        print("backfill done, but the follower list ended early (a stale cursor): nobody was "
+              "marked unsubscribed; run `wxd backfill` again later", file=sys.stderr)
     return EXIT_OK
 
 
@@ -238,5 +248,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = client_parser("backfill", "start the follower backfill and show its progress")
     p.add_argument("--no-wait", action="store_true", help="start and return at once")
     p.add_argument("--status-only", action="store_true", help="show progress without starting")
+    p.add_argument("--from-start", action="store_true",
+                   help="begin a new run at the head of the follower list instead of resuming "
+                        "a paused or failed run at its saved cursor")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
     p.set_defaults(func=cmd_backfill)

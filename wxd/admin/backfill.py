@@ -18,7 +18,9 @@ class BackfillHandler(JsonHandler):
 
     POST answers 202 + status when a run started or resumed, 200 + status when one was already
     running, and 409 `backfill_paused` (with the status) while a 45009 pause lasts; a body of
-    `{"force": true}` resumes a paused run at once (e.g. after clear_quota).
+    `{"force": true}` resumes a paused run at once (e.g. after clear_quota). `{"from_start":
+    true}` starts a new run at the head of the list instead of resuming a paused or failed
+    one at its saved cursor (409 `backfill_running` while a run is active).
     """
 
     route_name = "backfill"
@@ -31,14 +33,9 @@ class BackfillHandler(JsonHandler):
         self.send_json(self._backfill.status())
 
     async def post(self) -> None:
-        force = False
-        if self.request.body.strip():
-            value = self.json_body().get("force", False)
-            if not isinstance(value, bool):
-                raise ApiError(400, "invalid_field", "'force' must be true or false",
-                               field="force")
-            force = value
-        started, status = await self._backfill.begin_run(force)
+        body = self.json_body() if self.request.body.strip() else {}
+        force, from_start = (self._flag(body, name) for name in ("force", "from_start"))
+        started, status = await self._backfill.begin_run(force, from_start)
         if started:
             self.send_json(status, status=202)
         elif status["state"] == "paused" and not status["active"]:
@@ -48,8 +45,19 @@ class BackfillHandler(JsonHandler):
                            backfill=status)
         elif not status["active"]:
             raise ApiError(503, "unavailable", "the backfill is shutting down", backfill=status)
+        elif from_start:
+            raise ApiError(409, "backfill_running",
+                           "a backfill run is active; from_start applies once it has stopped, "
+                           "paused, failed or finished", backfill=status)
         else:
             self.send_json(status)
+
+    @staticmethod
+    def _flag(body: dict[str, Any], name: str) -> bool:
+        value = body.get(name, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, "invalid_field", f"'{name}' must be true or false", field=name)
+        return value
 
 
 def routes(common: dict[str, Any], backfill: FollowerBackfill) -> list[URLSpec]:

@@ -66,6 +66,30 @@ PUSH_REQUEST: dict[str, Any] = {
     },
 }
 PUSH = {"$ref": "#/components/schemas/Push"}
+_INT: dict[str, Any] = {"type": "integer"}
+BACKFILL: dict[str, Any] = {"type": "object", "properties": {
+    "state": {"type": "string", "enum": ["idle", "running", "paused", "failed", "done"]},
+    "run": _INT,
+    "pages_done": {**_INT, "description": "pages stored in the current pass over the list"},
+    "followers_done": {**_INT, "description": "openids of those pages (skipped ones included)"},
+    "total": {**_INT, "nullable": True, "description": "user/get's latest total"},
+    "seen": {**_INT, "description": "distinct followers the run listed, across restarts"},
+    "skipped": {**_INT, "description": "openids of the current pass WeChat refused to describe "
+                "(batchget 50005/40003/40032, then user/info): not stored"},
+    "restarts_from_head": {**_INT, "description": "times the run restarted from the head of "
+                           "the list after a stale cursor (40003 or an early empty page)"},
+    "complete": {"type": "boolean", "nullable": True, "description":
+                 "done runs: the listing was complete (seen ≈ total), so followers not seen "
+                 "were marked unsubscribed; false: nobody was"},
+    "cursor_at": {"type": "number", "nullable": True, "description": "when the cursor was saved"},
+    "calls": _INT, "active": {"type": "boolean"}, "percent": {"type": "number", "nullable": True},
+}}
+
+
+def _optional_body(op: dict[str, Any]) -> dict[str, Any]:
+    op["requestBody"]["required"] = False
+    return op
+
 
 PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {"get": _op("Liveness and database health (no auth; 503 when unusable)",
@@ -116,8 +140,17 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/templates/refresh": {"post": _op("Fetch the OA's template list again now",
                                           errors=(401, 502, 503))},
     "/v1/backfill": {
-        "post": _op("Start the follower backfill (idempotent)", ok=202),
-        "get": _op("Backfill progress: state, pages, followers, total, rate, ETA, last error"),
+        "post": _optional_body(_op(
+            "Start or resume the follower backfill (idempotent; 200 when a run is active)",
+            ok=202, errors=(400, 401, 409, 503), ok_schema=BACKFILL,
+            body={"type": "object", "properties": {
+                "force": {"type": "boolean", "description": "resume a paused run now"},
+                "from_start": {"type": "boolean", "description":
+                               "begin a new run at the head of the list instead of resuming "
+                               "at the saved cursor (409 backfill_running while one is active)"},
+            }})),
+        "get": _op("Backfill progress: state, pages, followers, total, rate, ETA, last error, "
+                   "seen, skipped, restarts from the head", ok_schema=BACKFILL),
     },
 }
 

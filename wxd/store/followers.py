@@ -1,12 +1,14 @@
 """OA follower rows as events tell them: subscribe, unsubscribe (and the profile purge), SCAN,
-and the end-of-backfill sweep of those no longer following.
+what a backfill run has listed, and the end-of-backfill sweep of those no longer following.
 
 Run inside Database.write/read; imports wxd.store.values only (bulk rows: ingest; links: identity).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Collection
 
 from wxd.store.values import nonblank_str
 
@@ -97,6 +99,7 @@ def record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
 def mark_unseen_unsubscribed(conn: sqlite3.Connection, run: int, now: float, *,
                              since: float | None = None) -> int:
     """At the end of backfill `run`: followers still subscribed but not seen in it → unsubscribed.
+    Only after a complete listing (wxd.backfill decides: seen ≈ total).
 
     Events win: followers with an event at or after `since` (the run's start; default: the
     earliest synced_at of the run) are left alone. Returns how many rows changed.
@@ -110,5 +113,30 @@ def mark_unseen_unsubscribed(conn: sqlite3.Connection, run: int, now: float, *,
         " WHERE subscribed = 1 AND (synced_run IS NULL OR synced_run != ?)"
         " AND (event_at IS NULL OR ? IS NULL OR event_at < ?)",
         (now, now, run, since, since),
+    )
+    return cur.rowcount
+
+
+def count_unlisted(conn: sqlite3.Connection, openids: Collection[str], run: int) -> int:
+    """How many of the distinct `openids` backfill `run` has not stored (or marked listed) yet:
+    the followers a page adds to the run's `seen` once a restart from the head may list some
+    again. Run it before the page's rows are written."""
+    distinct = set(openids)
+    listed = conn.execute(
+        "SELECT COUNT(*) FROM followers WHERE synced_run = ?"
+        " AND oa_openid IN (SELECT value FROM json_each(?))",
+        (run, json.dumps(sorted(distinct), ensure_ascii=False)),
+    ).fetchone()[0]
+    return len(distinct) - int(listed)
+
+
+def mark_listed(conn: sqlite3.Connection, openids: Collection[str], run: int) -> int:
+    """Backfill `run` listed these openids (user/get) but could not describe them (batchget and
+    user/info refused them): their existing rows count as seen by the run, so the end-of-run
+    sweep does not judge them (nothing else changes; no row is created). Returns the rows."""
+    cur = conn.execute(
+        "UPDATE followers SET synced_run = ? WHERE oa_openid IN (SELECT value FROM json_each(?))"
+        " AND synced_run IS NOT ?",
+        (run, json.dumps(sorted(set(openids)), ensure_ascii=False), run),
     )
     return cur.rowcount

@@ -170,6 +170,19 @@ MIGRATIONS: list[str] = [
         last_error TEXT
     );
     """,
+    # 2: the backfill's run-wide counters: followers seen by the run across restarts from the
+    # head of the list, openids batchget refused (skipped), how often the run restarted from
+    # the head (a stale cursor), when the cursor was saved, and whether the finished run's
+    # listing was complete (only then were unseen followers marked unsubscribed).
+    """
+    ALTER TABLE backfill ADD COLUMN seen INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE backfill ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE backfill ADD COLUMN restarts_from_head INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE backfill ADD COLUMN cursor_at REAL;
+    ALTER TABLE backfill ADD COLUMN complete INTEGER;
+    UPDATE backfill SET seen = followers_done, cursor_at = CASE WHEN cursor IS NULL THEN NULL
+        ELSE updated_at END, complete = CASE WHEN state = 'done' THEN 1 END;
+    """,
 ]
 
 # Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):
