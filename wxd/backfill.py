@@ -290,7 +290,8 @@ class FollowerBackfill:
             self._session, self._rate = (self._clock.now(), self._row.followers_done), 0.0
             self._task = asyncio.create_task(self._run(self._row), name="wxd-backfill")
             self._task.add_done_callback(_log_crash)
-            log.info("backfill run %d started at cursor %r", self._row.run, self._row.cursor or "")
+            log.info("backfill run %d started (%s)", self._row.run,
+                     "at a saved cursor" if self._row.cursor else "at the head of the list")
             return True, self.status()
 
     async def join(self) -> dict[str, Any]:
