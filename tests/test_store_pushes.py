@@ -464,3 +464,77 @@ def test_migration_2_counts_the_sends_of_rows_attempted_before() -> None:
     migrate(connection)
     assert [sends_of(connection, i) for i in ids] == [(2, NOW), (1, NOW), (0, None), (0, None)]
     connection.close()
+
+
+def resent_without_msgid(conn: sqlite3.Connection, at: float, openid: str = "oA") -> str:
+    """A push whose first POST (at `at`) lost its answer and whose resend WeChat answered as a
+    duplicate without the first msgid: `sent`, msgid unknown."""
+    [push_id] = add(conn, now=at, openid=openid)
+    push_store.lease(conn, at, 1, 60)
+    push_store.mark_retry(conn, push_id, at, at + 5, None, "transport_error", "timed out")
+    [item] = push_store.lease(conn, at + 5, 1, 60)
+    assert item.resend
+    assert push_store.mark_sent(conn, push_id, None, at + 6) == "sent"
+    return push_id
+
+
+def test_reports_of_pushes_sent_without_msgid_match_by_recipient_and_time(
+        conn: sqlite3.Connection) -> None:
+    known = sent_at(conn, NOW - 40, "7000")
+    mine = resent_without_msgid(conn, NOW - 30)
+    # A report whose MsgID no push has: not 7000's (it would say 7000), so it is mine's.
+    assert push_store.apply_delivery_report(conn, "7001", "success", "oA", NOW, NOW - 29) == \
+        (True, "delivered")
+    row = push_store.get(conn, mine)
+    assert row is not None and (row["status"], row["msgid"]) == ("delivered", "7001")
+    assert status(conn, known) == "sent"
+    # Without the report's CreateTime, or created before the first POST (beyond the clock
+    # skew), it is kept for mark_sent.
+    other = resent_without_msgid(conn, NOW, openid="oB")
+    assert push_store.apply_delivery_report(conn, "7002", "success", "oB", NOW) == (False, None)
+    assert push_store.apply_delivery_report(
+        conn, "7003", "success", "oB", NOW, NOW - push_store.REPORT_CLOCK_SKEW_S - 1) == \
+        (False, None)
+    assert status(conn, other) == "sent"
+    # MsgID 0: a push sent without a known msgid is a candidate too.
+    assert push_store.apply_delivery_report_by_time(conn, "oB", NOW + 10, "success", NOW) == \
+        (True, "delivered")
+
+
+def test_a_report_is_not_guessed_between_pushes_without_msgid(conn: sqlite3.Connection) -> None:
+    a = resent_without_msgid(conn, NOW - 30)
+    [refused] = add(conn, now=NOW - 20)  # refused on its one POST: WeChat has no message
+    push_store.lease(conn, NOW - 20, 1, 60)
+    push_store.mark_failed(conn, refused, NOW - 20, 47003, "rejected", "argument invalid")
+    assert push_store.apply_delivery_report(conn, "8001", "success", "oA", NOW, NOW) == \
+        (True, "delivered")
+    assert status(conn, a) == "delivered"
+    b = resent_without_msgid(conn, NOW + 10)
+    [waiting] = add(conn, now=NOW + 10)  # its answer was lost too: it may own the report
+    push_store.lease(conn, NOW + 10, 1, 60)
+    assert push_store.apply_delivery_report(conn, "8002", "success", "oA", NOW, NOW + 12) == \
+        (False, None)
+    assert status(conn, b) == "sent" and status(conn, waiting) == "sending"
+
+
+def test_a_report_that_came_first_is_taken_by_the_duplicate_answer(
+        conn: sqlite3.Connection) -> None:
+    [push_id] = add(conn)
+    push_store.lease(conn, NOW, 1, 60)
+    push_store.mark_retry(conn, push_id, NOW, NOW + 5, None, "transport_error", "timed out")
+    # The first POST's report arrives while the push waits for its resend.
+    assert push_store.apply_delivery_report(conn, "9001", "failed:user block", "oA", NOW + 2,
+                                            NOW + 1) == (False, None)
+    push_store.lease(conn, NOW + 5, 1, 60)
+    assert push_store.mark_sent(conn, push_id, None, NOW + 6, {"errcode": 45065}) == "failed"
+    row = push_store.get(conn, push_id)
+    assert row is not None and (row["msgid"], row["error"]) == ("9001", "failed:user block")
+    assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
+    # Two unmatched reports for the openid: neither is taken.
+    [other] = add(conn, now=NOW + 10)
+    push_store.lease(conn, NOW + 10, 1, 60)
+    push_store.mark_retry(conn, other, NOW + 10, NOW + 15, None, "transport_error", "lost")
+    for msgid in ("9002", "9003"):
+        push_store.apply_delivery_report(conn, msgid, "success", "oA", NOW + 12, NOW + 11)
+    push_store.lease(conn, NOW + 15, 1, 60)
+    assert push_store.mark_sent(conn, other, None, NOW + 16) == "sent"

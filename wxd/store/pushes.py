@@ -207,14 +207,37 @@ def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str | None, now: fl
         " WHERE id = ? AND status = 'sending' RETURNING oa_openid",
         (msgid, now, now, answer_text(answer), push_id),
     ).fetchone()
-    if row is None or msgid is None:
-        return "sent" if row is not None else ""
+    if row is None:
+        return ""
+    if msgid is None:
+        return _adopt_early_report(conn, push_id, row[0], now)
     report = conn.execute(
         "SELECT status, oa_openid FROM delivery_reports WHERE msgid = ?", (msgid,)
     ).fetchone()
     if report is None or report["oa_openid"] != row[0]:
         return "sent"
     conn.execute("DELETE FROM delivery_reports WHERE msgid = ?", (msgid,))
+    return _apply_report(conn, push_id, report["status"], now)
+
+
+def _adopt_early_report(conn: sqlite3.Connection, push_id: str, oa_openid: str,
+                        now: float) -> str:
+    """mark_sent without a msgid: the first send's report often came while the push waited
+    for its resend. The one unmatched report for this openid received since the first POST of
+    the client_msg_id is this push's when _reported_push picks it for that report."""
+    first = conn.execute("SELECT client_msg_id_at FROM pushes WHERE id = ?",
+                         (push_id,)).fetchone()[0]
+    reports = conn.execute(
+        "SELECT msgid, status, received_at FROM delivery_reports WHERE oa_openid = ?"
+        " AND received_at >= ? LIMIT 2",
+        (oa_openid, (first if first is not None else now) - REPORT_CLOCK_SKEW_S),
+    ).fetchall()
+    if len(reports) != 1 or _reported_push(conn, oa_openid, reports[0]["received_at"],
+                                           msgid_known=True) != push_id:
+        return "sent"
+    [report] = reports
+    conn.execute("DELETE FROM delivery_reports WHERE msgid = ?", (report["msgid"],))
+    conn.execute("UPDATE pushes SET msgid = ? WHERE id = ?", (report["msgid"], push_id))
     return _apply_report(conn, push_id, report["status"], now)
 
 
@@ -277,16 +300,25 @@ def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
 
 
 def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: str,
-                          oa_openid: str, now: float) -> tuple[bool, str | None]:
+                          oa_openid: str, now: float,
+                          create_time: float | None = None) -> tuple[bool, str | None]:
     """Apply a TEMPLATESENDJOBFINISH (Status "success" → delivered, anything else → failed
     with the status text). Returns (a push matched, its new status "delivered" / "failed" when
     this report moved it: None for a repeat, which changes nothing, or an unmatched report).
-    An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
-    arrive before the send's own answer is stored."""
+    A report whose msgid no push has is this msgid's push when, by `create_time` (the
+    report's CreateTime), _reported_push finds it among the pushes sent without a known msgid
+    (WeChat's duplicate answer to a resend named none); it takes the msgid. Else it is kept
+    in delivery_reports and applied by mark_sent: the report can arrive before the send's own
+    answer is stored."""
     key = str(msgid)
     row = conn.execute(
         "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
     ).fetchone()
+    if row is None and create_time is not None:
+        adopted = _reported_push(conn, oa_openid, create_time, msgid_known=True)
+        if adopted is not None:
+            conn.execute("UPDATE pushes SET msgid = ? WHERE id = ?", (key, adopted))
+            return True, _apply_report(conn, adopted, status, now)
     if row is None or row["oa_openid"] != oa_openid:
         conn.execute(
             "INSERT INTO delivery_reports (msgid, status, oa_openid, received_at)"
@@ -305,22 +337,49 @@ def apply_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, crea
                                   window_s: float = REPORT_MATCH_WINDOW_S,
                                   skew_s: float = REPORT_CLOCK_SKEW_S) -> tuple[bool, str | None]:
     """apply_delivery_report for a report whose MsgID is 0 or missing: the push it reports is
-    the one push to `oa_openid` that is `sent` (msgid known, no report yet) and whose send
-    (last_attempt_at) lies in [create_time - window_s, create_time + skew_s].
+    the one push to `oa_openid` that is `sent` (no report yet; its msgid known or not) and
+    was sent in [create_time - window_s, create_time + skew_s] (_reported_push).
 
     None or several such pushes → (False, None) and nothing changes: guessing would give a
     push another message's outcome. Such a report stays in the inbox only (delivery_reports
     is keyed by msgid and matched by mark_sent, which a report without one can never be), so
     one that arrives before its push's send answer is stored leaves that push `sent`.
     """
-    rows = conn.execute(
-        "SELECT id FROM pushes WHERE oa_openid = ? AND status = 'sent' AND msgid IS NOT NULL"
-        " AND last_attempt_at BETWEEN ? AND ? ORDER BY last_attempt_at DESC LIMIT 2",
-        (oa_openid, create_time - window_s, create_time + skew_s),
-    ).fetchall()
-    if len(rows) != 1:
+    push_id = _reported_push(conn, oa_openid, create_time, msgid_known=False,
+                             window_s=window_s, skew_s=skew_s)
+    if push_id is None:
         return False, None
-    return True, _apply_report(conn, rows[0]["id"], status, now)
+    return True, _apply_report(conn, push_id, status, now)
+
+
+def _reported_push(conn: sqlite3.Connection, oa_openid: str, at: float, *, msgid_known: bool,
+                   window_s: float = REPORT_MATCH_WINDOW_S,
+                   skew_s: float = REPORT_CLOCK_SKEW_S) -> str | None:
+    """The one push to `oa_openid` a delivery report created at `at` can be, matched by
+    recipient and time, or None when there is none or more than one (no guessing).
+
+    Its send: some POST of its client_msg_id lies in [at - window_s, at + skew_s] (the first
+    at client_msg_id_at, the last at last_attempt_at: a resend may come long after the POST
+    WeChat accepted). `msgid_known` False (the report has no MsgID): the `sent` pushes are
+    the candidates. True (the report's MsgID is no push's): the pushes WeChat may have
+    accepted without wxd learning the msgid (no msgid, POSTed, not refused on their one POST)
+    are the candidates, and the one must be `sent` (recorded from a duplicate answer).
+    """
+    if msgid_known:
+        where = ("msgid IS NULL AND client_msg_id_sends > 0 AND status != 'cancelled'"
+                 " AND NOT (status = 'failed' AND error_code = 'rejected'"
+                 " AND client_msg_id_sends = 1)")
+    else:
+        where = "status = 'sent'"
+    rows = conn.execute(
+        f"SELECT id, status FROM pushes WHERE oa_openid = ? AND {where}"  # noqa: S608
+        " AND COALESCE(client_msg_id_at, last_attempt_at) <= ? AND last_attempt_at >= ?"
+        " ORDER BY last_attempt_at DESC LIMIT 2",
+        (oa_openid, at + skew_s, at - window_s),
+    ).fetchall()
+    if len(rows) != 1 or rows[0]["status"] != "sent":
+        return None
+    return str(rows[0]["id"])
 
 
 def prune_reports(conn: sqlite3.Connection, before: float) -> int:
