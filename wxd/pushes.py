@@ -247,6 +247,10 @@ class PushService:
             if retried.warning is not None:
                 push["warning"] = retried.warning
                 log.warning("operator retry of push %s: %s", push_id, retried.warning)
+            else:
+                log.info("operator retry of push %s with %s client_msg_id %s", push_id,
+                         "the same" if retried.client_msg_id_reused else "a new",
+                         push["client_msg_id"])
         return retried.outcome, push
 
     async def cancel(self, push_id: str) -> tuple[str, dict[str, Any] | None]:
