@@ -190,7 +190,9 @@ def duplicate_send(exc: BaseException, resend: bool) -> Duplicate | None:
     """Whether `exc`, ending a template/send, is WeChat's answer to a duplicate: only when the
     send was a `resend` of its client_msg_id (or the transport resent it: exc.resent), and the
     answer is errcode 0 without a msgid (NoMsgidError) or one of DUPLICATE_SEND_ERRCODES. The
-    msgid is read from an error body's `msgid` or `msg_id` (the mass-send API's key)."""
+    msgid is read from an error body's `msgid` or `msg_id` (the mass-send API's key). A success
+    answer does not say whether the transport resent it: after that resend an errcode 0 without
+    a msgid is retried once like a transport failure, and the retry (a resend) is recognised."""
     if isinstance(exc, NoMsgidError):
         return Duplicate(None) if resend else None
     if not isinstance(exc, WeChatAPIError) or exc.errcode not in DUPLICATE_SEND_ERRCODES:

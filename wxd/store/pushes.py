@@ -199,8 +199,10 @@ def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str | None, now: fl
               answer: Mapping[str, Any] | None = None) -> str:
     """sending → sent with `msgid`: errcode 0, or WeChat's duplicate answer to a resend (then
     `msgid` may be None: unknown; `answer` is that answer, kept as last_answer, else cleared).
-    A delivery report that arrived first is applied at once. Returns the new status ("sent",
-    "delivered", "failed"), or "" when the push was no longer sending (nothing changed)."""
+    A delivery report that arrived first is applied at once (without a msgid: the one stored
+    for this openid since the first POST, if no other push could own it; it gives the push its
+    msgid). Returns the new status ("sent", "delivered", "failed"), or "" when the push was no
+    longer sending (nothing changed)."""
     row = conn.execute(
         "UPDATE pushes SET status = 'sent', msgid = ?, sent_at = ?, updated_at = ?,"
         " leased_until = NULL, errcode = NULL, error_code = NULL, error = NULL, last_answer = ?"

@@ -34,6 +34,7 @@ KINDS = ("token", "transient", "quota", "terminal")
 # https://developers.weixin.qq.com/community/develop/doc/00022428e988b881172d99bc756000
 DUPLICATE_SEND_ERRCODES = frozenset({45065, 40241, 45066})
 
+
 def classify(errcode: int) -> str:
     """The class of a WeChat errcode: "token" | "transient" | "quota" | "terminal"."""
     return ERROR_KINDS.get(errcode, "terminal")
