@@ -555,6 +555,50 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
         assert sorted(r[0] for r in texts) == sorted([first.oa_openid, second.oa_openid])
         assert self.webhook.requests.get(result="duplicate") == 1
 
+    @gen_test
+    async def test_a_push_sent_without_a_known_msgid_takes_its_report(self) -> None:
+        """A resend answered as a duplicate without the first msgid (push `sent`, msgid null):
+        the accepted first send's report is matched by recipient and time, whether it came
+        while the push waited for its resend or after the duplicate answer."""
+        early, late = self.fake.person(4), self.fake.person(5)
+        at = self.now - 30
+
+        def timed_out(openid: str) -> Any:  # the first POST accepted, its answer lost
+            def write(conn: Any) -> str:
+                push = push_store.NewPush(push_store.new_push_id(), None, {"oa_openid": openid},
+                                         openid, "tpl",
+                                         {"touser": openid, "template_id": "tpl", "data": {}})
+                push_store.insert(conn, push, at)
+                push_store.lease(conn, at, 1, 60)
+                push_store.mark_retry(conn, push.id, at, at + 2, None, "transport_error",
+                                      "request timed out")
+                return push.id
+            return write
+
+        one = await self.db.write(timed_out(early.oa_openid))
+        two = await self.db.write(timed_out(late.oa_openid))
+        sender = WebhookSender(self.get_url("/wechat"), self.fake.credentials, "safe",
+                               clock=self.clock, http_client=self.http_client, seed=4)
+        assert (await sender.template_finished(early.oa_openid, 911, "success")).body == \
+            b"success"
+        await self.settled()
+
+        def duplicate_answers(conn: Any) -> list[str]:
+            assert {item.resend for item in push_store.lease(conn, at + 2, 2, 60)} == {True}
+            return [push_store.mark_sent(conn, push_id, None, at + 3,
+                                         {"errcode": 45065, "errmsg": "clientmsgid exist"})
+                    for push_id in (one, two)]
+
+        assert await self.db.write(duplicate_answers) == ["delivered", "sent"]
+        assert (await sender.template_finished(late.oa_openid, 912, "failed:user block")
+                ).body == b"success"
+        await self.settled()
+        rows = [await fetchone(self.db, "SELECT status, msgid FROM pushes WHERE id = ?", (p,))
+                for p in (one, two)]
+        assert [tuple(row) if row else None for row in rows] == [
+            ("delivered", "911"), ("failed", "912")]
+        assert await fetchone(self.db, "SELECT * FROM delivery_reports") is None
+
 
 class PruneTest(EventsCase):
     @gen_test

@@ -12,6 +12,7 @@ import pytest
 from wxd.backfill import FollowerBackfill
 from wxd.errors import (
     MessageError,
+    NoMsgidError,
     StorageError,
     TokenBudgetError,
     TransportError,
@@ -22,11 +23,13 @@ from wxd.push_workers import PushWorkers
 from wxd.retry import (
     Backoff,
     Decision,
+    Duplicate,
     Fail,
     Pause,
     Policy,
     Retry,
     decide,
+    duplicate_send,
     next_beijing_midnight,
     next_quota_reset,
     next_utc_midnight,
@@ -156,3 +159,29 @@ def test_the_calendar() -> None:
     assert next_quota_reset(1_700_064_300, 300) == 1_700_064_300 + 86400  # strictly after
     assert next_utc_midnight(NOW) == 1_700_006_400
     assert next_utc_midnight(1_700_006_400) == 1_700_006_400 + 86400
+
+
+def api_error(errcode: int, resent: bool = False, **extra: Any) -> WeChatAPIError:
+    return WeChatAPIError(errcode, "dup", SEND, "terminal",
+                          answer={"errcode": errcode, "errmsg": "dup", **extra}, resent=resent)
+
+
+SEND = "/cgi-bin/message/template/send"
+
+
+def test_duplicate_answers_are_sent_only_on_a_resend() -> None:
+    no_msgid = NoMsgidError("no msgid", SEND, {"errcode": 0, "errmsg": "ok"})
+    assert duplicate_send(no_msgid, resend=True) == Duplicate(None)
+    assert duplicate_send(no_msgid, resend=False) is None
+    assert isinstance(decide(no_msgid, 1, NOW, policies()["pushes"]), Retry)  # a first send
+    for code in (45065, 40241, 45066):
+        assert duplicate_send(api_error(code), resend=True) == Duplicate(None)
+        assert duplicate_send(api_error(code), resend=False) is None
+        assert duplicate_send(api_error(code, resent=True), resend=False) == Duplicate(None)
+        assert decide(api_error(code), 1, NOW, policies()["pushes"]) == Fail("terminal")
+    assert duplicate_send(api_error(45065, msg_id=123), True) == Duplicate("123")
+    assert duplicate_send(api_error(45065, msgid="456"), True) == Duplicate("456")
+    for bogus in (0, "", True, None, [1]):
+        assert duplicate_send(api_error(45065, msgid=bogus), True) == Duplicate(None)
+    for other in (api_error(43004), api_error(-1), TransportError("reset", SEND)):
+        assert duplicate_send(other, resend=True) is None

@@ -67,3 +67,21 @@ def test_count_unlisted_and_mark_listed(store: SyncStore) -> None:
     assert (store.row("a")["synced_run"], store.row("a")["synced_at"]) == (2, 10)
     assert store.write(lambda c: followers.mark_unseen_unsubscribed(c, 2, 120)) == 1
     assert [store.row(x)["subscribed"] for x in "abc"] == [1, 0, 1]
+
+
+def test_a_43004_marks_not_following_unless_an_event_is_as_new(store: SyncStore) -> None:
+    store.write(lambda c: ingest.apply_user_infos(
+        c, [info(o, "u" + o) for o in ("oa1", "oa2", "oa3")], 10, 10))
+    store.write(lambda c: followers.record_subscribe(c, "oa2", 100, 100))  # same second
+    store.write(lambda c: followers.record_subscribe(c, "oa3", 99, 99))  # the second before
+    marked = store.write(lambda c: [followers.mark_not_following(c, o, 100.4, 101)
+                                    for o in ("oa1", "oa2", "oa3", "oa_unknown")])
+    assert marked == [True, False, True, False]
+    row = store.row("oa1")
+    assert (row["subscribed"], row["unsubscribed_at"], row["unionid"]) == (0, 100.4, "uoa1")
+    assert store.row("oa2")["subscribed"] == 1 and store.row("oa3")["subscribed"] == 0
+    assert not store.write(lambda c: followers.mark_not_following(c, "oa1", 200, 200))
+    assert store.row("oa1")["unsubscribed_at"] == 100.4  # already unsubscribed: unchanged
+    # A later subscribe event flips it back.
+    store.write(lambda c: followers.record_subscribe(c, "oa1", 300, 300))
+    assert store.row("oa1")["subscribed"] == 1

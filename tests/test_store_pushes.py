@@ -10,6 +10,7 @@ import pytest
 
 from wxd.store import pushes as push_store
 from wxd.store.db import migrate
+from wxd.store.schema import MIGRATIONS
 
 NOW = 1_700_000_000.0
 
@@ -40,6 +41,12 @@ def report(conn: sqlite3.Connection, msgid: str | int, status: str, oa_openid: s
            now: float) -> bool:
     """Apply a delivery report; True if it matched a push."""
     return push_store.apply_delivery_report(conn, msgid, status, oa_openid, now)[0]
+
+
+def retry(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str | None]:
+    """An operator retry: (outcome, status now)."""
+    retried = push_store.operator_retry(conn, push_id, now)
+    return retried.outcome, retried.status
 
 
 def status(conn: sqlite3.Connection, push_id: str) -> str:
@@ -259,21 +266,21 @@ def test_expired_leases_are_taken_again_unless_held(conn: sqlite3.Connection) ->
 
 def test_operator_retry_and_cancel(conn: sqlite3.Connection) -> None:
     a, b, c = add(conn, 3)
-    assert push_store.operator_retry(conn, a, NOW) == ("invalid_state", "queued")
+    assert retry(conn, a, NOW) == ("invalid_state", "queued")
     assert push_store.cancel(conn, a, NOW) == ("ok", "cancelled")
     assert push_store.cancel(conn, a, NOW) == ("invalid_state", "cancelled")
     assert push_store.cancel(conn, "p_nope", NOW) == ("not_found", None)
     assert push_store.lease(conn, NOW, 5, 60) and status(conn, a) == "cancelled"
     push_store.mark_failed(conn, b, NOW, 47003, "rejected", "argument invalid!")
     assert push_store.cancel(conn, b, NOW) == ("invalid_state", "failed")
-    assert push_store.operator_retry(conn, b, NOW + 5) == ("ok", "queued")
+    assert retry(conn, b, NOW + 5) == ("ok", "queued")
     retried = push_store.get(conn, b)
     assert retried is not None
     assert (retried["attempts"], retried["errcode"], retried["client_msg_id"]) == (0, None, b)
     # Accepted by WeChat, then delivery failed: a retry needs a new client_msg_id.
     push_store.mark_sent(conn, c, "77", NOW)
     report(conn, "77", "failed: system failed", "oA", NOW)
-    assert push_store.operator_retry(conn, c, NOW) == ("ok", "queued")
+    assert retry(conn, c, NOW) == ("ok", "queued")
     leased = {item.id: item for item in push_store.lease(conn, NOW + 10, 5, 60)}
     assert leased[c].wechat_body()["client_msg_id"] == f"{c}-r1"
     redo = push_store.get(conn, c)
@@ -311,3 +318,223 @@ def test_pause_and_stats(conn: sqlite3.Connection) -> None:
     assert push_store.queue_depth(conn) == (2, NOW - 50)
     push_store.set_paused_until(conn, None)
     assert push_store.paused_until(conn) is None
+
+
+def sends_of(conn: sqlite3.Connection, push_id: str) -> tuple[int, float | None]:
+    row = conn.execute("SELECT client_msg_id_sends, client_msg_id_at FROM pushes WHERE id = ?",
+                       (push_id,)).fetchone()
+    return row[0], row[1]
+
+
+def test_a_lease_says_whether_the_client_msg_id_was_posted_before(
+        conn: sqlite3.Connection) -> None:
+    [push_id] = add(conn)
+    [item] = push_store.lease(conn, NOW, 1, 60)
+    assert not item.resend and sends_of(conn, push_id) == (1, NOW)
+    push_store.release(conn, [push_id], NOW, refund=True)  # never POSTed: given back
+    assert sends_of(conn, push_id) == (0, None)
+    [item] = push_store.lease(conn, NOW + 1, 1, 60)
+    assert not item.resend and sends_of(conn, push_id) == (1, NOW + 1)
+    push_store.mark_retry(conn, push_id, NOW + 1, NOW + 2, -1, "wechat_error", "system error")
+    [item] = push_store.lease(conn, NOW + 2, 1, 60)
+    assert item.resend and sends_of(conn, push_id) == (2, NOW + 1)
+    push_store.recover(conn, NOW + 3, "resend")  # a crash mid-send: the next lease resends
+    [item] = push_store.lease(conn, NOW + 3, 1, 60)
+    assert item.resend and item.attempts == 3
+
+
+def test_sent_without_msgid_keeps_the_answer(conn: sqlite3.Connection) -> None:
+    a, b = add(conn, 2)
+    push_store.lease(conn, NOW, 2, 60)
+    assert not report(conn, "4001", "success", "oA", NOW)  # someone's report, kept
+    answer = {"errcode": 0, "errmsg": "ok"}
+    assert push_store.mark_sent(conn, a, None, NOW + 1, answer) == "sent"
+    sent = push_store.get(conn, a)
+    assert sent is not None
+    assert (sent["status"], sent["msgid"], sent["last_answer"]) == ("sent", None, answer)
+    assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 1
+    assert push_store.mark_sent(conn, b, "4002", NOW + 1) == "sent"
+    plain = push_store.get(conn, b)
+    assert plain is not None and plain["last_answer"] is None
+
+
+def test_last_answer_is_bounded(conn: sqlite3.Connection) -> None:
+    [push_id] = add(conn)
+    push_store.lease(conn, NOW, 1, 60)
+    answer: dict[str, object] = {"errcode": 45065, "errmsg": "x" * 5000,
+                                 "nested": {"deep": ["y" * 2000]}}
+    answer.update({f"k{i}": i for i in range(40)})
+    assert push_store.mark_failed(conn, push_id, NOW, 45065, "rejected", "clientmsgid exist",
+                                  answer)
+    push = push_store.get(conn, push_id)
+    assert push is not None
+    kept = push["last_answer"]
+    assert len(kept) == push_store.ANSWER_MAX_KEYS and kept["errcode"] == 45065
+    assert kept["errmsg"] == "x" * push_store.ANSWER_MAX_CHARS
+    assert kept["nested"].startswith('{"deep":["yyy') and len(kept["nested"]) == 512
+    text = conn.execute("SELECT last_answer FROM pushes").fetchone()[0]
+    assert len(text) < 2 * push_store.ANSWER_MAX_KEYS * push_store.ANSWER_MAX_CHARS
+
+
+def test_a_43004_fails_the_push_and_unsubscribes_in_one_write(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO followers (oa_openid, subscribed, updated_at) VALUES ('oA', 1, 0)")
+    a, b = add(conn, 2)
+    push_store.lease(conn, NOW, 2, 60)
+    assert push_store.mark_not_following(conn, a, "oA", NOW + 1, NOW, "require subscribe",
+                                         {"errcode": 43004, "errmsg": "require subscribe"})
+    push = push_store.get(conn, a)
+    assert push is not None
+    assert (push["status"], push["errcode"], push["error_code"]) == ("failed", 43004, "rejected")
+    row = conn.execute("SELECT subscribed, unsubscribed_at FROM followers").fetchone()
+    assert (row[0], row[1]) == (0, NOW)
+    push_store.mark_failed(conn, b, NOW, -1, "attempts_exhausted", "system error")
+    assert not push_store.mark_not_following(conn, b, "oA", NOW + 2, NOW + 2, "late")
+
+
+def failed_after(conn: sqlite3.Connection, push_id: str, at: float, sends: int,
+                 error_code: str) -> None:
+    """`push_id` POSTed `sends` times (the first at `at`), then failed with `error_code`."""
+    for n in range(sends):
+        push_store.lease(conn, at + n, 1, 60)
+        if n < sends - 1:
+            push_store.mark_retry(conn, push_id, at + n, at + n + 1, -1, "wechat_error", "busy")
+    push_store.mark_failed(conn, push_id, at + sends, None, error_code, "the last error")
+
+
+def test_operator_retry_keeps_the_client_msg_id_only_while_it_guards(
+        conn: sqlite3.Connection) -> None:
+    [refused] = add(conn)  # each push is added when due alone: failed_after leases it
+    failed_after(conn, refused, NOW, 1, "rejected")
+    # Refused by WeChat: nothing accepted under the id. Kept, even past the window.
+    kept = push_store.operator_retry(conn, refused, NOW + 700)
+    assert (kept.outcome, kept.client_msg_id_reused, kept.warning) == ("ok", True, None)
+    [unknown] = add(conn)
+    failed_after(conn, unknown, NOW, 3, "attempts_exhausted")
+    # Maybe accepted, 599 s after the first send: kept, WeChat drops the retry if so.
+    kept = push_store.operator_retry(conn, unknown, NOW + 599)
+    assert (kept.client_msg_id_reused, kept.warning) == (True, None)
+    item = next(i for i in push_store.lease(conn, NOW + 600, 5, 60) if i.id == unknown)
+    assert item.resend and item.client_msg_id == unknown
+    [late] = add(conn)
+    failed_after(conn, late, NOW, 2, "outcome_unknown")
+    # Maybe accepted and the window has passed: a new id, and a warning.
+    fresh = push_store.operator_retry(conn, late, NOW + 600)
+    assert (fresh.client_msg_id_reused, fresh.status) == (False, "queued")
+    assert fresh.warning is not None and f"{late}-r1" in fresh.warning
+    assert sends_of(conn, late) == (0, None)
+    item = next(i for i in push_store.lease(conn, NOW + 601, 5, 60) if i.id == late)
+    assert not item.resend and item.client_msg_id == f"{late}-r1"
+    push_store.mark_failed(conn, late, NOW + 601, None, "outcome_unknown", "again")
+    again = push_store.operator_retry(conn, late, NOW + 1300)
+    assert again.warning is not None
+    row = push_store.get(conn, late)
+    assert row is not None and row["client_msg_id"] == f"{late}-r2"
+    # Accepted (msgid known), delivery failed: the retry is a new message, no warning.
+    [accepted] = add(conn)
+    push_store.lease(conn, NOW, 5, 60)
+    push_store.mark_sent(conn, accepted, "5001", NOW)
+    report(conn, "5001", "failed:user block", "oA", NOW)
+    new = push_store.operator_retry(conn, accepted, NOW + 1)
+    assert (new.client_msg_id_reused, new.warning) == (False, None)
+
+
+def test_operator_retry_of_an_id_with_r_inside(conn: sqlite3.Connection) -> None:
+    """A push id is random url-safe text: it may itself contain "-r" (and digits after it)."""
+    for push_id in ("p_ab-rcdefghijklmnopqr", "p_ab-r12defghijklmnop"):
+        push_store.insert(conn, push_store.NewPush(push_id, None, {"oa_openid": "oA"}, "oA",
+                                                   "T1", {"touser": "oA"}), NOW)
+        push_store.lease(conn, NOW, 5, 60)
+        push_store.mark_sent(conn, push_id, push_id[-4:], NOW)
+        report(conn, push_id[-4:], "failed: system failed", "oA", NOW)
+        push_store.operator_retry(conn, push_id, NOW + 1)
+        row = push_store.get(conn, push_id)
+        assert row is not None and row["client_msg_id"] == f"{push_id}-r1"
+
+
+def test_migration_3_counts_the_sends_of_rows_attempted_before() -> None:
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    connection.row_factory = sqlite3.Row
+    migrate(connection, MIGRATIONS[:1])
+    ids = add(connection, 4)
+    connection.execute("UPDATE pushes SET attempts = 2, last_attempt_at = ? WHERE id = ?",
+                       (NOW + 5, ids[0]))
+    connection.execute("UPDATE pushes SET last_attempt_at = ? WHERE id = ?", (NOW + 5, ids[1]))
+    connection.execute("UPDATE pushes SET last_attempt_at = ?, client_msg_id = ? WHERE id = ?",
+                       (NOW + 5, ids[2] + "-r1", ids[2]))
+    migrate(connection)
+    assert [sends_of(connection, i) for i in ids] == [(2, NOW), (1, NOW), (0, None), (0, None)]
+    connection.close()
+
+
+def resent_without_msgid(conn: sqlite3.Connection, at: float, openid: str = "oA") -> str:
+    """A push whose first POST (at `at`) lost its answer and whose resend WeChat answered as a
+    duplicate without the first msgid: `sent`, msgid unknown."""
+    [push_id] = add(conn, now=at, openid=openid)
+    push_store.lease(conn, at, 1, 60)
+    push_store.mark_retry(conn, push_id, at, at + 5, None, "transport_error", "timed out")
+    [item] = push_store.lease(conn, at + 5, 1, 60)
+    assert item.resend
+    assert push_store.mark_sent(conn, push_id, None, at + 6) == "sent"
+    return push_id
+
+
+def test_reports_of_pushes_sent_without_msgid_match_by_recipient_and_time(
+        conn: sqlite3.Connection) -> None:
+    known = sent_at(conn, NOW - 40, "7000")
+    mine = resent_without_msgid(conn, NOW - 30)
+    # A report whose MsgID no push has: not 7000's (it would say 7000), so it is mine's.
+    assert push_store.apply_delivery_report(conn, "7001", "success", "oA", NOW, NOW - 29) == \
+        (True, "delivered")
+    row = push_store.get(conn, mine)
+    assert row is not None and (row["status"], row["msgid"]) == ("delivered", "7001")
+    assert status(conn, known) == "sent"
+    # Without the report's CreateTime, or created before the first POST (beyond the clock
+    # skew), it is kept for mark_sent.
+    other = resent_without_msgid(conn, NOW, openid="oB")
+    assert push_store.apply_delivery_report(conn, "7002", "success", "oB", NOW) == (False, None)
+    assert push_store.apply_delivery_report(
+        conn, "7003", "success", "oB", NOW, NOW - push_store.REPORT_CLOCK_SKEW_S - 1) == \
+        (False, None)
+    assert status(conn, other) == "sent"
+    # MsgID 0: a push sent without a known msgid is a candidate too.
+    assert push_store.apply_delivery_report_by_time(conn, "oB", NOW + 10, "success", NOW) == \
+        (True, "delivered")
+
+
+def test_a_report_is_not_guessed_between_pushes_without_msgid(conn: sqlite3.Connection) -> None:
+    a = resent_without_msgid(conn, NOW - 30)
+    [refused] = add(conn, now=NOW - 20)  # refused on its one POST: WeChat has no message
+    push_store.lease(conn, NOW - 20, 1, 60)
+    push_store.mark_failed(conn, refused, NOW - 20, 47003, "rejected", "argument invalid")
+    assert push_store.apply_delivery_report(conn, "8001", "success", "oA", NOW, NOW) == \
+        (True, "delivered")
+    assert status(conn, a) == "delivered"
+    b = resent_without_msgid(conn, NOW + 10)
+    [waiting] = add(conn, now=NOW + 10)  # its answer was lost too: it may own the report
+    push_store.lease(conn, NOW + 10, 1, 60)
+    assert push_store.apply_delivery_report(conn, "8002", "success", "oA", NOW, NOW + 12) == \
+        (False, None)
+    assert status(conn, b) == "sent" and status(conn, waiting) == "sending"
+
+
+def test_a_report_that_came_first_is_taken_by_the_duplicate_answer(
+        conn: sqlite3.Connection) -> None:
+    [push_id] = add(conn)
+    push_store.lease(conn, NOW, 1, 60)
+    push_store.mark_retry(conn, push_id, NOW, NOW + 5, None, "transport_error", "timed out")
+    # The first POST's report arrives while the push waits for its resend.
+    assert push_store.apply_delivery_report(conn, "9001", "failed:user block", "oA", NOW + 2,
+                                            NOW + 1) == (False, None)
+    push_store.lease(conn, NOW + 5, 1, 60)
+    assert push_store.mark_sent(conn, push_id, None, NOW + 6, {"errcode": 45065}) == "failed"
+    row = push_store.get(conn, push_id)
+    assert row is not None and (row["msgid"], row["error"]) == ("9001", "failed:user block")
+    assert conn.execute("SELECT COUNT(*) FROM delivery_reports").fetchone()[0] == 0
+    # Two unmatched reports for the openid: neither is taken.
+    [other] = add(conn, now=NOW + 10)
+    push_store.lease(conn, NOW + 10, 1, 60)
+    push_store.mark_retry(conn, other, NOW + 10, NOW + 15, None, "transport_error", "lost")
+    for msgid in ("9002", "9003"):
+        push_store.apply_delivery_report(conn, msgid, "success", "oA", NOW + 12, NOW + 11)
+    push_store.lease(conn, NOW + 15, 1, 60)
+    assert push_store.mark_sent(conn, other, None, NOW + 16) == "sent"

@@ -212,10 +212,11 @@ class TestStale(Case):
     @gen_test
     async def test_get_is_resent_once_on_a_new_connection(self) -> None:
         base = await self.closing_after_first()
-        await self.client.fetch("GET", base + "/")
+        first = await self.client.fetch("GET", base + "/")
         answer = await self.client.fetch("GET", base + "/again")
         assert answer.body == b"ok" and self.client.stats.retried_stale == 1
         assert [r.split(b" ")[1] for r in self.requests] == [b"/", b"/again", b"/again"]
+        assert answer.resent and not first.resent  # the answer says it was sent twice
 
     @gen_test
     async def test_post_is_not_resent_unless_replay_safe(self) -> None:

@@ -16,7 +16,7 @@ import tornado.web
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 
 from tests.sandbox_fixture import SandboxTestCase
-from wxd.errors import TransportError, WeChatAPIError
+from wxd.errors import NoMsgidError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.sandbox import LEGACY_TEMPLATE_ID
 from wxd.wechat.client import WeChatClient
@@ -351,3 +351,46 @@ class TestWireNotJson(WireCase):
         with pytest.raises(TransportError) as info:
             await self.client.call("GET", "/cgi-bin/user/get")
         assert info.value.status == 200 and "not a JSON object" in str(info.value)
+
+
+class StaticToken:
+    """A TokenSource with one fixed token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def get(self) -> str:
+        return self.token
+
+    async def invalidate(self, token: str) -> None:
+        pass
+
+
+SECRET_TOKEN = "TOKEN-7f3a9c-never-shown"
+
+
+class TestWireErrorBody(WireCase):
+    answer = json.dumps({"errcode": 45065, "errmsg": f"clientmsgid exist {SECRET_TOKEN}",
+                         "msg_id": 12345, "echo": {SECRET_TOKEN: [SECRET_TOKEN]}}).encode()
+
+    @gen_test
+    async def test_the_error_carries_the_whole_answer_scrubbed(self) -> None:
+        oa = OfficialAccountAPI(self.client, StaticToken(SECRET_TOKEN))
+        with pytest.raises(WeChatAPIError) as info:
+            await oa.send_template({"touser": "o1", "template_id": "T", "data": {}})
+        exc = info.value
+        assert (exc.errcode, exc.answer["msg_id"], exc.resent) == (45065, 12345, False)
+        assert exc.answer["errmsg"] == "clientmsgid exist <redacted>" == exc.errmsg
+        assert exc.answer["echo"] == {"<redacted>": ["<redacted>"]}
+        assert SECRET_TOKEN not in exception_text(exc)
+
+
+class TestWireNoMsgid(WireCase):
+    @gen_test
+    async def test_an_acceptance_without_msgid_raises_with_the_answer(self) -> None:
+        oa = OfficialAccountAPI(self.client, StaticToken(SECRET_TOKEN))
+        with pytest.raises(NoMsgidError) as info:
+            await oa.send_template({"touser": "o1", "template_id": "T", "data": {}})
+        assert isinstance(info.value, TransportError) and info.value.status == 200
+        assert info.value.answer == {"errcode": 0, "errmsg": "ok"}
+        assert "has no msgid" in str(info.value)

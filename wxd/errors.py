@@ -11,11 +11,15 @@
     │   ├── SessionKeyError    stale session_key: padding/JSON failure → caller runs wx.login again
     │   └── WatermarkError     watermark.appid differs from the MP appid
     ├── TransportError         network error, timeout, non-200 from WeChat (retryable)
+    │   └── NoMsgidError       template/send answered errcode 0 without a msgid
     ├── WeChatAPIError         WeChat answered errcode != 0 (errcode, errmsg, path)
     └── TokenBudgetError       the local daily budget of token fetches is spent
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 
 class WxdError(Exception):
@@ -71,20 +75,37 @@ class TransportError(WxdError):
         self.status = status
 
 
+class NoMsgidError(TransportError):
+    """template/send answered errcode 0 without a msgid. On a first send of a client_msg_id it
+    is retried like a transport failure; on a resend it is one of WeChat's answers to a
+    duplicate (wxd.retry.duplicate_send). `answer` is the JSON object answered."""
+
+    def __init__(self, message: str, path: str, answer: Mapping[str, Any]) -> None:
+        super().__init__(message, path, 200)
+        self.answer = answer
+
+
 class WeChatAPIError(WxdError):
     """WeChat answered with a non-zero errcode.
 
     `errmsg` never contains the access_token (WeChat does not echo it; the client strips the
     query string from the path it records). `kind` is the class from wechat.py's table:
-    "token", "transient", "quota" or "terminal".
+    "token", "transient", "quota" or "terminal". `answer` is the whole JSON object answered
+    (an error body may name more than errcode/errmsg, e.g. the msg_id of a duplicate), its
+    strings scrubbed of the call's secrets like errmsg. `resent`: the transport sent this
+    request twice (a stale keep-alive connection), so WeChat may have seen it before.
     """
 
-    def __init__(self, errcode: int, errmsg: str, path: str, kind: str = "terminal") -> None:
+    def __init__(self, errcode: int, errmsg: str, path: str, kind: str = "terminal", *,
+                 answer: Mapping[str, Any] | None = None, resent: bool = False) -> None:
         super().__init__(f"{path}: errcode {errcode}: {errmsg}")
         self.errcode = errcode
         self.errmsg = errmsg
         self.path = path
         self.kind = kind
+        self.answer: Mapping[str, Any] = (
+            answer if answer is not None else {"errcode": errcode, "errmsg": errmsg})
+        self.resent = resent
 
     @property
     def token_invalid(self) -> bool:

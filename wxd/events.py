@@ -51,8 +51,9 @@ class EventRouter:
     refresher.refresh_follower (user/info → unionid → link); unsubscribe →
     followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
     SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
-    TEMPLATESENDJOBFINISH → push_store.apply_delivery_report (an unknown MsgID is stored for late
-    matching there; a MsgID of 0 or none is matched by recipient and time, or left unmatched);
+    TEMPLATESENDJOBFINISH → push_store.apply_delivery_report (an unknown MsgID is matched by
+    recipient and time to a push sent without a known msgid, else stored for late matching
+    there; a MsgID of 0 or none is matched by recipient and time, or left unmatched);
     anything else → nothing (it is in the inbox).
     Upstream errors propagate to the caller (EventWorkers retries them).
     """
@@ -109,7 +110,7 @@ class EventRouter:
             else:
                 matched, new_status = await self._db.write(
                     lambda conn: push_store.apply_delivery_report(conn, msgid, msg.status,
-                                                                 openid, now))
+                                                                 openid, now, at))
             if new_status is not None:
                 self._push_transitions.inc(status=new_status)
             if matched:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.errors import StorageError, WeChatAPIError
+from wxd.errors import NoMsgidError, StorageError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S, RateLimiter
 from wxd.retry import (
@@ -27,6 +27,7 @@ from wxd.retry import (
     Policy,
     anticipated,
     decide,
+    duplicate_send,
     errcode_of,
 )
 from wxd.store import pushes as push_store
@@ -60,7 +61,12 @@ class PushWorkers:
     failed after max_attempts; 45009 → back to queued without using the attempt and ALL
     sending paused until the next quota_resume_s after Beijing midnight, persisted in meta (a spent
     token budget likewise, until the next UTC midnight); anything else → failed at once
-    (40037 also calls `on_template_invalid`). `rate_per_s` caps sends per second
+    (40037 also calls `on_template_invalid`; 43004 also marks the follower unsubscribed in
+    the same transaction, so later pushes to the person are refused at enqueue). A resend of
+    the same client_msg_id (attempt 2+, a recovered push, an operator retry that kept the id,
+    the transport's own resend) answered as a duplicate (errcode 0 without a msgid, 45065,
+    40241, 45066: wxd.retry.duplicate_send) → sent, with the first msgid when the answer names
+    it; WeChat's answer is kept on the push (last_answer). `rate_per_s` caps sends per second
     (0 = unlimited). Time (stored instants, idle waits, the rate limit) comes from `clock`.
     A push whose outcome could not be written (disk full, database locked) stays `sending`;
     once its LEASE_S lease has passed the dispatcher queues it again with the same
@@ -327,11 +333,12 @@ class PushWorkers:
             return lambda conn: push_store.noted(
                 push_store.release(conn, [item.id], self._clock.now(), refund=True), "queued")
         await self._limiter.acquire()  # the rate limit, and 45011's hold on every sender
+        posted_at = self._clock.now()
         started = time.perf_counter()
         try:
             msgid = await self._api.send_template(item.wechat_body())
         except Exception as exc:
-            return self._failure(item, exc, started)
+            return self._failure(item, exc, started, posted_at)
         self._observe(started)
         now = self._clock.now()
         return lambda conn: push_store.mark_sent(conn, item.id, msgid, now)
@@ -339,10 +346,18 @@ class PushWorkers:
     def _observe(self, started: float) -> None:
         self._m_send.observe(time.perf_counter() - started)
 
-    def _failure(self, item: push_store.Leased, exc: Exception,
-                 started: float) -> push_store.Outcome:
+    def _failure(self, item: push_store.Leased, exc: Exception, started: float,
+                 posted_at: float) -> push_store.Outcome:
         self._observe(started)
         now = self._clock.now()
+        answer = exc.answer if isinstance(exc, (WeChatAPIError, NoMsgidError)) else None
+        duplicate = duplicate_send(exc, item.resend)
+        if duplicate is not None:
+            msgid = duplicate.msgid
+            log.info("push %s: WeChat answered the resend of client_msg_id %s as a duplicate "
+                     "(%s); recorded as sent (msgid %s)", item.id, item.client_msg_id,
+                     errcode_of(exc) or "errcode 0 without a msgid", msgid or "unknown")
+            return lambda conn: push_store.mark_sent(conn, item.id, msgid, now, answer)
         errcode = errcode_of(exc)
         if isinstance(exc, WeChatAPIError):
             error = exc.errmsg
@@ -375,7 +390,7 @@ class PushWorkers:
             log.info("push %s attempt %d failed (%s); retrying in %.1f s", item.id,
                      item.attempts, errcode if errcode is not None else error, due - now)
             return lambda conn: push_store.noted(push_store.mark_retry(
-                conn, item.id, now, due, errcode, code, error), "queued")
+                conn, item.id, now, due, errcode, code, error, answer), "queued")
         if decision.reason == "exhausted":
             code = "attempts_exhausted"
         else:
@@ -383,5 +398,8 @@ class PushWorkers:
             if errcode == 40037 and self._on_template_invalid is not None:
                 self._on_template_invalid()
         log.info("push %s failed: %s (errcode %s)", item.id, error, errcode)
+        if errcode == 43004 and code == "rejected":  # an unsubscribe event was missed
+            return lambda conn: push_store.noted(push_store.mark_not_following(
+                conn, item.id, item.oa_openid, now, posted_at, error, answer), "failed")
         return lambda conn: push_store.noted(push_store.mark_failed(
-            conn, item.id, now, errcode, code, error), "failed")
+            conn, item.id, now, errcode, code, error, answer), "failed")

@@ -229,27 +229,41 @@ class PushService:
             lambda conn: push_store.list_pushes(conn, status, limit, cursor))
 
     async def retry(self, push_id: str) -> tuple[str, dict[str, Any] | None]:
-        """failed → queued. ("ok" | "not_found" | "invalid_state", the push or None)."""
-        return await self._operate(push_id, push_store.operator_retry, "queued")
+        """failed → queued. ("ok" | "not_found" | "invalid_state", the push or None); after
+        "ok" the push also says whether its client_msg_id was kept (`client_msg_id_reused`)
+        and, when the retry may deliver the message twice, a `warning` (also logged)."""
+        now = self._clock.now()
+
+        def run(conn: sqlite3.Connection) -> tuple[push_store.OperatorRetry,
+                                                   dict[str, Any] | None]:
+            return push_store.operator_retry(conn, push_id, now), push_store.get(conn, push_id)
+
+        retried, push = await self._db.write(run)
+        if retried.outcome == "ok" and push is not None:
+            self._transitions.inc(status="queued")
+            if self._on_enqueued is not None:
+                self._on_enqueued()
+            push["client_msg_id_reused"] = retried.client_msg_id_reused
+            if retried.warning is not None:
+                push["warning"] = retried.warning
+                log.warning("operator retry of push %s: %s", push_id, retried.warning)
+            else:
+                log.info("operator retry of push %s with %s client_msg_id %s", push_id,
+                         "the same" if retried.client_msg_id_reused else "a new",
+                         push["client_msg_id"])
+        return retried.outcome, push
 
     async def cancel(self, push_id: str) -> tuple[str, dict[str, Any] | None]:
         """queued → cancelled. ("ok" | "not_found" | "invalid_state", the push or None)."""
-        return await self._operate(push_id, push_store.cancel, "cancelled")
-
-    async def _operate(self, push_id: str,
-                       action: Callable[[sqlite3.Connection, str, float], tuple[str, str | None]],
-                       new_status: str) -> tuple[str, dict[str, Any] | None]:
         now = self._clock.now()
 
         def run(conn: sqlite3.Connection) -> tuple[str, dict[str, Any] | None]:
-            outcome, _ = action(conn, push_id, now)
+            outcome, _ = push_store.cancel(conn, push_id, now)
             return outcome, push_store.get(conn, push_id)
 
         outcome, push = await self._db.write(run)
         if outcome == "ok":
-            self._transitions.inc(status=new_status)
-            if new_status == "queued" and self._on_enqueued is not None:
-                self._on_enqueued()
+            self._transitions.inc(status="cancelled")
         return outcome, push
 
     async def stats(self) -> dict[str, Any]:

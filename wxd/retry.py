@@ -16,6 +16,10 @@ come from the one table in wxd.wechat.errcodes (ERROR_KINDS); the special rules 
 - Any other errcode, bad input (WebhookError, MiniProgramError, ConfigError): Fail("terminal"),
   unless the policy retries everything (the token manager never gives up).
 - Anything else (a programming error): Retry with backoff, marked unexpected (log it loudly).
+- A resend of the same template/send client_msg_id (a retry, a crash recovery, the transport's
+  own resend) answered as a duplicate (errcode 0 without a msgid, 45065, 40241, 45066):
+  `duplicate_send` says "sent" (with the first msgid when the error body names it); push
+  senders ask it before `decide`. On a first send those answers keep their class above.
 
 The token class's own reaction (invalidate the token, refresh, retry once) stays inside
 WeChatClient.call, which reads the same table; it cannot import this module.
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from wxd.errors import (
     ConfigError,
     MiniProgramError,
+    NoMsgidError,
     StorageError,
     TokenBudgetError,
     TransportError,
@@ -40,7 +45,7 @@ from wxd.errors import (
     WeChatAPIError,
     WxdError,
 )
-from wxd.wechat.errcodes import classify
+from wxd.wechat.errcodes import DUPLICATE_SEND_ERRCODES, classify
 
 DAY_S = 86400.0
 BEIJING_UTC_OFFSET_S = 8 * 3600.0
@@ -171,6 +176,35 @@ def decide(exc: BaseException, attempts: int, now: float, policy: Policy) -> Dec
     if errcode == 43117:
         return Retry(delay, "user")
     return Retry(delay, unexpected=not anticipated(exc))
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """WeChat answered a resend as a duplicate: an earlier send of this client_msg_id was
+    accepted. `msgid`: the first message's id when the answer names it, else None."""
+
+    msgid: str | None
+
+
+def duplicate_send(exc: BaseException, resend: bool) -> Duplicate | None:
+    """Whether `exc`, ending a template/send, is WeChat's answer to a duplicate: only when the
+    send was a `resend` of its client_msg_id (or the transport resent it: exc.resent), and the
+    answer is errcode 0 without a msgid (NoMsgidError) or one of DUPLICATE_SEND_ERRCODES. The
+    msgid is read from an error body's `msgid` or `msg_id` (the mass-send API's key). A success
+    answer does not say whether the transport resent it: after that resend an errcode 0 without
+    a msgid is retried once like a transport failure, and the retry (a resend) is recognised."""
+    if isinstance(exc, NoMsgidError):
+        return Duplicate(None) if resend else None
+    if not isinstance(exc, WeChatAPIError) or exc.errcode not in DUPLICATE_SEND_ERRCODES:
+        return None
+    if not (resend or exc.resent):
+        return None
+    for key in ("msgid", "msg_id"):
+        value = exc.answer.get(key)
+        if isinstance(value, (int, str)) and not isinstance(value, bool) \
+                and str(value) not in ("", "0"):
+            return Duplicate(str(value))
+    return Duplicate(None)
 
 
 def anticipated(exc: BaseException) -> bool:

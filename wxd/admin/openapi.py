@@ -131,8 +131,14 @@ PATHS: dict[str, dict[str, Any]] = {
         errors=(400, 401, 413))},
     "/v1/pushes/{id}": {"get": _op("One push with its status, attempts, msgid and error",
                                    params=[_path_param("id")], errors=(401, 404), ok_schema=PUSH)},
-    "/v1/pushes/{id}/retry": {"post": _op("Queue a failed push again", params=[_path_param("id")],
-                                          errors=(401, 404, 409), ok_schema=PUSH)},
+    "/v1/pushes/{id}/retry": {"post": _op(
+        "Queue a failed push again; says whether its client_msg_id was kept (WeChat then drops"
+        " the retry if an earlier send was accepted) and warns when it may deliver twice",
+        params=[_path_param("id")], errors=(401, 404, 409),
+        ok_schema={"allOf": [PUSH, {"type": "object", "required": ["client_msg_id_reused"],
+                                    "properties": {
+                                        "client_msg_id_reused": {"type": "boolean"},
+                                        "warning": {"type": "string"}}}]})},
     "/v1/pushes/{id}/cancel": {"post": _op("Cancel a queued push", params=[_path_param("id")],
                                            errors=(401, 404, 409), ok_schema=PUSH)},
     "/v1/templates": {"get": _op("The OA's templates (cached get_all_private_template) and their keys",
@@ -176,7 +182,14 @@ DOCUMENT: dict[str, Any] = {
                 "status": {"type": "string", "enum": ["queued", "sending", "sent", "delivered",
                                                       "failed", "cancelled"]},
                 "attempts": {"type": "integer"}, "msgid": {"type": "string", "nullable": True},
-                "error": {"type": "string", "nullable": True}}},
+                "error": {"type": "string", "nullable": True},
+                "errcode": {"type": "integer", "nullable": True},
+                "client_msg_id": {"type": "string"},
+                "last_answer": {
+                    "type": "object", "nullable": True,
+                    "description": "WeChat's JSON answer to the last attempt, unless it was a"
+                                   " plain acceptance with a msgid (bounded: 16 keys, strings of"
+                                   " 512 characters)"}}},
         },
     },
 }

@@ -1,5 +1,6 @@
 """OA follower rows as events tell them: subscribe, unsubscribe (and the profile purge), SCAN,
-what a backfill run has listed, and the end-of-backfill sweep of those no longer following.
+what a backfill run has listed, a template/send answered 43004, and the end-of-backfill sweep
+of those no longer following.
 
 Run inside Database.write/read; imports wxd.store.values only (bulk rows: ingest; links: identity).
 """
@@ -94,6 +95,23 @@ def record_scan(conn: sqlite3.Connection, oa_openid: str, at: float, now: float,
     return bool(conn.execute(
         "SELECT EXISTS (SELECT 1 FROM followers WHERE oa_openid = ?)", (oa_openid,)
     ).fetchone()[0])
+
+
+def mark_not_following(conn: sqlite3.Connection, oa_openid: str, observed_at: float,
+                       now: float) -> bool:
+    """WeChat answered 43004 ("require subscribe") to a send issued at `observed_at`: the
+    unsubscribe event was missed (or is late), so subscribed = 0, unsubscribed_at = observed_at.
+
+    Events win as over user/info data (store.ingest): a subscribe or unsubscribe event from the
+    observation's second or later is left alone (CreateTime has whole seconds), and a later
+    subscribe event flips the row back. Only a known subscribed row changes; True if it did.
+    """
+    cur = conn.execute(
+        "UPDATE followers SET subscribed = 0, unsubscribed_at = ?, updated_at = ?"
+        " WHERE oa_openid = ? AND subscribed = 1 AND (event_at IS NULL OR event_at + 1 <= ?)",
+        (observed_at, now, oa_openid, observed_at),
+    )
+    return cur.rowcount == 1
 
 
 def mark_unseen_unsubscribed(conn: sqlite3.Connection, run: int, now: float, *,

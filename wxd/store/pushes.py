@@ -1,5 +1,6 @@
 """The durable push queue: push rows and their state machine, delivery reports, send outcomes,
-the persisted quota pause. Run inside Database.write/read; imports wxd.store.meta only.
+the persisted quota pause. Run inside Database.write/read; imports wxd.store.meta and
+wxd.store.followers (a 43004 marks the follower in the push outcome's transaction) only.
 
     queued ─lease─▶ sending ─▶ sent ─report─▶ delivered | failed
       ▲  │             │  └──▶ queued (retry later / quota / stop)   failed ─operator─▶ queued
@@ -17,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wxd.store import meta
+from wxd.store import followers, meta
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.paused_until"
@@ -30,6 +31,10 @@ DELIVERY_SUCCESS = "success"
 REPORT_MATCH_WINDOW_S = 3600.0
 # The report's CreateTime is WeChat's clock, last_attempt_at ours: allow this much disagreement.
 REPORT_CLOCK_SKEW_S = 60.0
+# last_answer's bounds: the first keys of WeChat's answer, strings (and nested values, as JSON
+# text) cut short. A template/send answer has three or four keys.
+ANSWER_MAX_KEYS = 16
+ANSWER_MAX_CHARS = 512
 # One encoder for every row (json.dumps with options builds a new encoder per call). UTF-8 text
 # without \u escapes, as wechatpy sends it: some WeChat APIs refuse \u escapes with 40033, and
 # whether template/send does is unconfirmed.
@@ -65,6 +70,7 @@ class Leased:
     client_msg_id: str
     body: str
     attempts: int
+    resend: bool = False  # this client_msg_id was POSTed before (a retry, a recovery, ...)
 
     def wechat_body(self) -> dict[str, Any]:
         """The template/send body with this push's client_msg_id."""
@@ -88,6 +94,7 @@ def row_json(row: sqlite3.Row) -> dict[str, Any]:
         "template_id": row["template_id"],
         "idempotency_key": row["idempotency_key"],
         "client_msg_id": row["client_msg_id"],
+        "last_answer": json.loads(row["last_answer"]) if row["last_answer"] else None,
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "last_attempt_at": row["last_attempt_at"],
@@ -121,16 +128,20 @@ def insert(conn: sqlite3.Connection, push: NewPush, now: float) -> None:
 
 def lease(conn: sqlite3.Connection, now: float, limit: int, lease_s: float) -> list[Leased]:
     """Take up to `limit` due queued pushes (oldest due first) and record the attempt: status
-    sending, attempts + 1, last_attempt_at = now. This write must commit BEFORE the POST."""
+    sending, attempts + 1, last_attempt_at = now, one more POST of the client_msg_id (the
+    first one's time kept). This write must commit BEFORE the POST. Leased.resend: the
+    client_msg_id was POSTed before, so WeChat may answer as to a duplicate."""
     rows = conn.execute(
         "UPDATE pushes SET status = 'sending', attempts = attempts + 1, last_attempt_at = ?,"
-        " leased_until = ?, updated_at = ?"
+        " client_msg_id_sends = client_msg_id_sends + 1,"
+        " client_msg_id_at = COALESCE(client_msg_id_at, ?), leased_until = ?, updated_at = ?"
         " WHERE seq IN (SELECT seq FROM pushes WHERE status = 'queued' AND next_attempt_at <= ?"
         "   ORDER BY next_attempt_at, seq LIMIT ?)"
-        " RETURNING id, oa_openid, template_id, client_msg_id, body, attempts",
-        (now, now + lease_s, now, now, limit),
+        " RETURNING id, oa_openid, template_id, client_msg_id, body, attempts,"
+        " client_msg_id_sends > 1",
+        (now, now, now + lease_s, now, now, limit),
     ).fetchall()
-    return [Leased(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [Leased(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6])) for r in rows]
 
 
 def next_due(conn: sqlite3.Connection) -> float | None:
@@ -169,18 +180,39 @@ def _apply_report(conn: sqlite3.Connection, push_id: str, status: str, now: floa
     return "failed"
 
 
-def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str, now: float) -> str:
-    """errcode 0: sending → sent with `msgid`. A delivery report that arrived first is applied
-    at once. Returns the new status ("sent", "delivered", "failed"), or "" when the push was
-    no longer sending (nothing changed)."""
+def answer_text(answer: Mapping[str, Any] | None) -> str | None:
+    """WeChat's answer as last_answer keeps it: at most ANSWER_MAX_KEYS keys, each string (and
+    each nested value, as its JSON text) cut to ANSWER_MAX_CHARS; None stays None."""
+    if answer is None:
+        return None
+    kept: dict[str, Any] = {}
+    for key, value in list(answer.items())[:ANSWER_MAX_KEYS]:
+        if isinstance(value, (dict, list)):
+            value = _encode(value)
+        if isinstance(value, str):
+            value = value[:ANSWER_MAX_CHARS]
+        kept[str(key)[:ANSWER_MAX_CHARS]] = value
+    return _encode(kept)
+
+
+def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str | None, now: float,
+              answer: Mapping[str, Any] | None = None) -> str:
+    """sending → sent with `msgid`: errcode 0, or WeChat's duplicate answer to a resend (then
+    `msgid` may be None: unknown; `answer` is that answer, kept as last_answer, else cleared).
+    A delivery report that arrived first is applied at once (without a msgid: the one stored
+    for this openid since the first POST, if no other push could own it; it gives the push its
+    msgid). Returns the new status ("sent", "delivered", "failed"), or "" when the push was no
+    longer sending (nothing changed)."""
     row = conn.execute(
         "UPDATE pushes SET status = 'sent', msgid = ?, sent_at = ?, updated_at = ?,"
-        " leased_until = NULL, errcode = NULL, error_code = NULL, error = NULL"
+        " leased_until = NULL, errcode = NULL, error_code = NULL, error = NULL, last_answer = ?"
         " WHERE id = ? AND status = 'sending' RETURNING oa_openid",
-        (msgid, now, now, push_id),
+        (msgid, now, now, answer_text(answer), push_id),
     ).fetchone()
     if row is None:
         return ""
+    if msgid is None:
+        return _adopt_early_report(conn, push_id, row[0], now)
     report = conn.execute(
         "SELECT status, oa_openid FROM delivery_reports WHERE msgid = ?", (msgid,)
     ).fetchone()
@@ -190,27 +222,65 @@ def mark_sent(conn: sqlite3.Connection, push_id: str, msgid: str, now: float) ->
     return _apply_report(conn, push_id, report["status"], now)
 
 
+def _adopt_early_report(conn: sqlite3.Connection, push_id: str, oa_openid: str,
+                        now: float) -> str:
+    """mark_sent without a msgid: the first send's report often came while the push waited
+    for its resend. The one unmatched report for this openid received since the first POST of
+    the client_msg_id is this push's when _reported_push picks it for that report."""
+    first = conn.execute("SELECT client_msg_id_at FROM pushes WHERE id = ?",
+                         (push_id,)).fetchone()[0]
+    reports = conn.execute(
+        "SELECT msgid, status, received_at FROM delivery_reports WHERE oa_openid = ?"
+        " AND received_at >= ? LIMIT 2",
+        (oa_openid, (first if first is not None else now) - REPORT_CLOCK_SKEW_S),
+    ).fetchall()
+    if len(reports) != 1 or _reported_push(conn, oa_openid, reports[0]["received_at"],
+                                           msgid_known=True) != push_id:
+        return "sent"
+    [report] = reports
+    conn.execute("DELETE FROM delivery_reports WHERE msgid = ?", (report["msgid"],))
+    conn.execute("UPDATE pushes SET msgid = ? WHERE id = ?", (report["msgid"], push_id))
+    return _apply_report(conn, push_id, report["status"], now)
+
+
 def mark_retry(conn: sqlite3.Connection, push_id: str, now: float, next_attempt_at: float,
-               errcode: int | None, error_code: str, error: str) -> bool:
-    """A transient failure: sending → queued, due at `next_attempt_at`, last error kept."""
+               errcode: int | None, error_code: str, error: str,
+               answer: Mapping[str, Any] | None = None) -> bool:
+    """A transient failure: sending → queued, due at `next_attempt_at`, last error kept (and
+    WeChat's `answer` as last_answer; None when there was none)."""
     cur = conn.execute(
         "UPDATE pushes SET status = 'queued', next_attempt_at = ?, leased_until = NULL,"
-        " errcode = ?, error_code = ?, error = ?, updated_at = ?"
+        " errcode = ?, error_code = ?, error = ?, last_answer = ?, updated_at = ?"
         " WHERE id = ? AND status = 'sending'",
-        (next_attempt_at, errcode, error_code, error, now, push_id),
+        (next_attempt_at, errcode, error_code, error, answer_text(answer), now, push_id),
     )
     return cur.rowcount == 1
 
 
 def mark_failed(conn: sqlite3.Connection, push_id: str, now: float, errcode: int | None,
-                error_code: str, error: str) -> bool:
-    """A terminal failure (or attempts spent): sending → failed with the reason."""
+                error_code: str, error: str, answer: Mapping[str, Any] | None = None) -> bool:
+    """A terminal failure (or attempts spent): sending → failed with the reason (and WeChat's
+    `answer` as last_answer; None when there was none)."""
     cur = conn.execute(
         "UPDATE pushes SET status = 'failed', leased_until = NULL, errcode = ?, error_code = ?,"
-        " error = ?, finished_at = ?, updated_at = ? WHERE id = ? AND status = 'sending'",
-        (errcode, error_code, error, now, now, push_id),
+        " error = ?, last_answer = ?, finished_at = ?, updated_at = ?"
+        " WHERE id = ? AND status = 'sending'",
+        (errcode, error_code, error, answer_text(answer), now, now, push_id),
     )
     return cur.rowcount == 1
+
+
+def mark_not_following(conn: sqlite3.Connection, push_id: str, oa_openid: str, now: float,
+                       observed_at: float, error: str,
+                       answer: Mapping[str, Any] | None = None) -> bool:
+    """template/send answered 43004 to a send issued at `observed_at`: the push fails
+    (rejected, errcode 43004) and, in the same transaction, the follower is marked unsubscribed
+    (followers.mark_not_following: events win), so later pushes to the person are refused at
+    enqueue instead of failing one by one. True if the push changed."""
+    if not mark_failed(conn, push_id, now, 43004, "rejected", error, answer):
+        return False
+    followers.mark_not_following(conn, oa_openid, observed_at, now)
+    return True
 
 
 def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
@@ -218,8 +288,13 @@ def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
     """sending → queued, due now. `refund` gives the attempt back (quota pause, or a leased
     push never POSTed); without it the attempt counts (the POST may have reached WeChat)."""
     change = "attempts - 1" if refund else "attempts"
+    # A refund also gives back the lease's POST of the client_msg_id (none left: no first time).
+    sends = ("MAX(client_msg_id_sends - 1, 0), client_msg_id_at = CASE WHEN"
+             " client_msg_id_sends <= 1 THEN NULL ELSE client_msg_id_at END"
+             if refund else "client_msg_id_sends")
     cur = conn.executemany(
         f"UPDATE pushes SET status = 'queued', attempts = MAX({change}, 0), next_attempt_at = ?,"  # noqa: S608
+        f" client_msg_id_sends = {sends},"
         " leased_until = NULL, updated_at = ? WHERE id = ? AND status = 'sending'",
         [(now, now, push_id) for push_id in push_ids],
     )
@@ -227,16 +302,25 @@ def release(conn: sqlite3.Connection, push_ids: Iterable[str], now: float, *,
 
 
 def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: str,
-                          oa_openid: str, now: float) -> tuple[bool, str | None]:
+                          oa_openid: str, now: float,
+                          create_time: float | None = None) -> tuple[bool, str | None]:
     """Apply a TEMPLATESENDJOBFINISH (Status "success" → delivered, anything else → failed
     with the status text). Returns (a push matched, its new status "delivered" / "failed" when
     this report moved it: None for a repeat, which changes nothing, or an unmatched report).
-    An unmatched report is kept in delivery_reports and applied by mark_sent: the report can
-    arrive before the send's own answer is stored."""
+    A report whose msgid no push has is this msgid's push when, by `create_time` (the
+    report's CreateTime), _reported_push finds it among the pushes sent without a known msgid
+    (WeChat's duplicate answer to a resend named none); it takes the msgid. Else it is kept
+    in delivery_reports and applied by mark_sent: the report can arrive before the send's own
+    answer is stored."""
     key = str(msgid)
     row = conn.execute(
         "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
     ).fetchone()
+    if row is None and create_time is not None:
+        adopted = _reported_push(conn, oa_openid, create_time, msgid_known=True)
+        if adopted is not None:
+            conn.execute("UPDATE pushes SET msgid = ? WHERE id = ?", (key, adopted))
+            return True, _apply_report(conn, adopted, status, now)
     if row is None or row["oa_openid"] != oa_openid:
         conn.execute(
             "INSERT INTO delivery_reports (msgid, status, oa_openid, received_at)"
@@ -255,22 +339,49 @@ def apply_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, crea
                                   window_s: float = REPORT_MATCH_WINDOW_S,
                                   skew_s: float = REPORT_CLOCK_SKEW_S) -> tuple[bool, str | None]:
     """apply_delivery_report for a report whose MsgID is 0 or missing: the push it reports is
-    the one push to `oa_openid` that is `sent` (msgid known, no report yet) and whose send
-    (last_attempt_at) lies in [create_time - window_s, create_time + skew_s].
+    the one push to `oa_openid` that is `sent` (no report yet; its msgid known or not) and
+    was sent in [create_time - window_s, create_time + skew_s] (_reported_push).
 
     None or several such pushes → (False, None) and nothing changes: guessing would give a
     push another message's outcome. Such a report stays in the inbox only (delivery_reports
     is keyed by msgid and matched by mark_sent, which a report without one can never be), so
     one that arrives before its push's send answer is stored leaves that push `sent`.
     """
-    rows = conn.execute(
-        "SELECT id FROM pushes WHERE oa_openid = ? AND status = 'sent' AND msgid IS NOT NULL"
-        " AND last_attempt_at BETWEEN ? AND ? ORDER BY last_attempt_at DESC LIMIT 2",
-        (oa_openid, create_time - window_s, create_time + skew_s),
-    ).fetchall()
-    if len(rows) != 1:
+    push_id = _reported_push(conn, oa_openid, create_time, msgid_known=False,
+                             window_s=window_s, skew_s=skew_s)
+    if push_id is None:
         return False, None
-    return True, _apply_report(conn, rows[0]["id"], status, now)
+    return True, _apply_report(conn, push_id, status, now)
+
+
+def _reported_push(conn: sqlite3.Connection, oa_openid: str, at: float, *, msgid_known: bool,
+                   window_s: float = REPORT_MATCH_WINDOW_S,
+                   skew_s: float = REPORT_CLOCK_SKEW_S) -> str | None:
+    """The one push to `oa_openid` a delivery report created at `at` can be, matched by
+    recipient and time, or None when there is none or more than one (no guessing).
+
+    Its send: some POST of its client_msg_id lies in [at - window_s, at + skew_s] (the first
+    at client_msg_id_at, the last at last_attempt_at: a resend may come long after the POST
+    WeChat accepted). `msgid_known` False (the report has no MsgID): the `sent` pushes are
+    the candidates. True (the report's MsgID is no push's): the pushes WeChat may have
+    accepted without wxd learning the msgid (no msgid, POSTed, not refused on their one POST)
+    are the candidates, and the one must be `sent` (recorded from a duplicate answer).
+    """
+    if msgid_known:
+        where = ("msgid IS NULL AND client_msg_id_sends > 0 AND status != 'cancelled'"
+                 " AND NOT (status = 'failed' AND error_code = 'rejected'"
+                 " AND client_msg_id_sends = 1)")
+    else:
+        where = "status = 'sent'"
+    rows = conn.execute(
+        f"SELECT id, status FROM pushes WHERE oa_openid = ? AND {where}"  # noqa: S608
+        " AND COALESCE(client_msg_id_at, last_attempt_at) <= ? AND last_attempt_at >= ?"
+        " ORDER BY last_attempt_at DESC LIMIT 2",
+        (oa_openid, at + skew_s, at - window_s),
+    ).fetchall()
+    if len(rows) != 1 or rows[0]["status"] != "sent":
+        return None
+    return str(rows[0]["id"])
 
 
 def prune_reports(conn: sqlite3.Connection, before: float) -> int:
@@ -328,32 +439,72 @@ def _requeue_sending(conn: sqlite3.Connection, ids: Sequence[str], now: float,
     return {"requeued": requeued, "stale": stale, "failed": failed}
 
 
-def operator_retry(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str | None]:
-    """failed → queued with a fresh attempt budget. Returns ("ok" | "not_found" |
-    "invalid_state", current status). If WeChat had accepted the push (msgid known), the retry
-    gets a new client_msg_id (id + "-r<n>") so WeChat's dedupe does not swallow it."""
+@dataclass(frozen=True)
+class OperatorRetry:
+    """What operator_retry did. `outcome` "ok" | "not_found" | "invalid_state"; `status` the
+    push's status now (None when not found). For "ok": `client_msg_id_reused` (the retry keeps
+    the client_msg_id, so WeChat drops it if an earlier send was accepted) and `warning` (set
+    when an earlier send may have been accepted and the retry may deliver the message twice)."""
+
+    outcome: str
+    status: str | None
+    client_msg_id_reused: bool = False
+    warning: str | None = None
+
+
+PAST_WINDOW_WARNING = (
+    "an earlier send of this push may have been accepted by WeChat (its outcome is unknown) and"
+    " WeChat's 10-minute client_msg_id window has passed since the first send with {old}: the"
+    " retry uses the new client_msg_id {new} and may deliver the message twice")
+
+
+def operator_retry(conn: sqlite3.Connection, push_id: str, now: float) -> OperatorRetry:
+    """failed → queued with a fresh attempt budget.
+
+    The client_msg_id is kept while that guards against a double delivery, and replaced by
+    `<id>-r<n>` otherwise: kept when it was never POSTed, when its one POST was refused
+    (error_code rejected: WeChat accepted nothing), and when an earlier send may have been
+    accepted (outcome unknown) but the first POST with it is less than WeChat's 10-minute
+    window old (WeChat then drops the retry; wxd records the duplicate answer as sent).
+    Replaced when WeChat had accepted the push (msgid known: the retry is meant as a new
+    message) and, with a warning, when the send may have been accepted and the window has
+    passed (nothing can prevent a second message then).
+    """
     row = conn.execute(
-        "SELECT status, msgid, client_msg_id FROM pushes WHERE id = ?", (push_id,)
+        "SELECT status, msgid, client_msg_id, client_msg_id_sends, client_msg_id_at,"
+        " error_code FROM pushes WHERE id = ?", (push_id,)
     ).fetchone()
     if row is None:
-        return "not_found", None
+        return OperatorRetry("not_found", None)
     if row["status"] != "failed":
-        return "invalid_state", row["status"]
+        return OperatorRetry("invalid_state", row["status"])
     client_msg_id = row["client_msg_id"]
-    if row["msgid"] is not None:
-        _, _, suffix = client_msg_id.partition("-r")
+    sends = row["client_msg_id_sends"]
+    maybe_accepted = row["msgid"] is None and sends > 0 and not (
+        sends == 1 and row["error_code"] == "rejected")
+    first_at = row["client_msg_id_at"]
+    past_window = first_at is None or now - first_at >= CLIENT_MSG_ID_WINDOW_S
+    warning = None
+    if row["msgid"] is not None or (maybe_accepted and past_window):
+        suffix = client_msg_id[len(push_id):].removeprefix("-r")  # "" or the retry number
         client_msg_id = f"{push_id}-r{int(suffix or 0) + 1}"
+        if row["msgid"] is None:
+            warning = PAST_WINDOW_WARNING.format(old=row["client_msg_id"], new=client_msg_id)
+    reused = client_msg_id == row["client_msg_id"]
     conn.execute(
         "UPDATE pushes SET status = 'queued', attempts = 0, next_attempt_at = ?, msgid = NULL,"
         " errcode = NULL, error_code = NULL, error = NULL, sent_at = NULL, finished_at = NULL,"
-        " client_msg_id = ?, updated_at = ? WHERE id = ?",
-        (now, client_msg_id, now, push_id),
+        " client_msg_id = ?, client_msg_id_sends = CASE WHEN ? THEN client_msg_id_sends ELSE 0"
+        " END, client_msg_id_at = CASE WHEN ? THEN client_msg_id_at END, updated_at = ?"
+        " WHERE id = ?",
+        (now, client_msg_id, reused, reused, now, push_id),
     )
-    return "ok", "queued"
+    return OperatorRetry("ok", "queued", reused, warning)
 
 
 def cancel(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str | None]:
-    """queued (also a retry waiting) → cancelled. Same result shape as operator_retry."""
+    """queued (also a retry waiting) → cancelled. ("ok" | "not_found" | "invalid_state", the
+    status now or None)."""
     row = conn.execute("SELECT status FROM pushes WHERE id = ?", (push_id,)).fetchone()
     if row is None:
         return "not_found", None

@@ -183,6 +183,20 @@ MIGRATIONS: list[str] = [
     UPDATE backfill SET seen = followers_done, cursor_at = CASE WHEN cursor IS NULL THEN NULL
         ELSE updated_at END, complete = CASE WHEN state = 'done' THEN 1 END;
     """,
+    # 3: what WeChat may have seen of a push's current client_msg_id, and its last answer.
+    # client_msg_id_sends = POSTs made with the current client_msg_id (a lease counts one; a
+    # refunded lease gives it back), client_msg_id_at = when the first of them was leased: both
+    # reset when an operator retry gives the push a new client_msg_id. last_answer = WeChat's
+    # JSON answer to the last attempt unless that was a plain acceptance (bounded, secrets
+    # scrubbed; store/pushes.py). Rows attempted before this migration count their attempts
+    # (at least one once attempted) since created_at (earlier than any send: the cautious side).
+    """
+    ALTER TABLE pushes ADD COLUMN client_msg_id_sends INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pushes ADD COLUMN client_msg_id_at REAL;
+    ALTER TABLE pushes ADD COLUMN last_answer TEXT;
+    UPDATE pushes SET client_msg_id_sends = MAX(attempts, 1), client_msg_id_at = created_at
+        WHERE last_attempt_at IS NOT NULL AND (attempts > 0 OR client_msg_id = id);
+    """,
 ]
 
 # Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):

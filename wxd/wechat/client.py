@@ -56,13 +56,26 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
+def _scrub_json(value: Any, secrets: Sequence[str]) -> Any:
+    """`value` (decoded JSON) with every string, keys included, scrubbed of `secrets`."""
+    if isinstance(value, str):
+        return _scrub(value, secrets)
+    if isinstance(value, dict):
+        return {_scrub(str(k), secrets): _scrub_json(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_json(item, secrets) for item in value]
+    return value
+
+
 class WeChatClient:
     """Calls api.weixin.qq.com (or `api_base`, e.g. the sandbox) and checks every JSON answer.
 
     The transport is injected and not closed here (its owner closes it). Timeouts are
     seconds. Errors: TransportError for network failures, timeouts, resets, non-JSON answers
     and any HTTP status other than 200; WeChatAPIError(kind=classify(errcode)) when the JSON
-    carries a non-zero errcode. Both carry the API path without its query string.
+    carries a non-zero errcode, with the whole answer (scrubbed of the call's secrets) and
+    whether the transport sent the request twice. Both carry the API path without its query
+    string.
     """
 
     def __init__(self, http: Transport, api_base: str,
@@ -157,7 +170,8 @@ class WeChatClient:
         kind = classify(errcode)
         self._count(path, kind)
         errmsg = _scrub(str(answer.get("errmsg", "")), secrets)
-        raise WeChatAPIError(errcode, errmsg, path, kind)
+        raise WeChatAPIError(errcode, errmsg, path, kind, answer=_scrub_json(answer, secrets),
+                             resent=response.resent)
 
     def _transport(self, method: str, path: str, reason: str, status: int | None,
                    secrets: Sequence[str], started: float) -> TransportError:

@@ -24,6 +24,17 @@ ERROR_KINDS: Mapping[int, str] = {
 }
 KINDS = ("token", "transient", "quota", "terminal")
 
+# What template/send may answer to a resend of an openid + client_msg_id inside WeChat's dedupe
+# window, besides errcode 0 with or without the first msgid (undocumented; reported): 45065
+# "clientmsgid exist" (with the first message's `msg_id` or `msgid`, or neither), 40241 "The
+# message is duplicate in 60 seconds", 45066 "retry too fast". Terminal in ERROR_KINDS: only on
+# a resend do they mean "accepted before" (wxd.retry.duplicate_send).
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+# https://developers.weixin.qq.com/community/personal/oCJUsw8Jav7Un46Mw2Z_nWanCfec/question
+# https://developers.weixin.qq.com/community/develop/doc/00022428e988b881172d99bc756000
+DUPLICATE_SEND_ERRCODES = frozenset({45065, 40241, 45066})
+
+
 def classify(errcode: int) -> str:
     """The class of a WeChat errcode: "token" | "transient" | "quota" | "terminal"."""
     return ERROR_KINDS.get(errcode, "terminal")

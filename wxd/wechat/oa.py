@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wxd.errors import TransportError
+from wxd.errors import NoMsgidError
 from wxd.wechat.client import TokenSource, WeChatClient
 
 # openids per /cgi-bin/user/info/batchget call:
 # https://developers.weixin.qq.com/doc/offiaccount/User_Management/Get_users_basic_information_UnionID.html
 BATCHGET_MAX = 100
+# https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
+SEND_PATH = "/cgi-bin/message/template/send"
 
 
 class OfficialAccountAPI:
@@ -57,13 +59,14 @@ class OfficialAccountAPI:
         """/cgi-bin/message/template/send; returns the msgid as a string (it is an int64).
 
         errcode 0 means accepted, not delivered: TEMPLATESENDJOBFINISH reports delivery.
+        errcode 0 without a msgid raises NoMsgidError (a TransportError carrying the answer):
+        retried on a first send, one of the duplicate answers on a resend of the same
+        client_msg_id (wxd.retry.duplicate_send decides; this method does not know which).
         """
-        answer = await self._client.call("POST", "/cgi-bin/message/template/send", body=body,
-                                         token=self._token)
+        answer = await self._client.call("POST", SEND_PATH, body=body, token=self._token)
         msgid = answer.get("msgid")
         if isinstance(msgid, bool) or not isinstance(msgid, (int, str)) or msgid == "":
-            raise TransportError("/cgi-bin/message/template/send: the answer has no msgid",
-                                 "/cgi-bin/message/template/send", 200)
+            raise NoMsgidError(f"{SEND_PATH}: the answer has no msgid", SEND_PATH, answer)
         return str(msgid)
 
     async def templates(self) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ Contract:
   once more on a new connection when it is `replay_safe` (default: GET and HEAD only). As in
   Go's net/http, "nothing was processed" cannot be proven, so only callers whose request may
   be repeated say so (wechat/client.py: every call but a forced stable_token refresh and
-  jscode2session, whose code is single-use).
+  jscode2session, whose code is single-use). The answer to a resent request says so
+  (Response.resent).
 - Errors: FetchError (no URL, no query string: they carry secrets) for connect failures,
   timeouts, resets, malformed or oversized answers. Any HTTP status is returned, not raised.
 """
@@ -28,7 +29,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tornado import httputil, iostream
@@ -52,12 +53,15 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class Response:
-    """One HTTP answer: status code, headers (decompressed body: no Content-Encoding), body."""
+    """One HTTP answer: status code, headers (decompressed body: no Content-Encoding), body.
+    `resent`: the request was sent a second time after a stale connection (the first copy
+    may have been processed: a non-idempotent call may see its own duplicate's answer)."""
 
     code: int
     reason: str
     headers: httputil.HTTPHeaders
     body: bytes
+    resent: bool = False
 
 
 @dataclass
@@ -174,14 +178,18 @@ class KeepAliveClient:
         try:
             stream, reused = await self._checkout(origin, min(connect_timeout_s,
                                                               deadline - loop.time()))
+            resent = False
             while True:  # at most twice: the resend goes on a new connection (reused False)
                 try:
-                    return await self._exchange(stream, origin, method, target, headers, body,
-                                                deadline)
+                    response = await self._exchange(stream, origin, method, target, headers,
+                                                    body, deadline)
                 except _Stale:
                     if not (reused and replay_safe):
                         raise FetchError("connection closed before an answer") from None
+                else:
+                    return replace(response, resent=True) if resent else response
                 self.stats.count("retried_stale")
+                resent = True
                 stream, reused = await self._connect(origin, min(connect_timeout_s,
                                                                  deadline - loop.time()))
         finally:
