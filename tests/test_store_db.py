@@ -1,4 +1,5 @@
-"""Storage: PRAGMAs, migrations from every version, group commit durability, lock file, backup."""
+"""wxd.store.db and its schema: PRAGMAs, migrations from every version, group commit durability,
+lock file, backup."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
 
-from tests.helpers import FakeClock, fetchall, fetchone
+from tests.helpers import FakeClock, eventually, fetchall, fetchone
 from tests.storage_faults import disk_full, outside_writer, read_only
 from wxd.errors import LockedError, StorageError
 from wxd.metrics import Registry
@@ -395,10 +396,11 @@ class DatabaseTest(AsyncTestCase):
     @gen_test
     async def test_an_item_arriving_during_a_commit_lands_in_the_next_one(self) -> None:
         db = await Database.open(self.path)
-        release = threading.Event()
+        started, release = threading.Event(), threading.Event()
         committed_in: dict[str, int] = {}
 
         def blocker(conn: sqlite3.Connection) -> None:
+            started.set()
             release.wait(10)
 
         def put(conn: sqlite3.Connection, keys: list[str]) -> list[str]:
@@ -410,10 +412,10 @@ class DatabaseTest(AsyncTestCase):
 
         try:
             first = asyncio.ensure_future(note("blocker", db.write(blocker)))
-            await asyncio.sleep(0.05)  # commit N is now running (blocked on the db thread)
+            await eventually(started.is_set, "commit N running (blocked on the db thread)")
             others = [asyncio.ensure_future(note("other", db.write(lambda conn: None))),
                       asyncio.ensure_future(note("item", db.write_many(put, "x")))]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # their first step submits both writes
             release.set()
             await asyncio.gather(first, *others)
             assert committed_in["item"] == committed_in["other"] == committed_in["blocker"] + 1
@@ -449,12 +451,14 @@ class DatabaseTest(AsyncTestCase):
 
         task = asyncio.create_task(churn())
         try:
-            await asyncio.sleep(0.05)
+            await eventually(lambda: db.commits, "the writes under way", until=lambda n: n >= 10)
             dests = [str(self.dir / f"backup{i}.db") for i in range(3)]
             for dest in dests:
                 # The CLI's path: a separate connection, run in a thread as another process would.
                 await asyncio.get_running_loop().run_in_executor(None, backup_file, self.path, dest)
-                await asyncio.sleep(0.02)
+                since = db.commits
+                await eventually(lambda: db.commits, "more writes between two backups",
+                                 until=lambda n: n > since)  # noqa: B023
         finally:
             stop.set()
             await task
