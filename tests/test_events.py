@@ -380,19 +380,17 @@ class LeaseExpiryTest(EventsCase):
         await self.workers.start()
         await self.store(event("oA", "subscribe"))
         self.workers.ring()
-        for _ in range(500):
-            if self.refresher.calls and self.db.write_error is not None:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.refresher.calls and self.db.write_error is not None,
+                         "the follow applied and its outcome write failed", timeout=10)
         await self.writable()
-        for _ in range(50):  # the workers keep polling; nothing is due before the lease ends
-            await asyncio.sleep(0.01)
+        # The workers keep polling (fake time up to just before the lease ends): nothing is due.
+        self.now = T0 + LEASE_S - 1
+        await eventually(self.clock.pending, "both workers back in their idle wait",
+                         until=lambda pending: len(pending) == 2)
         assert (await self.jobs())["leased"] == 1 and self.refresher.calls == ["oA"]
         self.now = T0 + LEASE_S + 1
-        for _ in range(1000):
-            if (await self.jobs())["done"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(self.jobs, "the job done again", until=lambda jobs: jobs["done"] == 1,
+                         timeout=10)
         assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
         assert self.refresher.calls == ["oA", "oA"]
         row = await self.follower("oA")

@@ -1354,11 +1354,8 @@ class WebhookTests(SandboxTestCase):
         return token
 
     async def wait_for_events(self, box: dict[str, Any], count: int) -> None:
-        for _ in range(500):
-            if len(box.get("events", [])) >= count:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{len(box.get('events', []))} events, expected {count}")
+        await eventually(lambda: len(box.get("events", [])), f"{count} events at the webhook",
+                         until=lambda n: n >= count)
 
     @gen_test
     async def test_mangled_delivery_reports(self) -> None:

@@ -366,15 +366,16 @@ class DatabaseTest(AsyncTestCase):
                 "INSERT INTO meta (key, value) VALUES ('with_reader', 'v')"))
             checkpoint = asyncio.get_running_loop().run_in_executor(
                 None, lambda: tool.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-            refused: StorageError | None = None
-            for _ in range(100):  # until the tool's thread holds the lock
+            async def probe() -> StorageError | None:
                 try:
                     await db.write(lambda conn: conn.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', 'v')"))
                 except StorageError as exc:
-                    refused = exc
-                    break
-                await asyncio.sleep(0.02)
+                    return exc
+                return None
+
+            refused = await eventually(probe, "a write refused while the tool holds the lock",
+                                       interval=0.02)
             assert refused is not None and "database is locked" in str(refused)
             assert db.write_error is not None
             reader.execute("COMMIT")

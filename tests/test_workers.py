@@ -407,10 +407,10 @@ class LeaseExpiryTest(PushCase):
         """Make the database read-only while the send is answered, until the sender's outcome
         write has failed."""
         send_seconds = self.metrics.histogram("wxd_push_send_seconds", "")
-        await self.eventually(lambda: self._called(), "the send to reach WeChat")
+        await eventually(lambda: self._called(), "the send to reach WeChat")
         async with read_only(self.db):
-            await self.eventually(lambda: self._answered(workers, send_seconds.count()),
-                                  "the answer and its outcome write")
+            await eventually(lambda: self._answered(workers, send_seconds.count()),
+                             "the answer and its outcome write")
         assert self.db.write_error is not None
 
     async def _called(self) -> bool:
@@ -432,9 +432,12 @@ class LeaseExpiryTest(PushCase):
         row = await self.get_push(push["id"])
         self.assertEqual((row["status"], row["attempts"], row["msgid"]), ("sending", 1, None))
         self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1)
-        await asyncio.sleep(0.3)  # the workers keep leasing; this lease has not passed
+        lease_end = self.clock() + LEASE_S
+        self.clock.set(lease_end - 1)  # the workers keep leasing; this lease has not passed
+        await eventually(self.clock.pending, "the dispatcher back in its wait")
         self.assertEqual(self.fake.count_calls(SEND_PATH), 1)
-        self.clock.advance(LEASE_S + 1)  # no doorbell: the dispatcher wakes at the lease end
+        self.assertEqual((await self.get_push(push["id"]))["attempts"], 1)  # not leased again
+        self.clock.set(lease_end + 1)  # no doorbell: the dispatcher wakes at the lease end
         done = await self.until_status(push["id"], "sent")
         self.assertEqual((done["attempts"], done["client_msg_id"]), (2, push["id"]))
         self.assertEqual([c.body["client_msg_id"] for c in sends(self)], [push["id"]] * 2)
