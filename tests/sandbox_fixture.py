@@ -216,7 +216,8 @@ class WeChatStack:
 class ClientCase(SandboxTestCase):
     """The sandbox on the test's loop plus a WeChatStack pointed at it: `self.client`
     (WeChatClient, 100 connections, metrics in `self.registry`), `self.http` (its
-    KeepAliveClient); with `database = True` also `self.db` and `self.stack.tokens()`."""
+    KeepAliveClient); with `database = True` also a database file (`self.stack.db`, and
+    TokenManagers from `self.stack.tokens()`)."""
 
     # Generous: 1,000-call bursts queue in the client (tornado's queue timeout is the smaller
     # of the two timeouts) and the machine may be busy.
