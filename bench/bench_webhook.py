@@ -39,7 +39,7 @@ import urllib.parse
 import tornado.httpserver
 import tornado.web
 
-from bench.common import Result, SandboxProcess, Started, format_table, wrk_path
+from bench.common import Result, SandboxProcess, Started, format_table, free_port, wrk_path
 from wxd.sandbox import FakeWeChat
 from wxd.wechat.crypto import MessageCrypto, sign
 from wxd.wechat.messages import render_event_xml
@@ -188,12 +188,6 @@ def generate(path: str, count: int, seed: int = 1, token: str = TOKEN, aes_key: 
             out.write(f"{PATH}?{query}\t{body}\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _daemon_config(tmp: str, db_path: str, fake: FakeWeChat, api_base: str, port: int) -> str:
     c = fake.credentials
     text = f"""
@@ -206,7 +200,7 @@ path = {PATH}
 token = {c.webhook_token}
 encoding_aes_key = {c.encoding_aes_key}
 [admin]
-listen = 127.0.0.1:{_free_port()}
+listen = 127.0.0.1:{free_port()}
 token = {ADMIN_TOKEN}
 [official_account]
 appid = {c.oa_appid}
@@ -237,7 +231,7 @@ def _measure_daemon(tmp: str, requests_file: str, lua: str, duration_s: float, r
                     ) -> dict[str, float]:
     """Ingest of `wxd run` with everything on, then the time its backlog took to drain."""
     db_path = os.path.join(tmp, f"daemon-{round_no}.db")
-    port = _free_port()
+    port = free_port()
     conf = _daemon_config(tmp, db_path, fake, sandbox.base_url, port)
     calls_before = {p: sandbox.count_calls(p)
                     for p in ("/cgi-bin/user/info", "/cgi-bin/user/info/batchget")}

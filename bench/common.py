@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: result rows, the table printer, process RSS, load-generator lookup."""
+"""Shared benchmark plumbing: result rows, the table printer, process RSS, free ports,
+load-generator lookup."""
 
 from __future__ import annotations
 
@@ -75,6 +76,13 @@ def rss_mb(pid: int | None = None) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wrk_path() -> str | None:

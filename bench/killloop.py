@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.common import Result, format_table
-from tests.proof_helpers import (
+from bench.proof import (
     AdminClient,
     DaemonProcess,
     Ledger,

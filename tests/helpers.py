@@ -1,19 +1,24 @@
-"""Shared test helpers: a fake clock, config text factory, free ports, daemon subprocess runner,
-and ad-hoc database reads (tests inspect tables directly; wxd reads them only through wxd/store/)."""
+"""Shared test helpers: a fake clock, eventually() (polling with a deadline), config text factory,
+free ports, daemon subprocess runner, log capture, and ad-hoc database reads (tests inspect
+tables directly; wxd reads them only through wxd/store/)."""
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import itertools
+import logging
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+import traceback
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
 
 from wxd.store import inbox
 from wxd.store.db import Database
@@ -122,6 +127,42 @@ class FakeClock:
                 waiter.cancel()
 
 
+@overload
+async def eventually(probe: Callable[[], Awaitable[T]], what: str = "", *,
+                     until: Callable[[T], object] = bool, timeout: float = 4.0,
+                     interval: float = 0.01) -> T: ...
+
+
+@overload
+async def eventually(probe: Callable[[], T], what: str = "", *,
+                     until: Callable[[T], object] = bool, timeout: float = 4.0,
+                     interval: float = 0.01) -> T: ...
+
+
+async def eventually(probe: Callable[[], Any], what: str = "", *,
+                     until: Callable[[Any], object] = bool, timeout: float = 4.0,
+                     interval: float = 0.01) -> Any:
+    """Poll `probe()` (plain or async) until `until(value)` holds; return that value.
+
+    For work that takes real time (HTTP, the database thread, other tasks): the deadline is
+    real time, `timeout` seconds (under gen_test's default 5 s, so this message is the one
+    seen). At the deadline: AssertionError naming `what` and the last value probed. Time that
+    wxd reads from an injected clock is moved with FakeClock.advance(), never waited for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for "
+                                 f"{what or getattr(probe, '__qualname__', probe)}; "
+                                 f"last value: {value!r}")
+        await asyncio.sleep(interval)
+
+
 class FakeTime:
     """`self.now` reads and moves `self.clock`, a FakeClock every component shares."""
 
@@ -208,6 +249,53 @@ def sandbox_config_text(database: str, creds: object, api_base: str, admin_port:
     for name, values in (extra or {}).items():
         sections.setdefault(name, {}).update(values)
     return config_text(database, sections)
+
+
+# Logs and exceptions --------------------------------------------------------------------------
+
+
+class LogCapture(logging.Handler):
+    """Every record of every logger (DEBUG and up) while active, formatted with tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> str:
+        """The client side's log: tornado.access and wxd.sandbox are the emulated WeChat
+        server in this process (its access log shows the URLs WeChat receives)."""
+        return "\n".join(self.format(record) for record in self.records
+                         if not record.name.startswith(("tornado.access", "wxd.sandbox")))
+
+    def lines(self, logger: str, level: int = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in self.records
+                if r.name == logger and r.levelno >= level]
+
+
+@contextmanager
+def capture_logs() -> Iterator[LogCapture]:
+    """The root logger at DEBUG into a LogCapture while inside."""
+    handler = LogCapture()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+def exception_text(exc: BaseException) -> str:
+    """Everything an exception could show: str, repr, attributes and the formatted traceback."""
+    return "\n".join([str(exc), repr(exc), repr(vars(exc)),
+                      "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))])
 
 
 # Database -------------------------------------------------------------------------------------

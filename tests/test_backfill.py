@@ -7,62 +7,70 @@ import contextlib
 import functools
 import json
 import logging
-import math
-import random
 import re
 import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
-import pytest
 import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 from tornado.testing import AsyncTestCase, gen_test
 
-from tests.helpers import fetchall
-from tests.sandbox_fixture import FakeClock
+from tests.helpers import eventually, fetchall
+from tests.sandbox_fixture import FakeClock, WeChatStack
 from wxd import admin
 from wxd.admin import backfill as backfill_admin
-from wxd.backfill import DEFER_INDEX_MAX_ROWS, FollowerBackfill
+from wxd.backfill import DEFER_INDEX_MAX_ROWS, FollowerBackfill, FollowerSource
 from wxd.metrics import Registry
-from wxd.pacing import RateLimiter
-from wxd.retry import Backoff, next_beijing_midnight, until_next_minute_s
-from wxd.sandbox import FakeWeChat, SandboxServer
+from wxd.retry import next_beijing_midnight
+from wxd.sandbox import FakeWeChat
 from wxd.sandbox.population import Person
 from wxd.store import backfill as backfill_store
 from wxd.store import followers, ingest, mp_users
 from wxd.store.db import Database
 from wxd.store.identity import find_identity
-from wxd.wechat.client import WeChatClient
 from wxd.wechat.oa import OfficialAccountAPI
-from wxd.wechat.transport import KeepAliveClient
 
 USER_GET = "/cgi-bin/user/get"
 BATCHGET = "/cgi-bin/user/info/batchget"
 ADMIN_TOKEN = "backfill-test-admin-token"
 
 
-class StableToken:
-    """A minimal TokenSource over the sandbox's stable_token (the real TokenManager is not
-    needed here: the backfill only sees the protocol)."""
+class HeldBatchgets:
+    """The backfill's FollowerSource (user_get passed through) whose batchget calls numbered n
+    (1, 2, ... in call order) with `hold(n)` wait, before reaching WeChat, until release() or
+    until cancelled; `held` counts the calls waiting. Holding calls fixes where a run is (which
+    chunks are answered) without depending on how fast anything runs."""
 
-    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
-        self._client, self._appid, self._secret = client, appid, secret
-        self._token: str | None = None
+    def __init__(self, api: FollowerSource, hold: Callable[[int], bool]) -> None:
+        self._api, self._hold = api, hold
+        self._released = asyncio.Event()
+        self.calls = 0
+        self.held = 0
 
-    async def get(self) -> str:
-        if self._token is None:
-            self._token, _ = await self._client.fetch_token(self._appid, self._secret, "stable")
-        return self._token
+    async def user_get(self, next_openid: str = "") -> dict[str, Any]:
+        return await self._api.user_get(next_openid)
 
-    async def invalidate(self, token: str) -> None:
-        if token == self._token:
-            self._token = None
+    async def user_info(self, openid: str) -> dict[str, Any]:
+        return await self._api.user_info(openid)
+
+    async def batchget(self, openids: Sequence[str]) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self._hold(self.calls) and not self._released.is_set():
+            self.held += 1
+            try:
+                await self._released.wait()
+            finally:
+                self.held -= 1
+        return await self._api.batchget(openids)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 class BackfillTestCase(AsyncTestCase):
@@ -74,43 +82,38 @@ class BackfillTestCase(AsyncTestCase):
         self.db_path = f"{self._tmp.name}/wxd.db"
         self.clock = FakeClock(autojump=True)  # rate-limit and backoff sleeps move it at once
         self.sleeps = self.clock.sleeps
-        self.server: SandboxServer | None = None
+        self.stack: WeChatStack | None = None
         self.db: Database | None = None
         self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
-        self.upstream = KeepAliveClient()
         self.instances: list[FollowerBackfill] = []
 
     def tearDown(self) -> None:
         async def close() -> None:
             for instance in self.instances:
                 await instance.stop()
-            if self.db is not None:
-                await self.db.close()
-            if self.server is not None:
-                await self.server.stop()
+            if self.stack is not None:
+                await self.stack.close()
 
         self.io_loop.run_sync(close)
         self.http.close()
-        self.upstream.close()
         self._tmp.cleanup()
         super().tearDown()
 
     async def setup_sandbox(self, followers_count: int, **options: Any) -> FakeWeChat:
+        """The sandbox with `followers_count` followers, the OA API (a FetchedToken: the
+        backfill only sees the protocol) and the database."""
         options.setdefault("follow_ratio", 1.0)
         self.fake = FakeWeChat(users=followers_count, seed=options.pop("seed", 3),
                                clock=self.clock, **options)
-        self.server = SandboxServer(self.fake)
-        await self.server.start()
-        client = WeChatClient(self.upstream, self.server.base_url, 5.0, 10.0)
-        creds = self.fake.credentials
-        self.api = OfficialAccountAPI(client, StableToken(client, creds.oa_appid, creds.oa_secret))
-        self.db = await Database.open(self.db_path)
+        self.stack = await WeChatStack(self.fake, self.db_path).start()
+        self.api = OfficialAccountAPI(self.stack.client, self.stack.token_source())
+        self.db = self.stack.db
         return self.fake
 
-    def backfill(self, **options: Any) -> FollowerBackfill:
+    def backfill(self, api: FollowerSource | None = None, **options: Any) -> FollowerBackfill:
         assert self.db is not None
         options.setdefault("rate_per_s", 0)
-        instance = FollowerBackfill(self.db, self.api, clock=self.clock, **options)
+        instance = FollowerBackfill(self.db, api or self.api, clock=self.clock, **options)
         self.instances.append(instance)
         return instance
 
@@ -231,21 +234,19 @@ class TestSizes(BackfillTestCase):
 class TestResume(BackfillTestCase):
     """A stop or a crash mid-run loses and repeats no page; a new process resumes the cursor."""
 
-    async def wait_for(self, predicate: Any) -> None:
-        for _ in range(20_000):
-            if predicate():
-                return
-            await asyncio.sleep(0.001)
-        raise AssertionError("condition not reached")
-
     @gen_test(timeout=60)
     async def test_stop_at_page_boundary_then_resume_in_a_new_instance(self) -> None:
-        fake = await self.setup_sandbox(20_500)
-        fake.script_fault(BATCHGET, "delay:0.3")  # a wide window to ask for the stop in page 1
-        first = self.backfill()
+        await self.setup_sandbox(20_500)
+        # Page 1's first chunks wait until the stop is asked for: page 1 is being fetched.
+        gate = HeldBatchgets(self.api, hold=lambda n: True)
+        first = self.backfill(api=gate, concurrency=4)
         await first.begin()
-        await self.wait_for(lambda: len(self.calls(BATCHGET)) >= 1)
-        await first.stop()
+        await eventually(lambda: gate.held, "every worker in page 1", until=lambda n: n == 4)
+        stopping = asyncio.ensure_future(first.stop())
+        await eventually(lambda: first.state, "the stop asked for",
+                         until=lambda state: state == "stopping")
+        gate.release()
+        await stopping
         assert self.db is not None
         row = await self.db.read(backfill_store.load)
         assert row.state == "running" and row.pages_done == 1  # page 1 finished, then halted
@@ -270,13 +271,15 @@ class TestResume(BackfillTestCase):
 
     @gen_test(timeout=60)
     async def test_next_page_runs_while_a_slow_chunk_finishes_the_page(self) -> None:
-        fake = await self.setup_sandbox(20_000)
-        fake.script_fault(BATCHGET, "delay:1.0")  # page 1's first chunk answers last
-        instance = self.backfill(concurrency=4)
+        await self.setup_sandbox(20_000)
+        gate = HeldBatchgets(self.api, hold=lambda n: n == 1)  # page 1's first chunk waits
+        instance = self.backfill(api=gate, concurrency=4)
         await instance.begin()
         # The other workers go on to page 2 instead of idling until the slow chunk is in.
-        await self.wait_for(lambda: instance.status()["page_progress"] >= 15_000)
+        await eventually(instance.status, "page 2 fetched meanwhile",
+                         until=lambda status: status["page_progress"] >= 15_000, timeout=20)
         assert instance.status()["pages_done"] == 0
+        gate.release()
         status = await instance.join()
         assert (status["state"], status["pages_done"], status["followers_done"]) == (
             "done", 2, 20_000)
@@ -286,10 +289,15 @@ class TestResume(BackfillTestCase):
     @gen_test(timeout=60)
     async def test_crash_mid_page_redoes_only_that_page(self) -> None:
         await self.setup_sandbox(20_500)
-        first = self.backfill()
+        # Page 1 (chunks 1-100) and 30 chunks of page 2 are answered; the rest never are.
+        gate = HeldBatchgets(self.api, hold=lambda n: n > 130)
+        first = self.backfill(api=gate, concurrency=4)
         await first.begin()
-        await self.wait_for(lambda: first.status()["pages_done"] >= 1
-                            and 0 < first.status()["page_progress"] < 10_000)
+        await eventually(lambda: gate.held, "every worker held in page 2",
+                         until=lambda n: n == 4, timeout=20)
+        await eventually(first.status, "page 1 stored",
+                         until=lambda status: status["pages_done"] >= 1, timeout=20)
+        assert 0 < first.status()["page_progress"] < 10_000
         task = first._task
         assert task is not None
         task.cancel()  # what a kill -9 leaves: no halt() write, the row still says running
@@ -299,7 +307,7 @@ class TestResume(BackfillTestCase):
         row = await self.db.read(backfill_store.load)
         assert row.state == "running"
         done_pages = row.pages_done
-        assert 1 <= done_pages < 3
+        assert done_pages == 1  # page 2 never completed
         assert row.followers_done == done_pages * 10_000
 
         second = self.backfill()
@@ -401,8 +409,9 @@ class TestDeferredIndex(BackfillTestCase):
 
         await self.db.write(lambda conn: ingest.defer_unionid_index(conn, 10**9))
         assert not await self.index_exists()
-        await self.db.close()  # a crash mid-sync leaves it dropped; the next open builds it
-        self.db = await Database.open(self.db_path)
+        assert self.stack is not None
+        # A crash mid-sync leaves it dropped; the next open builds it.
+        self.db = await self.stack.reopen_db()
         assert await self.index_exists()
         assert "followers_unionid" in await self.lookup_plan()
 
@@ -589,43 +598,6 @@ class TestRateLimit(BackfillTestCase):
         assert status["state"] == "done" and self.sleeps == []
 
 
-def test_rate_limiter_spacing() -> None:
-    clock = FakeClock(0.0, autojump=True)
-    limiter = RateLimiter(10, 3, clock)
-
-    async def go() -> list[float]:
-        times = []
-        for _ in range(8):
-            await limiter.acquire()
-            times.append(clock())
-        limiter.hold_for(60)
-        await limiter.acquire()
-        times.append(clock())
-        return times
-
-    times = asyncio.run(go())
-    assert times[:3] == [0.0, 0.0, 0.0]  # the burst
-    assert times[3:8] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
-    assert times[8] == pytest.approx(60.5)
-
-
-def test_backoff_and_minute_wait() -> None:
-    backoff = Backoff(0.5, 30.0)
-    delays = [backoff.delay(attempt) for attempt in range(1, 10)]
-    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0 and delays[-1] <= 30.0
-    assert 15.0 <= delays[-1]
-    rng = random.Random()
-    assert 40.0 <= until_next_minute_s(1_700_000_000.0, rng) <= 41.0  # :20 past → 40 s + jitter
-    assert 0.0 < until_next_minute_s(1_700_000_039.9, rng) <= 1.1
-
-
-def test_next_beijing_midnight() -> None:
-    # 2023-11-14 22:13:20 UTC is 2023-11-15 06:13:20 in Beijing; next midnight 11-16 00:00 +08.
-    assert next_beijing_midnight(1_700_000_000) == 1_700_064_000
-    assert next_beijing_midnight(1_700_064_000) == 1_700_064_000 + 86_400
-    assert math.isclose(next_beijing_midnight(1_700_063_999.5), 1_700_064_000)
-
-
 class TestAdmin(BackfillTestCase):
     async def admin_server(self, instance: FollowerBackfill) -> str:
         common = admin.common_kwargs(ADMIN_TOKEN, None)
@@ -724,24 +696,17 @@ class TestAdmin(BackfillTestCase):
 
 
 class TestTimers(BackfillTestCase):
-    async def until(self, predicate: Any) -> None:
-        for _ in range(5_000):
-            if predicate():
-                return
-            await asyncio.sleep(0.002)
-        raise AssertionError("condition not reached")
-
     @gen_test(timeout=30)
     async def test_periodic_resync(self) -> None:
         await self.setup_sandbox(300)
         instance = self.backfill(resync_interval_s=0.05)
         await instance.start()  # never ran: with re-sync on, the first run starts at once
-        await self.until(lambda: instance.status()["state"] == "done")
+        await eventually(lambda: instance.status()["state"] == "done", "the first run")
         status = instance.status()
         assert status["run"] == 1 and status["next_run_at"] == status["finished_at"] + 0.05
         self.clock.advance(0.06)
-        await self.until(lambda: instance.status()["run"] == 2
-                         and instance.status()["state"] == "done")
+        await eventually(lambda: instance.status()["run"] == 2
+                         and instance.status()["state"] == "done", "the re-sync")
         await instance.stop()
         assert self.clock.pending() == []  # stopped: no timer armed, no more runs
         self.clock.advance(1)
@@ -766,7 +731,7 @@ class TestTimers(BackfillTestCase):
         self.clock.set(paused["paused_until"] + 5)  # the process restarts the next day
         second = self.backfill()
         await second.start()
-        await self.until(lambda: second.status()["state"] == "done")
+        await eventually(lambda: second.status()["state"] == "done", "the resumed run")
         assert second.status()["followers_done"] == 400 and second.status()["run"] == 1
 
     @gen_test(timeout=30)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.helpers import eventually
 from wxd.coalesce import Coalescer, split_refused
 
 
@@ -34,7 +35,7 @@ def test_keys_waiting_together_share_calls_within_the_bounds() -> None:
         upstream = Upstream()
         coalescer: Coalescer[int, int] = Coalescer(upstream, max_batch=3, max_in_flight=2)
         waiters = [asyncio.ensure_future(coalescer.submit(k)) for k in range(10)]
-        await asyncio.sleep(0.01)
+        await eventually(lambda: upstream.running, "two calls in flight", until=lambda n: n == 2)
         assert upstream.batches == [[0, 1, 2], [3, 4, 5]]  # two in flight, the rest wait
         upstream.release.set()
         assert await asyncio.gather(*waiters) == [k * 10 for k in range(10)]
@@ -75,7 +76,7 @@ def test_a_cancelled_waiter_does_not_cancel_the_shared_call() -> None:
         coalescer: Coalescer[int, int] = Coalescer(upstream, max_batch=10, max_in_flight=1)
         first = asyncio.ensure_future(coalescer.submit(1))
         second = asyncio.ensure_future(coalescer.submit(2))
-        await asyncio.sleep(0.01)
+        await eventually(lambda: upstream.running, "the shared call in flight")
         first.cancel()
         upstream.release.set()
         assert await second == 20

@@ -12,26 +12,24 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, bind_unused_port, gen_test
 
-from tests.helpers import FakeClock, FakeTime, fetchall, fetchone, store_message
+from tests.helpers import FakeClock, FakeTime, eventually, fetchall, fetchone, store_message
+from tests.sandbox_fixture import WeChatStack
 from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
 from wxd.retry import Fail, Pause, Retry, decide
-from wxd.sandbox import FakeWeChat, SandboxServer, SignedRequest, WebhookSender
+from wxd.sandbox import FakeWeChat, SignedRequest, WebhookSender
 from wxd.store import ingest
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
 from wxd.store.identity import find_identity
-from wxd.tokens import TokenManager
 from wxd.webhook import Webhook, make_app
-from wxd.wechat.client import WeChatClient
 from wxd.wechat.crypto import MessageCrypto
 from wxd.wechat.messages import Message, parse_message
 from wxd.wechat.oa import OfficialAccountAPI
-from wxd.wechat.transport import KeepAliveClient
 
 T0 = 1_700_000_000.0
 
@@ -296,30 +294,28 @@ class WorkersTest(EventsCase):
         await self.workers.start()
         await self.workers.start()  # idempotent
         # Nothing to do: the idle waits back off (fake time) until both wait IDLE_MAX_S.
-        for _ in range(1000):
+        def backed_off(pending: list[float]) -> bool:
+            return len(pending) == 2 and all(at == self.now + IDLE_MAX_S for at in pending)
+
+        def idle_waits() -> list[float]:
             pending = self.clock.pending()
-            if len(pending) == 2 and all(at == self.now + IDLE_MAX_S for at in pending):
-                break
-            if pending:
-                self.clock.set(pending[0])
-            await asyncio.sleep(0.002)
-        else:
-            raise AssertionError(f"the idle wait did not back off: {self.clock.pending()}")
+            if pending and not backed_off(pending):
+                self.clock.set(pending[0])  # the earliest idle wait ends
+            return pending
+
+        await eventually(idle_waits, "both idle waits at IDLE_MAX_S", until=backed_off)
         await self.store(event("oA", "subscribe"))
         self.workers.ring()  # wakes them at once: no time passes
-        for _ in range(100):
-            if (await self.jobs())["done"] == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert (await self.jobs())["done"] == 1
+        await eventually(self.jobs, "the job done", until=lambda jobs: jobs["done"] == 1)
         # A job in flight at stop() is allowed to finish within the bound.
         gate = self.refresher.gate = asyncio.Event()
         await self.store(event("oB", "subscribe"))
         self.workers.ring()
-        while self.refresher.calls != ["oA", "oB"]:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.refresher.calls, "the second job in flight",
+                         until=lambda calls: calls == ["oA", "oB"])
         stopping = asyncio.ensure_future(self.workers.stop())  # drain_timeout_s: 5 s
-        await asyncio.sleep(0.05)
+        await eventually(lambda: self.workers.state, "stop() draining",
+                         until=lambda state: state == "stopping")
         gate.set()
         await stopping
         assert await self.jobs() == {"queued": 0, "leased": 0, "done": 2, "failed": 0}
@@ -330,8 +326,7 @@ class WorkersTest(EventsCase):
         self.refresher.gate = asyncio.Event()  # never set: the job hangs
         await self.store(event("oA", "subscribe"))
         await self.workers.start()
-        while not self.refresher.calls:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.refresher.calls, "the job in flight")
         self.workers.drain_timeout_s = 0.05
         await self.workers.stop()
         assert (await self.jobs())["leased"] == 1
@@ -339,10 +334,8 @@ class WorkersTest(EventsCase):
         again = EventWorkers(self.db, self.router, clock=self.clock)
         await again.start()  # requeues the orphaned lease, due at once
         try:
-            for _ in range(100):
-                if (await self.jobs())["done"] == 1:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(self.jobs, "the requeued job done",
+                             until=lambda jobs: jobs["done"] == 1)
         finally:
             await again.stop()
         assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
@@ -387,19 +380,17 @@ class LeaseExpiryTest(EventsCase):
         await self.workers.start()
         await self.store(event("oA", "subscribe"))
         self.workers.ring()
-        for _ in range(500):
-            if self.refresher.calls and self.db.write_error is not None:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.refresher.calls and self.db.write_error is not None,
+                         "the follow applied and its outcome write failed", timeout=10)
         await self.writable()
-        for _ in range(50):  # the workers keep polling; nothing is due before the lease ends
-            await asyncio.sleep(0.01)
+        # The workers keep polling (fake time up to just before the lease ends): nothing is due.
+        self.now = T0 + LEASE_S - 1
+        await eventually(self.clock.pending, "both workers back in their idle wait",
+                         until=lambda pending: len(pending) == 2)
         assert (await self.jobs())["leased"] == 1 and self.refresher.calls == ["oA"]
         self.now = T0 + LEASE_S + 1
-        for _ in range(1000):
-            if (await self.jobs())["done"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(self.jobs, "the job done again", until=lambda jobs: jobs["done"] == 1,
+                         timeout=10)
         assert await self.jobs() == {"queued": 0, "leased": 0, "done": 1, "failed": 0}
         assert self.refresher.calls == ["oA", "oA"]
         row = await self.follower("oA")
@@ -418,18 +409,14 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
         return make_app("/wechat", self.webhook)
 
     async def _start(self) -> None:
-        self.sandbox = SandboxServer(self.fake)
-        await self.sandbox.start()
-        self.upstream = KeepAliveClient()
+        self.stack = await WeChatStack(self.fake, self.path, clock=self.clock).start()
         await self._open()
 
     async def _open(self) -> None:
         creds = self.fake.credentials
-        self.db = await Database.open(self.path)
-        client = WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0)
-        self.tokens = TokenManager("oa", creds.oa_appid, creds.oa_secret, client, self.db,
-                                   clock=self.clock)
-        self.linking = Linking(self.db, None, OfficialAccountAPI(client, self.tokens),
+        self.db = self.stack.db
+        self.tokens = self.stack.tokens()
+        self.linking = Linking(self.db, None, OfficialAccountAPI(self.stack.client, self.tokens),
                                mp_appid=None, clock=self.clock)
         router = EventRouter(self.db, self.linking, clock=self.clock)
         self.workers = EventWorkers(self.db, router, clock=self.clock)
@@ -438,15 +425,16 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
         self.webhook = Webhook(creds.webhook_token, crypto, self.db, clock=self.clock,
                                on_stored=self.workers.ring)
 
-    async def _close(self) -> None:
+    async def restart(self) -> None:
+        """Everything closed and rebuilt on the same database file (the sandbox stays)."""
         await self.workers.stop()
-        await self.tokens.stop()
-        await self.db.close()
+        await self.stack.stop_tokens()
+        await self.stack.reopen_db()
+        await self._open()
 
     async def _stop(self) -> None:
-        await self._close()
-        await self.sandbox.stop()
-        self.upstream.close()
+        await self.workers.stop()
+        await self.stack.close()
 
     def tearDown(self) -> None:
         self.io_loop.run_sync(self._stop)
@@ -454,12 +442,10 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
         self.tmp.cleanup()
 
     async def settled(self) -> dict[str, int]:
-        for _ in range(300):
-            counts = await self.db.read(job_store.counts)
-            if counts["queued"] == counts["leased"] == 0:
-                return counts
-            await asyncio.sleep(0.01)
-        raise AssertionError("jobs did not settle")
+        counts: dict[str, int] = await eventually(
+            lambda: self.db.read(job_store.counts), "the jobs to settle",
+            until=lambda counts: counts["queued"] == counts["leased"] == 0)
+        return counts
 
     @gen_test
     async def test_subscribe_to_linked_follower_once_across_retries_and_restart(self) -> None:
@@ -479,8 +465,7 @@ class EndToEndTest(FakeTime, AsyncHTTPTestCase):
             (person.unionid, True, "bind_ab12")
         assert self.fake.count_calls("/cgi-bin/user/info") == 1
         # Restart: everything closed and rebuilt on the same file; the resend is a no-op.
-        await self._close()
-        await self._open()
+        await self.restart()
         server_socket, port = bind_unused_port()
         server = HTTPServer(make_app("/wechat", self.webhook))
         server.add_sockets([server_socket])

@@ -12,7 +12,7 @@ import functools
 import pathlib
 from typing import Any
 
-from tests.proof_helpers import (
+from bench.proof import (
     AdminClient,
     DaemonProcess,
     DbState,
@@ -23,9 +23,9 @@ from tests.proof_helpers import (
     read_db,
     run_backfill,
     sandbox_messages,
-    wait_until,
     write_config,
 )
+from tests.helpers import eventually
 from wxd.sandbox import FakeWeChat, SandboxThread, WebhookSender
 
 SEND = "/cgi-bin/message/template/send"
@@ -85,7 +85,8 @@ class Scenario:
     async def restart_and_drain(self, ids: list[str]) -> DbState:
         """Restart on the same database, wait until nothing is queued, stop; the final state."""
         await self.start()
-        await wait_until(lambda: queue_drained(self.admin), 60, "the rest to be sent", 0.2)
+        await eventually(lambda: queue_drained(self.admin), "the rest to be sent", timeout=60,
+                         interval=0.2)
         self.sigterm()
         db = read_db(self.db_path)
         assert sorted(db.pushes) == sorted(ids)
@@ -109,7 +110,8 @@ def test_sigterm_with_a_slow_sandbox_finishes_in_flight_sends_and_keeps_the_rest
             await run_backfill(scenario.admin)
             ids = await scenario.enqueue(120)
             # Under load: some pushes done, most still to go (120 × 0.3 s / 4 workers ≈ 9 s).
-            await wait_until(lambda: _at_least(scenario, 2 * WORKERS), 30, "the first sends")
+            await eventually(lambda: _at_least(scenario, 2 * WORKERS), "the first sends",
+                             timeout=30, interval=0.1)
             scenario.sigterm()
 
             db = read_db(scenario.db_path)
@@ -151,7 +153,8 @@ def test_sends_longer_than_the_bound_are_cut_requeued_and_not_doubled(
             async def all_workers_busy() -> bool:
                 return scenario.accepted() >= WORKERS
 
-            await wait_until(all_workers_busy, 30, "every worker to be inside a slow send")
+            await eventually(all_workers_busy, "every worker to be inside a slow send",
+                             timeout=30, interval=0.1)
             elapsed = scenario.sigterm()
             assert elapsed >= 0.9  # it did wait for the in-flight sends, up to the bound
 
@@ -212,7 +215,8 @@ def test_sigterm_while_events_and_pushes_wait_on_a_slow_sandbox(tmp_path: pathli
                 infos = sandbox.call(lambda: fake.count_calls("/cgi-bin/user/info"))
                 return bool(infos >= EVENT_WORKERS and scenario.accepted() >= WORKERS)
 
-            await wait_until(everyone_waiting, 30, "event jobs and sends waiting on WeChat")
+            await eventually(everyone_waiting, "event jobs and sends waiting on WeChat",
+                             timeout=30, interval=0.1)
             scenario.sigterm(margin_s=1.5)
             db = read_db(scenario.db_path)
             assert db.integrity == "ok"
@@ -231,7 +235,7 @@ def test_sigterm_while_events_and_pushes_wait_on_a_slow_sandbox(tmp_path: pathli
                         return False
                 return True
 
-            await wait_until(linked, 60, "the newcomers to be linked")
+            await eventually(linked, "the newcomers to be linked", timeout=60, interval=0.1)
             scenario.sigterm()
             await scenario.restart_and_drain(ids)
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from bench.killloop import Settings, run_kill_loop
-from tests.proof_helpers import DbState, Ledger, SentEvent, SentPush, check_exactly_once
+from bench.proof import DbState, Ledger, SentEvent, SentPush, check_exactly_once
 from wxd.sandbox import SignedRequest
 
 FULL_KILLS = 50

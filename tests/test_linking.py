@@ -22,19 +22,17 @@ from Crypto.Util.Padding import pad
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
 from tests.helpers import ADMIN_TOKEN, FakeClock, FakeTime, fetchone
+from tests.sandbox_fixture import WeChatStack
 from wxd.admin import common_kwargs, make_app
 from wxd.admin.users import routes
 from wxd.errors import WeChatAPIError
 from wxd.linking import Linking, LinkingError
 from wxd.metrics import Registry
-from wxd.sandbox import Credentials, FakeWeChat, Person, SandboxServer
+from wxd.sandbox import Credentials, FakeWeChat, Person
 from wxd.store import followers, ingest, mp_users
-from wxd.store.db import Database
 from wxd.store.identity import Identity, find_identity
-from wxd.wechat.client import WeChatClient
 from wxd.wechat.mp import MiniProgramAPI
 from wxd.wechat.oa import OfficialAccountAPI
-from wxd.wechat.transport import KeepAliveClient
 
 # Official MP encryptedData vector:
 # https://developers.weixin.qq.com/miniprogram/dev/framework/open-ability/signature.html
@@ -80,27 +78,6 @@ class Capture(logging.Handler):
         self.lines.append(line)
 
 
-class OATokens:
-    """A minimal TokenSource for the tests (tokens.TokenManager's job in the daemon)."""
-
-    def __init__(self, client: WeChatClient, creds: Credentials) -> None:
-        self._client = client
-        self._creds = creds
-        self.current: str | None = None
-        self.issued: list[str] = []
-
-    async def get(self) -> str:
-        if self.current is None:
-            self.current, _ = await self._client.fetch_token(
-                self._creds.oa_appid, self._creds.oa_secret, "stable")
-            self.issued.append(self.current)
-        return self.current
-
-    async def invalidate(self, token: str) -> None:
-        if token == self.current:
-            self.current = None
-
-
 class LinkingCase(FakeTime, AsyncHTTPTestCase):
     """Admin app (users routes) + sandbox on a second port + a real SQLite file."""
 
@@ -125,22 +102,17 @@ class LinkingCase(FakeTime, AsyncHTTPTestCase):
         return make_app(common, [routes(common, self.linking)])
 
     async def _start(self) -> None:
-        self.sandbox = SandboxServer(self.fake)
-        await self.sandbox.start()
-        self.upstream = KeepAliveClient()
-        client = WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0)
-        self.tokens = OATokens(client, self.creds)
+        self.stack = await WeChatStack(self.fake, os.path.join(self.tmp.name, "wxd.db")).start()
+        self.db, client = self.stack.db, self.stack.client
+        self.tokens = self.stack.token_source()
         mp_api = (MiniProgramAPI(client, self.creds.mp_appid, self.creds.mp_secret)
                   if self.mini_program else None)
-        self.db = await Database.open(os.path.join(self.tmp.name, "wxd.db"))
         self.linking = Linking(self.db, mp_api, OfficialAccountAPI(client, self.tokens),
                                mp_appid=self.creds.mp_appid if self.mini_program else None,
                                clock=self.clock, metrics=self.registry)
 
     async def _stop(self) -> None:
-        await self.sandbox.stop()
-        self.upstream.close()
-        await self.db.close()
+        await self.stack.close()
 
     def tearDown(self) -> None:
         try:
@@ -252,8 +224,7 @@ class OrdersTest(LinkingCase):
     @gen_test
     async def test_backfilled_follower_then_login(self) -> None:
         person = self.follower()
-        oa_api = OfficialAccountAPI(
-            WeChatClient(self.upstream, self.sandbox.base_url, 5.0, 10.0), self.tokens)
+        oa_api = OfficialAccountAPI(self.stack.client, self.tokens)
         infos = await oa_api.batchget([p.oa_openid for p in self.fake.people if p.follows][:100])
         now = self.now
         newly = await self.db.write(lambda c: ingest.apply_user_infos(c, infos, now, now, run=1))

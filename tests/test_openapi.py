@@ -44,7 +44,7 @@ class OpenAPITest(AsyncTestCase):
         await daemon.start()
         try:
             assert daemon.admin is not None
-            app = daemon.admin._app
+            app = daemon.admin.app
             rules = [rule for rule in app.wildcard_router.rules if isinstance(rule, URLSpec)]
             routed: dict[str, set[str]] = {}
             for rule in rules:

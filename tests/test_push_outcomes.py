@@ -11,9 +11,8 @@ from typing import Any
 
 from tornado.testing import gen_test
 
-from tests.helpers import fetchone
-from tests.test_pushes import SEND_PATH, PushCase
-from tests.test_workers import sends
+from tests.helpers import eventually, fetchone
+from tests.push_case import SEND_PATH, PushCase, sends
 from wxd.push_workers import PushWorkers
 from wxd.sandbox import Person
 from wxd.store import followers
@@ -42,7 +41,7 @@ class ResendCase(PushCase):
             row = await self.service.get(push_id)
             return row is not None and row["attempts"] >= 1 and row["status"] == status
 
-        await self.eventually(check, f"the first attempt ending {status}")
+        await eventually(check, f"the first attempt ending {status}")
         return await self.get_push(push_id)
 
     async def lost_first_answer(self, person: Person, **options: Any
@@ -124,7 +123,7 @@ class DuplicateAnswerTest(ResendCase):
         async def accepted() -> bool:
             return len(self.fake.inbox(person.oa_openid)) == 1
 
-        await self.eventually(accepted, "WeChat accepting the first send")
+        await eventually(accepted, "WeChat accepting the first send")
         for task in first._tasks:  # killed mid-send: the row stays `sending`
             task.cancel()
         await asyncio.gather(*first._tasks, return_exceptions=True)

@@ -1,9 +1,12 @@
 """wxd.retry: the one classifier walked with every errcode of the table (and the other errors)
-for each use, with the policies the services really build; Backoff's bounds."""
+for each use, with the policies the services really build; Backoff's bounds; the calendar
+(the next minute, Beijing midnight and the quota reset, UTC midnight)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import math
 import random
 from typing import Any
 
@@ -21,6 +24,7 @@ from wxd.errors import (
 from wxd.events import EventWorkers
 from wxd.push_workers import PushWorkers
 from wxd.retry import (
+    BEIJING,
     Backoff,
     Decision,
     Duplicate,
@@ -33,6 +37,7 @@ from wxd.retry import (
     next_beijing_midnight,
     next_quota_reset,
     next_utc_midnight,
+    until_next_minute_s,
 )
 from wxd.tokens import TokenManager
 from wxd.wechat.errcodes import ERROR_KINDS
@@ -185,3 +190,31 @@ def test_duplicate_answers_are_sent_only_on_a_resend() -> None:
         assert duplicate_send(api_error(45065, msgid=bogus), True) == Duplicate(None)
     for other in (api_error(43004), api_error(-1), TransportError("reset", SEND)):
         assert duplicate_send(other, resend=True) is None
+
+
+def test_backoff_and_minute_wait() -> None:
+    backoff = Backoff(0.5, 30.0)
+    delays = [backoff.delay(attempt) for attempt in range(1, 10)]
+    assert 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0 and delays[-1] <= 30.0
+    assert 15.0 <= delays[-1]
+    rng = random.Random()
+    assert 40.0 <= until_next_minute_s(1_700_000_000.0, rng) <= 41.0  # :20 past → 40 s + jitter
+    assert 0.0 < until_next_minute_s(1_700_000_039.9, rng) <= 1.1
+
+
+def test_next_beijing_midnight() -> None:
+    # 2023-11-14 22:13:20 UTC is 2023-11-15 06:13:20 in Beijing; next midnight 11-16 00:00 +08.
+    assert next_beijing_midnight(1_700_000_000) == 1_700_064_000
+    assert next_beijing_midnight(1_700_064_000) == 1_700_064_000 + 86_400
+    assert math.isclose(next_beijing_midnight(1_700_063_999.5), 1_700_064_000)
+
+
+def test_next_quota_reset_is_beijing_time() -> None:
+    # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Beijing.
+    now = 1_700_000_000.0
+    resume = next_quota_reset(now, 5 * 60)  # 00:05
+    local = datetime.datetime.fromtimestamp(resume, BEIJING)
+    assert (local.day, local.hour, local.minute) == (16, 0, 5)
+    assert resume - now == pytest.approx(17 * 3600 + 51 * 60 + 40)
+    assert next_quota_reset(now, 6 * 3600 + 30 * 60) - now == pytest.approx(16 * 60 + 40)
+    assert next_quota_reset(resume, 300) == resume + 86400  # strictly after

@@ -25,6 +25,7 @@ import tornado.web
 from tornado.httpclient import HTTPClientError
 from tornado.testing import bind_unused_port, gen_test
 
+from tests.helpers import eventually
 from tests.sandbox_fixture import START, FakeClock, SandboxTestCase, sandbox  # noqa: F401
 from wxd.sandbox import (
     DUPLICATE_MODES,
@@ -749,10 +750,7 @@ class MiscTests(SandboxTestCase):
         self.fake.script_fault("/cgi-bin/user/get", "hang")
         request = self.http_client.fetch(self.get_url("/cgi-bin/user/get"), raise_error=False,
                                           request_timeout=30)
-        for _ in range(50):
-            if self.fake.count_calls("/cgi-bin/user/get"):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.fake.count_calls("/cgi-bin/user/get"), "the hanging call")
         started = time.monotonic()
         await self.sandbox_app.aclose()
         with pytest.raises(HTTPClientError) as dropped:
@@ -1356,11 +1354,8 @@ class WebhookTests(SandboxTestCase):
         return token
 
     async def wait_for_events(self, box: dict[str, Any], count: int) -> None:
-        for _ in range(500):
-            if len(box.get("events", [])) >= count:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{len(box.get('events', []))} events, expected {count}")
+        await eventually(lambda: len(box.get("events", [])), f"{count} events at the webhook",
+                         until=lambda n: n >= count)
 
     @gen_test
     async def test_mangled_delivery_reports(self) -> None:

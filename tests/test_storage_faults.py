@@ -10,7 +10,7 @@ import json
 import logging
 import pathlib
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.routing import URLSpec
 from tornado.testing import AsyncHTTPTestCase, AsyncTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN, sandbox_config_text
+from tests.helpers import ADMIN_TOKEN, eventually, sandbox_config_text
 from tests.storage_faults import FAULTS
 from wxd import config
 from wxd.admin import common_kwargs, make_app
@@ -77,14 +77,6 @@ class DaemonStorageFaultTest(AsyncTestCase):
         content_type = response.headers.get("Content-Type", "")
         return response.code, (text if raw else json.loads(text)), content_type
 
-    async def eventually(self, check: Callable[[], Awaitable[bool]], what: str,
-                         timeout: float = 10.0) -> None:
-        deadline = self.io_loop.time() + timeout
-        while not await check():
-            if self.io_loop.time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await tornado.gen.sleep(0.02)
-
     async def follower_known(self, oa_openid: str) -> bool:
         code, _, _ = await self.admin("GET", f"/v1/users?oa_openid={oa_openid}")
         return code == 200
@@ -110,7 +102,8 @@ class DaemonStorageFaultTest(AsyncTestCase):
                                    http_client=self.http, seed=3)
             first = self.people[0].oa_openid
             assert (await sender.subscribe(first)).status == 200
-            await self.eventually(lambda: self.follower_known(first), "the first follower")
+            await eventually(lambda: self.follower_known(first), "the first follower",
+                             timeout=10, interval=0.02)
             for number, (name, fault) in enumerate(FAULTS.items(), start=1):
                 follower = self.people[number].oa_openid
                 with captured() as logs:
@@ -120,8 +113,9 @@ class DaemonStorageFaultTest(AsyncTestCase):
                         await self.during_the_fault(name)
                     # WeChat retries the follow: now it is stored and processed, no restart.
                     assert (await sender.send(follow)).status == 200, name
-                    await self.eventually(lambda: self.follower_known(follower),  # noqa: B023
-                                          f"the follow sent during {name}")
+                    await eventually(lambda: self.follower_known(follower),  # noqa: B023
+                                     f"the follow sent during {name}", timeout=10,
+                                     interval=0.02)
                     code, answer, _ = await self.admin("POST", "/v1/pushes", self.push(number))
                     assert code == 202, (name, answer)
                     assert (await self.admin("GET", "/healthz"))[:2] == (200, {"status": "ok"})

@@ -13,21 +13,18 @@ import pytest
 import tornado.httpclient
 from tornado.testing import AsyncHTTPTestCase, gen_test
 
-from tests.helpers import ADMIN_TOKEN, fetchall, fetchone
-from tests.sandbox_fixture import START, FakeClock
-from tests.test_wechat import ClientCase, capture_logs, exception_text
+from tests.helpers import ADMIN_TOKEN, capture_logs, eventually, exception_text, fetchall, fetchone
+from tests.sandbox_fixture import START, ClientCase, FakeClock, WeChatStack
 from wxd import admin
 from wxd.admin import tokens as admin_tokens
 from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.retry import next_utc_midnight
-from wxd.sandbox import FakeWeChat, SandboxServer
+from wxd.sandbox import FakeWeChat
 from wxd.store.db import Database
 from wxd.store.tokens import fetch_counts, utc_day
 from wxd.tokens import TokenManager
-from wxd.wechat.client import WeChatClient
 from wxd.wechat.oa import OfficialAccountAPI
-from wxd.wechat.transport import KeepAliveClient
 
 STABLE = "/cgi-bin/stable_token"
 LEGACY = "/cgi-bin/token"
@@ -38,34 +35,22 @@ DAY_START = next_utc_midnight(START) + 3600  # 01:00 UTC
 class TokenCase(ClientCase):
     """ClientCase plus a SQLite file in a temp dir and a factory of TokenManagers."""
 
+    database = True
+
     def setUp(self) -> None:
         super().setUp()
-        self.tmp = tempfile.TemporaryDirectory()
-        self.db_path = os.path.join(self.tmp.name, "wxd.db")
-        self.db = self.io_loop.run_sync(lambda: Database.open(self.db_path))
-        self.managers: list[TokenManager] = []
         self.openid = self.fake.follower_openids[0]
 
-    def tearDown(self) -> None:
-        for manager in self.managers:
-            self.io_loop.run_sync(manager.stop)
-        self.io_loop.run_sync(self.db.close)
-        self.tmp.cleanup()
-        super().tearDown()
+    @property
+    def db(self) -> Database:
+        return self.stack.db
 
     async def reopen_db(self) -> None:
-        await self.db.close()
-        self.db = await Database.open(self.db_path)
+        await self.stack.reopen_db()
 
     def manager(self, app: str = "oa", **options: Any) -> TokenManager:
-        creds = self.creds
-        appid, secret = ((creds.oa_appid, creds.oa_secret) if app == "oa"
-                         else (creds.mp_appid, creds.mp_secret))
-        options.setdefault("clock", self.clock)
         options.setdefault("rng", random.Random(4))
-        manager = TokenManager(app, appid, secret, self.client, self.db, **options)
-        self.managers.append(manager)
-        return manager
+        return self.stack.tokens(app, **options)
 
     def calls(self, path: str) -> int:
         return self.fake.count_calls(path)
@@ -275,10 +260,7 @@ class TestRefresher(TokenCase):
         assert manager.state == "running"
         await self.ticking()
         self.clock.advance(7200 - 200)  # the timer's sleep ends: one tick, one refresh
-        for _ in range(100):
-            if self.calls(LEGACY) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.calls(LEGACY), "the timer's refresh", until=lambda n: n == 2)
         await self.ticking()  # the next tick waits 30 s (fake) again
         assert self.calls(LEGACY) == 2  # the timer refreshed, once
         await manager.stop()
@@ -289,11 +271,8 @@ class TestRefresher(TokenCase):
 
     async def ticking(self) -> None:
         """Until the refresher task sleeps on the clock (its next tick 30 s ahead)."""
-        for _ in range(200):
-            if self.clock.pending() == [self.clock() + 30]:
-                return
-            await asyncio.sleep(0.005)
-        raise AssertionError(f"the timer is not waiting: {self.clock.pending()}")
+        await eventually(self.clock.pending, "the timer to wait 30 s",
+                         until=lambda pending: pending == [self.clock() + 30])
 
     @gen_test
     async def test_quota_error_is_not_retried(self) -> None:
@@ -343,8 +322,7 @@ class TestBackoff(TokenCase):
         manager = self.manager(mode="legacy")
         self.fake.script_fault(LEGACY, "hang")
         waiter = asyncio.ensure_future(manager.get())
-        while self.calls(LEGACY) == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.calls(LEGACY), "the fetch to reach WeChat")
         await manager.stop()
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -417,22 +395,14 @@ class TestAdminRoute(AsyncHTTPTestCase):
         super().setUp()
         self.clock = FakeClock(DAY_START)  # far from a UTC midnight: the budget day is fixed
         self.fake = FakeWeChat(users=10, clock=self.clock)
-        self.server = SandboxServer(self.fake)
-        self.io_loop.run_sync(self.server.start)
-        self.http = KeepAliveClient()
         self.tmp = tempfile.TemporaryDirectory()
-        self.db = self.io_loop.run_sync(
-            lambda: Database.open(os.path.join(self.tmp.name, "wxd.db")))
-        client = WeChatClient(self.http, self.server.base_url, 1.0, 5.0)
-        creds = self.fake.credentials
-        self.managers["oa"] = TokenManager("oa", creds.oa_appid, creds.oa_secret, client,
-                                           self.db, clock=self.clock, daily_budget=1)
+        self.stack = WeChatStack(self.fake, os.path.join(self.tmp.name, "wxd.db"),
+                                 clock=self.clock, connect_timeout_s=1.0, request_timeout_s=5.0)
+        self.io_loop.run_sync(self.stack.start)
+        self.managers["oa"] = self.stack.tokens(daily_budget=1)
 
     def tearDown(self) -> None:
-        self.io_loop.run_sync(self.managers["oa"].stop)
-        self.io_loop.run_sync(self.db.close)
-        self.http.close()
-        self.io_loop.run_sync(self.server.stop)
+        self.io_loop.run_sync(self.stack.close)
         self.tmp.cleanup()
         super().tearDown()
 

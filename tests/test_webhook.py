@@ -28,6 +28,7 @@ from tests.helpers import (
     FakeClock,
     FakeTime,
     count_rows,
+    eventually,
     fetchall,
     fetchone,
 )
@@ -438,21 +439,25 @@ class BatchingTest(WebhookCase):
 
     @gen_test
     async def test_a_message_arriving_during_a_commit_lands_in_the_very_next_one(self) -> None:
-        release = threading.Event()
+        started, release = threading.Event(), threading.Event()
         committed_in: dict[str, int] = {}
 
         async def note(name: str, write: Any) -> None:
             await write
             committed_in[name] = self.db.commits
 
+        def blocked(conn: Any) -> None:
+            started.set()
+            release.wait(10)
+
         # Commit N holds a first message and is slow; a second message and another writer's
         # write arrive while it runs. Both must be in commit N + 1.
         first = [asyncio.ensure_future(note("first", self.webhook.store(self.message("oA")))),
-                 asyncio.ensure_future(note("blocked", self.db.write(lambda c: release.wait(10))))]
-        await asyncio.sleep(0.05)
+                 asyncio.ensure_future(note("blocked", self.db.write(blocked)))]
+        await eventually(started.is_set, "commit N running (blocked on the db thread)")
         others = [asyncio.ensure_future(note("worker", self.db.write(lambda c: None))),
                   asyncio.ensure_future(note("second", self.webhook.store(self.message("oB"))))]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # their first step submits both writes
         release.set()
         await asyncio.gather(*first, *others)
         assert committed_in["first"] == committed_in["blocked"]
@@ -523,11 +528,14 @@ class RetryTest(WebhookCase):
         original = hook.store
         calls: list[bool] = []
 
+        first_answered = asyncio.Event()
+
         async def slow_store(message: Any) -> bool:
             stored = await original(message)
             calls.append(stored)
             if len(calls) == 1:
                 await asyncio.sleep(0.6)  # WeChat gives up waiting and sends again
+                first_answered.set()
             return stored
 
         hook.store = slow_store  # type: ignore[method-assign]
@@ -535,7 +543,7 @@ class RetryTest(WebhookCase):
         delivery = await sender.subscribe("oUser1")
         assert (delivery.status, delivery.body, delivery.attempts) == (200, b"success", 2)
         assert calls == [True, False]
-        await asyncio.sleep(0.4)  # let the first (abandoned) request finish
+        await asyncio.wait_for(first_answered.wait(), 5)  # the abandoned request finishes
         assert await self.counts() == (1, 1)
 
     @gen_test

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,103 +11,15 @@ import tornado.httputil
 import tornado.web
 from tornado.testing import AsyncHTTPTestCase, bind_unused_port, gen_test
 
-from tests.sandbox_fixture import SandboxTestCase
+from tests.helpers import capture_logs, exception_text
+from tests.sandbox_fixture import ClientCase
 from wxd.errors import NoMsgidError, TransportError, WeChatAPIError
-from wxd.metrics import Registry
 from wxd.sandbox import LEGACY_TEMPLATE_ID
 from wxd.wechat.client import WeChatClient
 from wxd.wechat.errcodes import ERROR_KINDS, classify
 from wxd.wechat.mp import MiniProgramAPI
 from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
-
-
-class LogCapture(logging.Handler):
-    """Every record of every logger (DEBUG and up) while active, formatted with tracebacks."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def text(self) -> str:
-        """The client side's log: tornado.access and wxd.sandbox are the emulated WeChat
-        server in this process (its access log shows the URLs WeChat receives)."""
-        return "\n".join(self.format(record) for record in self.records
-                         if not record.name.startswith(("tornado.access", "wxd.sandbox")))
-
-    def lines(self, logger: str, level: int = logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in self.records
-                if r.name == logger and r.levelno >= level]
-
-
-@contextmanager
-def capture_logs() -> Iterator[LogCapture]:
-    handler = LogCapture()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-
-
-def exception_text(exc: BaseException) -> str:
-    """Everything an exception could show: str, repr, attributes and the formatted traceback."""
-    return "\n".join([str(exc), repr(exc), repr(vars(exc)),
-                      "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))])
-
-
-class FetchedToken:
-    """A real TokenSource: /cgi-bin/token from the sandbox, refetched on invalidate (counted)."""
-
-    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
-        self.client, self.appid, self.secret = client, appid, secret
-        self.token: str | None = None
-        self.invalidated: list[str] = []
-
-    async def get(self) -> str:
-        if self.token is None:
-            self.token, _ = await self.client.fetch_token(self.appid, self.secret, "legacy")
-        return self.token
-
-    async def invalidate(self, token: str) -> None:
-        self.invalidated.append(token)
-        if token == self.token:
-            self.token = None
-
-
-class ClientCase(SandboxTestCase):
-    """The sandbox on the test's loop plus a WeChatClient pointed at it (own AsyncHTTPClient)."""
-
-    # Generous: 1,000-call bursts queue in the client (tornado's queue timeout is the smaller
-    # of the two timeouts) and the machine may be busy.
-    request_timeout_s = 30.0
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.http = KeepAliveClient(100)
-        self.registry = Registry()
-        self.client = WeChatClient(self.http, self.get_url(""), 30.0, self.request_timeout_s,
-                                   metrics=self.registry)
-        self.creds = self.fake.credentials
-
-    def tearDown(self) -> None:
-        self.http.close()
-        super().tearDown()
-
-    def oa_source(self) -> FetchedToken:
-        return FetchedToken(self.client, self.creds.oa_appid, self.creds.oa_secret)
-
-    def secrets(self) -> list[str]:
-        return [self.creds.oa_secret, self.creds.mp_secret]
 
 
 def test_classify_table() -> None:

@@ -8,12 +8,11 @@ import datetime
 import random
 from typing import Any
 
-import pytest
 from tornado.testing import gen_test
 
-from tests.helpers import fetchall, fetchone
+from tests.helpers import eventually, fetchall, fetchone
+from tests.push_case import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase, sends
 from tests.storage_faults import read_only
-from tests.test_pushes import NOTICE_DATA, SEND_PATH, TEMPLATES_PATH, PushCase
 from wxd.errors import WeChatAPIError
 from wxd.pacing import LEASE_S
 from wxd.push_workers import PushWorkers
@@ -21,10 +20,6 @@ from wxd.retry import BEIJING, Retry, decide
 from wxd.retry import next_quota_reset as next_resume
 from wxd.sandbox import NOTICE_TEMPLATE_ID, ORDER_TEMPLATE_ID, Person
 from wxd.store import pushes as push_store
-
-
-def sends(case: PushCase) -> list[Any]:
-    return [c for c in case.fake.calls if c.path == SEND_PATH]
 
 
 class DeliveryTest(PushCase):
@@ -56,7 +51,7 @@ class DeliveryTest(PushCase):
         async def counted() -> bool:  # counted when the background write's callback runs
             return counter.get(status="sent") == 1
 
-        await self.eventually(counted, "the sent transition metric")
+        await eventually(counted, "the sent transition metric")
         self.assertEqual(counter.get(status="sending"), 1)
         await self.metrics.collect()
         self.assertIn("wxd_push_queue_depth 0", self.metrics.render())
@@ -106,7 +101,7 @@ class ErrorClassTest(PushCase):
         await workers.start()
         self.fake.script_fault(SEND_PATH, fault)
         push = await self.push(self.order(self.person()))
-        await self.eventually(lambda: self._attempted(push["id"]), "the first attempt")
+        await eventually(lambda: self._attempted(push["id"]), "the first attempt")
         row = await self.until_status(push["id"], "queued")
         self.assertEqual(row["attempts"], 1)
         self.assertGreater(row["next_attempt_at"], self.clock())
@@ -168,7 +163,7 @@ class ErrorClassTest(PushCase):
         self.fake.script_fault(SEND_PATH, "-1")
         self.fake.script_fault(SEND_PATH, "45011")
         push = await self.push(self.order(self.person()))
-        await self.eventually(lambda: self._attempted(push["id"]), "the first attempt")
+        await eventually(lambda: self._attempted(push["id"]), "the first attempt")
         self.clock.advance(120)
         workers.ring()
         row = await self.until_status(push["id"], "failed")
@@ -223,7 +218,7 @@ class QuotaTest(PushCase):
         await workers.start()
         self.fake.script_fault(SEND_PATH, "45009")
         first = await self.push(self.order(self.person()))
-        await self.eventually(lambda: self._paused(workers), "the pause")
+        await eventually(lambda: self._paused(workers), "the pause")
         expected = next_resume(self.clock(), 5 * 60)  # the default quota_resume_s, 00:05
         self.assertEqual(workers.paused_until, expected)
         self.assertEqual(datetime.datetime.fromtimestamp(expected, BEIJING).strftime("%H:%M"),
@@ -237,7 +232,7 @@ class QuotaTest(PushCase):
         second = await self.push(self.order(self.person(skip=1)))
         self.clock.advance(60)
         workers.ring()
-        await self.eventually(self._waiting, "the dispatcher back in its paused wait")
+        await eventually(self._waiting, "the dispatcher back in its paused wait")
         self.assertEqual(len(sends(self)), 1)
         # The pause survives a restart (persisted in meta).
         await workers.stop()
@@ -259,13 +254,15 @@ class QuotaTest(PushCase):
         return workers.paused_until is not None
 
 
-class DeliveryReportTest(PushCase):
-    async def report(self, msgid: Any, status: str, person: Person) -> bool:
-        now = self.clock()
-        matched, _ = await self.db.write(lambda c: push_store.apply_delivery_report(
-            c, msgid, status, person.oa_openid, now))
-        return bool(matched)
+async def report(case: PushCase, msgid: Any, status: str, person: Person) -> bool:
+    """A TEMPLATESENDJOBFINISH for `msgid` as the event router stores it; True if it matched."""
+    now = case.clock()
+    matched, _ = await case.db.write(lambda c: push_store.apply_delivery_report(
+        c, msgid, status, person.oa_openid, now))
+    return bool(matched)
 
+
+class DeliveryReportTest(PushCase):
     @gen_test
     async def test_report_after_sent(self) -> None:
         person = self.person()
@@ -273,21 +270,23 @@ class DeliveryReportTest(PushCase):
         await workers.start()
         push = await self.push(self.order(person))
         sent = await self.until_status(push["id"], "sent")
-        self.assertTrue(await self.report(int(sent["msgid"]), "success", person))
+        self.assertTrue(await report(self, int(sent["msgid"]), "success", person))
         self.assertEqual((await self.get_push(push["id"]))["status"], "delivered")
         other = await self.push(self.order(person))
         sent = await self.until_status(other["id"], "sent")
-        self.assertTrue(await self.report(sent["msgid"], "failed:user block", person))
+        self.assertTrue(await report(self, sent["msgid"], "failed:user block", person))
         row = await self.get_push(other["id"])
         self.assertEqual((row["status"], row["error"]), ("failed", "failed:user block"))
+
+
+class LostAnswerReportTest(PushCase):
+    request_timeout_s = 0.3  # the lost answer (hang_after) times out soon
 
     @gen_test
     async def test_report_before_the_send_answer_is_stored(self) -> None:
         """WeChat accepts the message but its answer is lost (hang_after); the report arrives
         first; the retry with the same client_msg_id learns the msgid → delivered, one message."""
         person = self.person()
-        self.request_timeout_s = 0.3
-        self.client._request_timeout_s = 0.3
         workers = self.make_workers()
         await workers.start()
         self.fake.script_fault(SEND_PATH, "hang_after")
@@ -295,7 +294,7 @@ class DeliveryReportTest(PushCase):
         row = await self.until_status(push["id"], "queued", timeout=5)
         self.assertEqual(row["attempts"], 1)
         [message] = self.fake.inbox(person.oa_openid)
-        self.assertFalse(await self.report(message["msgid"], "success", person))
+        self.assertFalse(await report(self, message["msgid"], "success", person))
         self.clock.advance(row["next_attempt_at"] - self.clock())
         workers.ring()
         done = await self.until_status(push["id"], "delivered")
@@ -313,7 +312,7 @@ class StopAndRecoveryTest(PushCase):
         _, answer = await self.call("POST", "/v1/pushes/batch", {"pushes": [
             self.order(self.person(skip=i % 5)) for i in range(10)]})
         ids = [r["id"] for r in answer["results"]]
-        await self.eventually(lambda: self._some_sending(), "sends in flight")
+        await eventually(lambda: self._some_sending(), "sends in flight")
         await workers.stop()
         rows = [await self.service.get(push_id) for push_id in ids]
         states = [r["status"] for r in rows if r]
@@ -336,8 +335,8 @@ class StopAndRecoveryTest(PushCase):
         workers = self.make_workers(drain_timeout_s=0.2)
         await workers.start()
         push = await self.push(self.order(self.person()))
-        await self.eventually(lambda: self._some_sending(), "the send")
-        await asyncio.sleep(0.05)
+        await eventually(lambda: self._some_sending(), "the send")
+        await eventually(lambda: sends(self), "the send to hang at WeChat")
         started = self.io_loop.time()
         await workers.stop()
         self.assertLess(self.io_loop.time() - started, 2.0)
@@ -349,7 +348,6 @@ class StopAndRecoveryTest(PushCase):
         """A worker killed mid-send (answer lost) and pushes leased but never POSTed: the rows
         stay `sending`. A new PushWorkers recovers them; client_msg_id makes WeChat drop the
         duplicates, so every person's inbox shows each message once."""
-        self.client._request_timeout_s = 5.0
         people = [self.person(skip=i) for i in range(6)]
         pushes = [await self.push(self.order(p)) for p in people]
         ids = [p["id"] for p in pushes]
@@ -357,7 +355,7 @@ class StopAndRecoveryTest(PushCase):
         self.fake.script_fault(SEND_PATH, "hang_after", times=3)
         first = self.make_workers(workers=3)
         await first.start()
-        await self.eventually(lambda: self._inbox_count(people, 3), "three accepted messages")
+        await eventually(lambda: self._inbox_count(people, 3), "three accepted messages")
         # 2. Kill: the tasks die without the graceful path (no requeue).
         for task in first._tasks:
             task.cancel()
@@ -409,10 +407,10 @@ class LeaseExpiryTest(PushCase):
         """Make the database read-only while the send is answered, until the sender's outcome
         write has failed."""
         send_seconds = self.metrics.histogram("wxd_push_send_seconds", "")
-        await self.eventually(lambda: self._called(), "the send to reach WeChat")
+        await eventually(lambda: self._called(), "the send to reach WeChat")
         async with read_only(self.db):
-            await self.eventually(lambda: self._answered(workers, send_seconds.count()),
-                                  "the answer and its outcome write")
+            await eventually(lambda: self._answered(workers, send_seconds.count()),
+                             "the answer and its outcome write")
         assert self.db.write_error is not None
 
     async def _called(self) -> bool:
@@ -434,9 +432,12 @@ class LeaseExpiryTest(PushCase):
         row = await self.get_push(push["id"])
         self.assertEqual((row["status"], row["attempts"], row["msgid"]), ("sending", 1, None))
         self.assertEqual(len(self.fake.inbox(person.oa_openid)), 1)
-        await asyncio.sleep(0.3)  # the workers keep leasing; this lease has not passed
+        lease_end = self.clock() + LEASE_S
+        self.clock.set(lease_end - 1)  # the workers keep leasing; this lease has not passed
+        await eventually(self.clock.pending, "the dispatcher back in its wait")
         self.assertEqual(self.fake.count_calls(SEND_PATH), 1)
-        self.clock.advance(LEASE_S + 1)  # no doorbell: the dispatcher wakes at the lease end
+        self.assertEqual((await self.get_push(push["id"]))["attempts"], 1)  # not leased again
+        self.clock.set(lease_end + 1)  # no doorbell: the dispatcher wakes at the lease end
         done = await self.until_status(push["id"], "sent")
         self.assertEqual((done["attempts"], done["client_msg_id"]), (2, push["id"]))
         self.assertEqual([c.body["client_msg_id"] for c in sends(self)], [push["id"]] * 2)
@@ -474,17 +475,6 @@ class RateTest(PushCase):
         # 10 sends a second, no burst: the 15th send is not before 1.4 s.
         self.assertGreaterEqual(max(c.at for c in sends(self)) - started, 1.4 - 1e-3)
         self.assertGreaterEqual(sum(self.clock.sleeps), 1.4 - 1e-3)
-
-
-def test_next_resume_is_beijing_time() -> None:
-    # 2023-11-14 22:13:20 UTC = 2023-11-15 06:13:20 Beijing.
-    now = 1_700_000_000.0
-    resume = next_resume(now, 5 * 60)  # 00:05
-    local = datetime.datetime.fromtimestamp(resume, BEIJING)
-    assert (local.day, local.hour, local.minute) == (16, 0, 5)
-    assert resume - now == pytest.approx(17 * 3600 + 51 * 60 + 40)
-    assert next_resume(now, 6 * 3600 + 30 * 60) - now == pytest.approx(16 * 60 + 40)
-    assert next_resume(resume, 300) == resume + 86400  # strictly after
 
 
 def test_backoff_bounds() -> None:

@@ -53,7 +53,8 @@ class Component(Protocol):
 
 
 class Listener:
-    """One HTTP server on one address; `port` is the bound port (useful with port 0)."""
+    """One HTTP server serving `app` on one address; `port` is the bound port (useful with
+    port 0)."""
 
     def __init__(self, name: str, app: tornado.web.Application, listen: Listen,
                  max_body_size: int) -> None:
@@ -64,6 +65,11 @@ class Listener:
         self._server: tornado.httpserver.HTTPServer | None = None
         self._sockets: list[socket.socket] = []
         self.port = listen.port
+
+    @property
+    def app(self) -> tornado.web.Application:
+        """The application this listener serves."""
+        return self._app
 
     async def start(self) -> None:
         self._sockets = tornado.netutil.bind_sockets(self._listen.port, self._listen.host)

@@ -1,4 +1,5 @@
-"""Storage: PRAGMAs, migrations from every version, group commit durability, lock file, backup."""
+"""wxd.store.db and its schema: PRAGMAs, migrations from every version, group commit durability,
+lock file, backup."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from tornado.testing import AsyncTestCase, gen_test
 
-from tests.helpers import FakeClock, fetchall, fetchone
+from tests.helpers import FakeClock, eventually, fetchall, fetchone
 from tests.storage_faults import disk_full, outside_writer, read_only
 from wxd.errors import LockedError, StorageError
 from wxd.metrics import Registry
@@ -365,15 +366,16 @@ class DatabaseTest(AsyncTestCase):
                 "INSERT INTO meta (key, value) VALUES ('with_reader', 'v')"))
             checkpoint = asyncio.get_running_loop().run_in_executor(
                 None, lambda: tool.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
-            refused: StorageError | None = None
-            for _ in range(100):  # until the tool's thread holds the lock
+            async def probe() -> StorageError | None:
                 try:
                     await db.write(lambda conn: conn.execute(
                         "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', 'v')"))
                 except StorageError as exc:
-                    refused = exc
-                    break
-                await asyncio.sleep(0.02)
+                    return exc
+                return None
+
+            refused = await eventually(probe, "a write refused while the tool holds the lock",
+                                       interval=0.02)
             assert refused is not None and "database is locked" in str(refused)
             assert db.write_error is not None
             reader.execute("COMMIT")
@@ -395,10 +397,11 @@ class DatabaseTest(AsyncTestCase):
     @gen_test
     async def test_an_item_arriving_during_a_commit_lands_in_the_next_one(self) -> None:
         db = await Database.open(self.path)
-        release = threading.Event()
+        started, release = threading.Event(), threading.Event()
         committed_in: dict[str, int] = {}
 
         def blocker(conn: sqlite3.Connection) -> None:
+            started.set()
             release.wait(10)
 
         def put(conn: sqlite3.Connection, keys: list[str]) -> list[str]:
@@ -410,10 +413,10 @@ class DatabaseTest(AsyncTestCase):
 
         try:
             first = asyncio.ensure_future(note("blocker", db.write(blocker)))
-            await asyncio.sleep(0.05)  # commit N is now running (blocked on the db thread)
+            await eventually(started.is_set, "commit N running (blocked on the db thread)")
             others = [asyncio.ensure_future(note("other", db.write(lambda conn: None))),
                       asyncio.ensure_future(note("item", db.write_many(put, "x")))]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0)  # their first step submits both writes
             release.set()
             await asyncio.gather(first, *others)
             assert committed_in["item"] == committed_in["other"] == committed_in["blocker"] + 1
@@ -449,12 +452,14 @@ class DatabaseTest(AsyncTestCase):
 
         task = asyncio.create_task(churn())
         try:
-            await asyncio.sleep(0.05)
+            await eventually(lambda: db.commits, "the writes under way", until=lambda n: n >= 10)
             dests = [str(self.dir / f"backup{i}.db") for i in range(3)]
             for dest in dests:
                 # The CLI's path: a separate connection, run in a thread as another process would.
                 await asyncio.get_running_loop().run_in_executor(None, backup_file, self.path, dest)
-                await asyncio.sleep(0.02)
+                since = db.commits
+                await eventually(lambda: db.commits, "more writes between two backups",
+                                 until=lambda n: n > since)  # noqa: B023
         finally:
             stop.set()
             await task

@@ -1,6 +1,7 @@
-"""Helpers of the proof harnesses (kill loop, graceful stop): `wxd run` as a subprocess with its
-log in a file, an async admin client, polling with deadlines, and read-only checks of the
-database file and of what the sandbox received. No fixed sleeps decide anything here.
+"""The proof harness (bench.killloop, tests/test_graceful_stop.py, tests/test_killloop.py):
+`wxd run` as a subprocess with its log in a file and a config for a sandbox, an async admin
+client, polling with deadlines, and read-only checks of the database file and of what the
+sandbox received. No fixed sleeps decide anything here. Imports nothing from tests/.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from typing import IO, Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from tests.helpers import ADMIN_TOKEN, free_port, sandbox_config_text
+from bench.common import free_port
 from wxd.sandbox import NOTICE_TEMPLATE_ID, SandboxThread, SignedRequest
 
 T = TypeVar("T")
 
 READY_TIMEOUT_S = 30.0  # a loaded 2-core CI machine can take a while to import and migrate
+ADMIN_TOKEN = "proof-admin-token-0123456789"
 
 
 def notice_push(to_oa_openid: str, key: str | None = None) -> dict[str, Any]:
@@ -58,12 +60,32 @@ class Ports:
         return f"http://127.0.0.1:{self.webhook}/wechat"
 
 
+def config_text(database: str, sandbox: SandboxThread, ports: Ports,
+                extra: Mapping[str, Mapping[str, object]] | None = None) -> str:
+    """wxd.conf text for a daemon against `sandbox` (its credentials and base URL) on `ports`,
+    unpaced backfill; `extra` adds or overrides keys per section."""
+    c = sandbox.fake.credentials
+    sections: dict[str, dict[str, object]] = {
+        "wxd": {"database": database, "shutdown_timeout_s": 5, "log_level": "info"},
+        "webhook": {"listen": f"127.0.0.1:{ports.webhook}", "path": "/wechat",
+                    "token": c.webhook_token, "encoding_aes_key": c.encoding_aes_key},
+        "admin": {"listen": f"127.0.0.1:{ports.admin}", "token": ADMIN_TOKEN},
+        "official_account": {"appid": c.oa_appid, "secret": c.oa_secret},
+        "mini_program": {"appid": c.mp_appid, "secret": c.mp_secret},
+        "wechat": {"api_base": sandbox.base_url},
+        "backfill": {"rate_per_s": 0},
+    }
+    for name, values in (extra or {}).items():
+        sections.setdefault(name, {}).update(values)
+    return "\n".join(f"[{name}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+                     for name, values in sections.items())
+
+
 def write_config(directory: pathlib.Path, sandbox: SandboxThread, ports: Ports,
                  extra: Mapping[str, Mapping[str, object]] | None = None) -> pathlib.Path:
     """wxd.conf in `directory` for `sandbox`, fixed ports (restarts reuse them), db wxd.db."""
     path = directory / "wxd.conf"
-    path.write_text(sandbox_config_text(str(directory / "wxd.db"), sandbox.fake.credentials,
-                                        sandbox.base_url, ports.admin, ports.webhook, extra))
+    path.write_text(config_text(str(directory / "wxd.db"), sandbox, ports, extra))
     return path
 
 
