@@ -19,7 +19,7 @@ from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
-from wxd.retry import Fail, Pause, Retry, decide
+from wxd.retry import Fail, Pause, Retry, decide, next_quota_reset
 from wxd.sandbox import FakeWeChat, SignedRequest, WebhookSender
 from wxd.store import ingest
 from wxd.store import jobs as job_store
@@ -284,7 +284,10 @@ class WorkersTest(EventsCase):
             return decision.delay_s
 
         assert 1.6 <= delay(TransportError("x", "/p")) <= 2.4
-        assert 6.4 <= delay(WeChatAPIError(45009, "quota", "/p", kind="quota"), 3) <= 9.6
+        # 45009 waits for the daily reset ([events] quota_resume_time, 00:05 Beijing), not seconds.
+        assert decide(WeChatAPIError(45009, "quota", "/p", kind="quota"), 3, T0, policy) == \
+            Pause(next_quota_reset(T0, 300), "quota", 45009)
+        assert 48 <= delay(WeChatAPIError(43117, "too frequently", "/p")) <= 60  # minutes
         assert delay(WeChatAPIError(-1, "busy", "/p"), 40) <= 600 * 1.2
         assert decide(WeChatAPIError(40003, "openid", "/p"), 1, T0, policy) == Fail("terminal")
         assert isinstance(decide(TokenBudgetError("spent"), 1, T0, policy), Pause)

@@ -18,6 +18,7 @@ from wxd.errors import (
     NoMsgidError,
     StorageError,
     TokenBudgetError,
+    TokenUnavailable,
     TransportError,
     WeChatAPIError,
 )
@@ -43,6 +44,7 @@ from wxd.tokens import TokenManager
 from wxd.wechat.errcodes import ERROR_KINDS
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC = 06:13:20 Beijing; 40 s to the next minute
+RETRY_AT = NOW + 37.5  # when the token manager of the TokenUnavailable below fetches again
 UNKNOWN_CODES = (40003, 40037, 43004, 47003, 48001, 99999)
 USES = ("pushes", "events", "backfill", "tokens")
 
@@ -60,15 +62,21 @@ def policies() -> dict[str, Policy]:
 
 def expected(use: str, exc: BaseException) -> str:
     """The decision each use must make, by name: retry, retry-minute (45011), retry-user
-    (43117), retry-unexpected, pause-reset (Beijing reset time), pause-hour, pause-utc, fail."""
+    (43117), retry-unexpected, pause-reset (Beijing reset time), pause-hour, pause-utc,
+    pause-probe (no token: until the token manager's next fetch; the IP whitelist answered
+    by a business call: a minute), fail."""
     if isinstance(exc, TokenBudgetError):
         return "pause-utc"
     terminal = "retry" if use == "tokens" else "fail"
+    if isinstance(exc, TokenUnavailable):
+        return "retry" if use == "tokens" else "pause-probe"
     if isinstance(exc, WeChatAPIError):
         kind = ERROR_KINDS.get(exc.errcode, "terminal")
         if kind == "quota":
-            return {"pushes": "pause-reset", "backfill": "pause-reset", "events": "retry",
+            return {"pushes": "pause-reset", "backfill": "pause-reset", "events": "pause-reset",
                     "tokens": "pause-hour"}[use]
+        if kind == "unreachable":  # the token manager's own fetch: its backoff is the probe
+            return "retry" if use == "tokens" else "pause-probe"
         if kind == "terminal":
             return terminal
         return {45011: "retry-minute", 43117: "retry-user"}.get(exc.errcode, "retry")
@@ -87,10 +95,14 @@ def named(use: str, decision: Decision) -> str:
         if decision.reason == "token_budget":
             assert decision.until == next_utc_midnight(NOW)
             return "pause-utc"
-        assert decision.reason == "quota"
+        if decision.reason == "unreachable":
+            assert decision.errcode in (40164, 61004, 89503, None)
+            assert decision.until in (RETRY_AT, NOW + 60)
+            return "pause-probe"
+        assert decision.reason == "quota" and decision.errcode == 45009
         if decision.until == NOW + 3600:
             return "pause-hour"
-        resume = {"pushes": 5 * 60.0, "backfill": 60.0}[use]
+        resume = {"pushes": 5 * 60.0, "backfill": 60.0, "events": 5 * 60.0}[use]
         assert decision.until == next_quota_reset(NOW, resume)
         assert 0 < decision.until - next_beijing_midnight(NOW) == resume
         return "pause-reset"
@@ -99,6 +111,8 @@ def named(use: str, decision: Decision) -> str:
         assert 40.0 <= decision.delay_s <= 41.0  # not before the next wall-clock minute
         return "retry-minute"
     if decision.scope == "user":
+        if use in ("pushes", "events"):  # 43117: minutes to hours, not seconds
+            assert 30.0 <= decision.delay_s <= 60.0
         return "retry-user"
     return "retry-unexpected" if decision.unexpected else "retry"
 
@@ -109,6 +123,12 @@ ERRORS: list[BaseException] = [
     TransportError("POST /cgi-bin/x: HTTP 502", "/cgi-bin/x", 502),
     StorageError("commit failed: disk I/O error"),
     TokenBudgetError("oa: the daily budget of 1500 upstream token fetches is spent"),
+    TokenUnavailable("oa", WeChatAPIError(40164, "invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4, not in "
+                                          "whitelist", "/cgi-bin/stable_token", "unreachable"),
+                     RETRY_AT, "1.2.3.4"),
+    TokenUnavailable("oa", WeChatAPIError(89503, "risky ip", "/cgi-bin/token"), RETRY_AT),
+    TokenUnavailable("oa", TransportError("POST /cgi-bin/stable_token: HTTP 500",
+                                          "/cgi-bin/stable_token", 500), RETRY_AT),
     asyncio.TimeoutError(),
     MessageError("malformed XML"),
     KeyError("msgid"),
@@ -138,7 +158,22 @@ def test_retries_end_after_max_attempts_pauses_do_not(use: str) -> None:
 
 
 def test_every_errcode_class_is_known() -> None:
-    assert set(ERROR_KINDS.values()) == {"token", "transient", "quota"}
+    assert set(ERROR_KINDS.values()) == {"token", "transient", "quota", "unreachable"}
+
+
+def test_an_unreachable_pause_names_the_errcode_and_the_ip() -> None:
+    policy = policies()["pushes"]
+    refused = WeChatAPIError(40164, "invalid ip 203.0.113.9 ipv6 ::ffff:203.0.113.9, not in "
+                             "whitelist rid: 1", "/cgi-bin/message/template/send", "unreachable")
+    assert decide(refused, 3, NOW, policy) == Pause(NOW + 60, "unreachable", 40164,
+                                                    "203.0.113.9")
+    no_token = TokenUnavailable("oa", refused, RETRY_AT, "203.0.113.9")
+    assert (no_token.errcode, no_token.ip, no_token.cause) == (40164, "203.0.113.9", refused)
+    assert decide(no_token, 3, NOW, policy) == Pause(RETRY_AT, "unreachable", 40164,
+                                                     "203.0.113.9")
+    # A token manager about to fetch again: the pause still lasts a moment (no busy probing).
+    soon = TokenUnavailable("oa", refused, NOW)
+    assert decide(soon, 1, NOW, policy) == Pause(NOW + 1, "unreachable", 40164, None)
 
 
 def test_backoff_bounds_and_determinism() -> None:

@@ -61,6 +61,23 @@ def test_retry_keeps_error_and_waits(conn: sqlite3.Connection) -> None:
     assert (again.id, again.attempts, again.last_error) == (job_id, 2, "TransportError: timeout")
 
 
+def test_a_paused_job_gets_its_attempt_back_and_can_be_hastened(conn: sqlite3.Connection) -> None:
+    waiting = enqueue(conn, "event", "{}", T0)
+    other = enqueue(conn, "event", "{}", T0)
+    first, second = jobs.lease(conn, T0, 2, 30)
+    jobs.retry(conn, first.id, "TokenUnavailable: oa: 40164", T0 + 300, refund=True)
+    jobs.retry(conn, second.id, "TransportError: timeout", T0 + 300)
+    assert jobs.hasten(conn, [waiting], T0 + 5) == 1  # WeChat answers again
+    assert jobs.hasten(conn, [waiting], T0 + 6) == 0  # already due
+    (again,) = jobs.lease(conn, T0 + 5, 10, 30)
+    assert (again.id, again.attempts, again.last_error) == (
+        waiting, 1, "TokenUnavailable: oa: 40164")  # the pause used no attempt
+    jobs.retry(conn, again.id, "quota", T0 + 9, refund=True)
+    assert jobs.hasten(conn, list(range(1, 1200)), T0 + 7) == 2  # ids in chunks; both wait
+    assert [(j.id, j.attempts) for j in jobs.lease(conn, T0 + 7, 10, 30)] == [
+        (waiting, 1), (other, 2)]
+
+
 def test_recover_requeues_every_lease_due_now(conn: sqlite3.Connection) -> None:
     a = enqueue(conn, "event", "{}", T0)
     b = enqueue(conn, "event", "{}", T0)

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from wxd.store import meta
 from wxd.store import pushes as push_store
 from wxd.store.db import migrate
+from wxd.store.meta import Paused
 from wxd.store.schema import MIGRATIONS
 
 NOW = 1_700_000_000.0
@@ -305,8 +307,8 @@ def test_list_newest_first_with_cursor(conn: sqlite3.Connection) -> None:
 
 
 def test_pause_and_stats(conn: sqlite3.Connection) -> None:
-    assert push_store.paused_until(conn) is None
-    push_store.set_paused_until(conn, NOW + 3600.5)
+    assert push_store.paused_until(conn) is None and push_store.load_pause(conn) is None
+    push_store.save_pause(conn, Paused("quota", NOW, NOW + 3600.5, 45009))
     assert push_store.paused_until(conn) == NOW + 3600.5
     ids = add(conn, 3)
     push_store.cancel(conn, ids[0], NOW)
@@ -315,9 +317,28 @@ def test_pause_and_stats(conn: sqlite3.Connection) -> None:
     assert stats["by_status"] == {"queued": 2, "sending": 0, "sent": 0, "delivered": 0,
                                   "failed": 0, "cancelled": 1}
     assert stats["total"] == 3 and stats["paused_until"] == NOW + 3600.5
+    assert stats["paused"] == {"reason": "quota", "errcode": 45009, "since": NOW,
+                               "until": NOW + 3600.5}
     assert push_store.queue_depth(conn) == (2, NOW - 50)
-    push_store.set_paused_until(conn, None)
+    push_store.save_pause(conn, None)
     assert push_store.paused_until(conn) is None
+    assert push_store.push_stats(conn)["paused"] is None
+
+
+def test_unreachable_pause_and_a_pause_stored_by_an_older_wxd(conn: sqlite3.Connection) -> None:
+    push_store.save_pause(conn, Paused("unreachable", NOW, NOW + 5, 40164, "1.2.3.4"))
+    assert push_store.load_pause(conn) == Paused("unreachable", NOW, NOW + 5, 40164, "1.2.3.4")
+    # No "until" for WeChat unreachable: it ends when WeChat answers (paused_until: next probe).
+    assert push_store.push_stats(conn)["paused"] == {
+        "reason": "unreachable", "errcode": 40164, "since": NOW, "ip": "1.2.3.4"}
+    assert push_store.push_stats(conn)["paused_until"] == NOW + 5
+    push_store.save_pause(conn, None)
+    meta.set(conn, "pushes.paused_until", repr(NOW + 60))  # before pauses had reasons
+    assert push_store.load_pause(conn) == Paused("quota", NOW + 60, NOW + 60, 45009)
+    push_store.save_pause(conn, None)
+    assert push_store.load_pause(conn) is None
+    meta.set(conn, "pushes.pause", "{not json")
+    assert push_store.load_pause(conn) is None
 
 
 def sends_of(conn: sqlite3.Connection, push_id: str) -> tuple[int, float | None]:

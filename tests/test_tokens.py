@@ -17,7 +17,7 @@ from tests.helpers import ADMIN_TOKEN, capture_logs, eventually, exception_text,
 from tests.sandbox_fixture import START, ClientCase, FakeClock, WeChatStack
 from wxd import admin
 from wxd.admin import tokens as admin_tokens
-from wxd.errors import TokenBudgetError, TransportError, WeChatAPIError
+from wxd.errors import TokenBudgetError, TokenUnavailable, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.retry import next_utc_midnight
 from wxd.sandbox import FakeWeChat
@@ -278,10 +278,11 @@ class TestRefresher(TokenCase):
     async def test_quota_error_is_not_retried(self) -> None:
         manager = self.manager()
         self.fake.script_fault(STABLE, "45009")
-        with capture_logs() as logs, pytest.raises(WeChatAPIError) as info:
+        with capture_logs() as logs, pytest.raises(TokenUnavailable) as info:
             await manager.get()
-        assert info.value.kind == "quota"
-        with pytest.raises(WeChatAPIError):
+        assert isinstance(info.value.cause, WeChatAPIError) and info.value.cause.kind == "quota"
+        assert (info.value.errcode, info.value.retry_at) == (45009, self.clock() + 3600)
+        with pytest.raises(TokenUnavailable):
             await manager.get()
         assert not await manager.refresh_if_due()
         assert self.calls(STABLE) == 1
@@ -305,8 +306,9 @@ class TestBackoff(TokenCase):
                 assert self.calls(STABLE) == expected_calls
                 delays.append(manager.retry_at - self.clock())
                 assert not manager.needs_refresh(self.clock())
-                with pytest.raises((WeChatAPIError, TransportError)):
+                with pytest.raises(TokenUnavailable) as info:
                     await manager.get()  # backing off: raises without calling WeChat
+                assert isinstance(info.value.cause, (WeChatAPIError, TransportError))
                 assert not await manager.refresh_if_due()
                 assert self.calls(STABLE) == expected_calls
                 self.clock.advance(delays[-1])
@@ -326,6 +328,44 @@ class TestBackoff(TokenCase):
         await manager.stop()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+
+
+class TestUnreachable(TokenCase):
+    """A refused token fetch is no verdict on the call that needed the token: get() raises
+    TokenUnavailable (errcode, the IP WeChat saw, when the next fetch is tried); the backoff
+    probes; on_available callbacks run once a fetch succeeds again."""
+
+    @gen_test
+    async def test_refusals_raise_token_unavailable_then_listeners_hear_the_recovery(self) -> None:
+        manager = self.manager()
+        heard: list[float] = []
+        manager.on_available(lambda: heard.append(self.clock()))
+        oa = OfficialAccountAPI(self.client, manager)
+        for errcode in (40164, 89503, 40125):
+            self.fake.refuse_tokens(errcode, ips=["203.0.113.7"], seconds=600)
+            with pytest.raises(TokenUnavailable) as info:
+                await oa.user_get()  # a business call meets the token's refusal
+            failure = info.value
+            assert failure.errcode == errcode and failure.app == "oa"
+            assert failure.ip == ("203.0.113.7" if errcode == 40164 else None)
+            assert isinstance(failure.cause, WeChatAPIError)
+            assert failure.retry_at == manager.retry_at > self.clock()
+            assert self.calls("/cgi-bin/user/get") == 0  # never asked without a token
+            # Backing off: the probes come no faster than the backoff, with the same answer.
+            fetches = self.calls(STABLE)
+            with pytest.raises(TokenUnavailable):
+                await manager.get()
+            assert self.calls(STABLE) == fetches and heard == []
+            self.clock.advance(600)  # the switch expires by the emulator's clock
+            assert await manager.refresh_if_due()
+            assert heard == [self.clock()]
+            heard.clear()
+            self.clock.advance(7200)  # the token expires: the next refusal is met at once
+        self.fake.script_fault("token", "http500", None, seconds=60)
+        with pytest.raises(TokenUnavailable) as info:
+            await manager.get()
+        assert info.value.errcode is None and isinstance(info.value.cause, TransportError)
+        assert "HTTP 500" in str(info.value)
 
 
 class TestBudget(TokenCase):

@@ -16,7 +16,7 @@ from tests.sandbox_fixture import ClientCase
 from wxd.errors import NoMsgidError, TransportError, WeChatAPIError
 from wxd.sandbox import LEGACY_TEMPLATE_ID
 from wxd.wechat.client import WeChatClient
-from wxd.wechat.errcodes import ERROR_KINDS, classify
+from wxd.wechat.errcodes import ERROR_KINDS, KINDS, classify, refusal_hint, reported_ip
 from wxd.wechat.mp import MiniProgramAPI
 from wxd.wechat.oa import OfficialAccountAPI
 from wxd.wechat.transport import KeepAliveClient
@@ -28,9 +28,23 @@ def test_classify_table() -> None:
     for code in (-1, 45011, 43117):
         assert classify(code) == "transient"
     assert classify(45009) == "quota"
-    for code in (40003, 43004, 47003, 48001, 40037, 40125, 40164, 41028, 12345):
+    for code in (40164, 61004):  # the IP whitelist guards every API: no verdict on the request
+        assert classify(code) == "unreachable"
+    # A token fetch's 40125, 89503, ... leave wxd without a token (TokenUnavailable); answered
+    # by a business call they would be about that call.
+    for code in (40003, 43004, 47003, 48001, 40037, 40125, 89503, 41028, 12345):
         assert classify(code) == "terminal"
-    assert set(ERROR_KINDS.values()) <= {"token", "transient", "quota", "terminal"}
+    assert set(ERROR_KINDS.values()) <= set(KINDS)
+
+
+def test_reported_ip_and_refusal_hints() -> None:
+    assert reported_ip("invalid ip 1.2.3.4 ipv6 ::ffff:1.2.3.4, not in whitelist rid: x") == \
+        "1.2.3.4"
+    assert reported_ip("invalid ip 2001:db8::1 ipv6 2001:db8::1, not in whitelist") == \
+        "2001:db8::1"
+    assert reported_ip("access clientip is not registered rid: 1") is None
+    assert "whitelist" in refusal_hint(40164) and "admin" in refusal_hint(89503)
+    assert "network" in refusal_hint(None) and refusal_hint(12345)
 
 
 class TestCalls(ClientCase):

@@ -227,7 +227,9 @@ class QuotaTest(PushCase):
         self.assertEqual(row["attempts"], 0, "a quota refusal must not use an attempt")
         stats = await self.service.stats()
         self.assertEqual(stats["paused_until"], expected)
-        self.assertIn("wxd_push_paused 1", self.metrics.render())
+        self.assertIn('wxd_push_paused{reason="quota"} 1', self.metrics.render())
+        self.assertEqual((await self.service.stats())["paused"],
+                         {"reason": "quota", "errcode": 45009, "since": self.clock(), "until": expected})
         # Nothing is sent while paused, new pushes included.
         second = await self.push(self.order(self.person(skip=1)))
         self.clock.advance(60)
@@ -245,7 +247,7 @@ class QuotaTest(PushCase):
         await self.until_status(second["id"], "sent")
         self.assertIsNone(workers.paused_until)
         self.assertIsNone((await self.service.stats())["paused_until"])
-        self.assertIn("wxd_push_paused 0", self.metrics.render())
+        self.assertIn('wxd_push_paused{reason="quota"} 0', self.metrics.render())
 
     async def _waiting(self) -> bool:
         return bool(self.clock.pending())  # only the dispatcher waits on the clock here

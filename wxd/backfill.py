@@ -19,14 +19,15 @@ from typing import Any, Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock, Timer
 from wxd.coalesce import split_refused
-from wxd.errors import StorageError, TransportError, WeChatAPIError
+from wxd.errors import StorageError, TokenUnavailable, TransportError, WeChatAPIError
 from wxd.metrics import Registry
 from wxd.pacing import RateLimiter
-from wxd.retry import DAY_S, Backoff, Fail, Pause, Policy, decide
+from wxd.retry import DAY_S, Backoff, Fail, Pause, Policy, decide, pause_cause
 from wxd.store import backfill as backfill_store
 from wxd.store import followers, ingest
 from wxd.store.backfill import STATES, BackfillState
 from wxd.store.db import Database
+from wxd.store.meta import Paused
 from wxd.wechat.oa import BATCHGET_MAX
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ MAX_RESTARTS_FROM_HEAD = 2
 # https://developers.weixin.qq.com/community/develop/doc/000882d36a45e80b796be46be5b800
 # https://developers.weixin.qq.com/community/develop/doc/0004e25a390b58e0419b79efd51400
 CHUNK_REFUSALS = frozenset({50005, 40003, 40032})
+UNREACHABLE_PROBE_S = 60.0  # after user/get's or batchget's 40164, the run tries again this often
 
 
 class FollowerSource(Protocol):
@@ -112,11 +114,13 @@ class _End:
 
 
 class _Paused(Exception):
-    """45009 (the daily quota) or the token budget is spent; the run pauses until `until`."""
+    """45009 (the daily quota), the token budget is spent or WeChat is unreachable for wxd;
+    the run pauses as `pause` says (until pause.until)."""
 
-    def __init__(self, cause: Exception, until: float) -> None:
+    def __init__(self, cause: Exception, pause: Pause) -> None:
         super().__init__(str(cause))
-        self.until = until
+        self.pause = pause
+        self.until = pause.until
 
 
 class _Stopping(Exception):
@@ -151,10 +155,12 @@ class FollowerBackfill:
     error after the client's refresh) are retried after backoff_base_s·2^(n-1) (-50 % jitter,
     at most backoff_max_s), `max_attempts` tries per call, then the run fails; 45011 holds
     every call until the next minute; 45009 pauses the run until quota_resume_s after the next
-    (Beijing; it resumes by itself then), a spent token budget until the next UTC midnight;
-    terminal errors fail it. begin() resumes a failed or paused run from its cursor (or, with
-    from_start, begins a new run at the head). Time (unix s, rate limit and backoff sleeps, the
-    resume/re-sync timer) comes from `clock`.
+    (Beijing; it resumes by itself then), a spent token budget until the next UTC midnight,
+    WeChat unreachable for wxd (no access_token, or 40164/61004) until the next probe (the
+    token manager's next fetch), or until reachable() (its on_available) resumes it; the
+    pause's reason is status()["paused"]. Terminal errors fail the run. begin() resumes a
+    failed or paused run from its cursor (or, with from_start, begins a new run at the head).
+    Time (unix s, rate limit and backoff sleeps, the resume/re-sync timer) comes from `clock`.
 
     A stale cursor (WeChat's list order is unspecified, and a big account resumes the next
     day): when user/get refuses a saved cursor (40003) or answers an empty page there before
@@ -187,9 +193,11 @@ class FollowerBackfill:
         self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5,
                                      rng if rng is not None else random.Random()),
                              max_attempts=max(max_attempts, 1),
-                             quota_resume_s=quota_resume_s)
+                             quota_resume_s=quota_resume_s,
+                             unreachable_probe_s=UNREACHABLE_PROBE_S)
         self.drain_timeout_s = drain_timeout_s
         self._row = BackfillState()
+        self._pause: Paused | None = None  # why the run is paused (persisted beside the row)
         self._task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
         self._timer_task: asyncio.Task[dict[str, Any]] | None = None
@@ -233,6 +241,8 @@ class FollowerBackfill:
             return
         self._state = "running"
         self._set_row(await self._db.read(backfill_store.load))
+        if self._row.state == "paused":
+            self._pause = await self._db.read(backfill_store.load_pause)
         if self._row.state == "running" and not self.running:
             log.info("resuming backfill run %d (%d followers done)", self._row.run,
                      self._row.followers_done)
@@ -281,14 +291,20 @@ class FollowerBackfill:
                     row.state == "paused" and not force and row.paused_until is not None
                     and self._clock.now() < row.paused_until):
                 return False, self.status()
-            self._set_row(await self._db.write(lambda conn: backfill_store.begin_run(
-                conn, self._clock.now(), from_start=from_start)))
+
+            def resume(conn: sqlite3.Connection) -> BackfillState:
+                backfill_store.save_pause(conn, None)  # running again: no reason to show
+                return backfill_store.begin_run(conn, self._clock.now(), from_start=from_start)
+
+            self._set_row(await self._db.write(resume))
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             self._stop_requested = False
             self._session, self._rate = (self._clock.now(), self._row.followers_done), 0.0
-            self._task = asyncio.create_task(self._run(self._row), name="wxd-backfill")
+            self._task = asyncio.create_task(self._run(self._row, self._pause),
+                                             name="wxd-backfill")
+            self._pause = None
             self._task.add_done_callback(_log_crash)
             log.info("backfill run %d started (%s)", self._row.run,
                      "at a saved cursor" if self._row.cursor else "at the head of the list")
@@ -302,8 +318,9 @@ class FollowerBackfill:
 
     def status(self) -> dict[str, Any]:
         """The progress document of GET /v1/backfill: backfill_store.status_document, with
-        rate_per_s = followers/s since this process (re)started the run, plus next_run_at
-        (auto-resume or re-sync time) and the settings."""
+        rate_per_s = followers/s since this process (re)started the run, plus paused (why a
+        paused run waits: meta.Paused.document(), else None), next_run_at (auto-resume or
+        re-sync time) and the settings."""
         row, now = self._row, self._clock.now()
         active = row.state == "running" and self.running
         if active and now > self._session[0]:
@@ -312,7 +329,9 @@ class FollowerBackfill:
             row, now, active=active, rate_per_s=self._rate,
             unsaved_calls=self._unsaved_calls + self._queued_calls,
             page_progress=self._page_progress + self._queued_followers if active else 0,
-        ) | {"next_run_at": self._next_due(), "unionid_index_deferred": self._index_deferred,
+        ) | {"paused": (self._pause.document()
+                        if self._pause is not None and row.state == "paused" else None),
+             "next_run_at": self._next_due(), "unionid_index_deferred": self._index_deferred,
              "concurrency": self._concurrency,
              "call_rate_limit_per_s": self._limiter.rate_per_s,
              "resync_interval_s": self._resync_s}
@@ -342,6 +361,16 @@ class FollowerBackfill:
             delay = min(max(due - self._clock.now(), 0.0), DAY_S)
             self._timer = self._clock.call_later(delay, self._on_timer)
 
+    def reachable(self) -> None:
+        """A token fetch succeeded (TokenManager.on_available): a run paused because WeChat
+        was unreachable resumes now."""
+        pause = self._pause
+        if (pause is None or pause.reason != "unreachable" or self._row.state != "paused"
+                or self.running or self._state in ("stopping", "stopped")):
+            return
+        self._timer_task = asyncio.create_task(self.begin(force=True), name="wxd-backfill-resume")
+        self._timer_task.add_done_callback(_log_crash)
+
     def _on_timer(self) -> None:
         self._timer = None
         due = self._next_due()
@@ -355,7 +384,8 @@ class FollowerBackfill:
 
     # The run ------------------------------------------------------------------------------
 
-    async def _run(self, row: BackfillState) -> None:
+    async def _run(self, row: BackfillState, resumed: Paused | None) -> None:
+        """One run from the row's cursor; `resumed` is the pause it resumes from, if any."""
         run, cursor, total = row.run, row.cursor or "", row.total
         queued: collections.deque[asyncio.Task[None]] = collections.deque()
         try:
@@ -365,8 +395,9 @@ class FollowerBackfill:
             log.info("backfill stopped at a page boundary (run %d, %d followers done)", run,
                      self._row.followers_done)
         except _Paused as exc:
-            await self._halt(run, queued, "paused", last_error=str(exc), paused_until=exc.until)
-            log.warning("backfill paused until %.0f: %s", exc.until, exc)
+            pause = self._paused(exc, resumed)
+            await self._halt(run, queued, "paused", last_error=str(exc), paused_until=exc.until,
+                             pause=pause)
         except (WeChatAPIError, TransportError, StorageError, sqlite3.Error) as exc:
             await self._halt(run, queued, "failed", last_error=str(exc))
             log.error("backfill run %d failed: %s", run, exc)
@@ -380,6 +411,24 @@ class FollowerBackfill:
                     store.cancel()
             self._page_progress = 0
             self._arm_timer()
+
+    def _paused(self, exc: _Paused, resumed: Paused | None) -> Paused:
+        """The pause to record (a run that resumed from a pause of the same reason keeps its
+        `since`), logged loudly when WeChat turns unreachable, not at every failed probe."""
+        decided, now = exc.pause, self._clock.now()
+        same = resumed if resumed is not None and resumed.reason == decided.reason else None
+        pause = Paused(decided.reason, same.since if same else now, decided.until,
+                       decided.errcode, decided.ip)
+        cause = pause_cause(pause.reason, pause.errcode, pause.ip)
+        if pause.reason != "unreachable":
+            log.warning("backfill paused until %.0f: %s (%s)", exc.until, cause, exc)
+        elif same is None or same.errcode != pause.errcode:
+            log.error("backfill paused: %s; it resumes when WeChat answers again (%s)", cause,
+                      exc)
+        else:
+            log.info("backfill still paused: WeChat unreachable (errcode %s); next try in "
+                     "%.0f s", pause.errcode, exc.until - now)
+        return pause
 
     async def _sync(self, run: int, cursor: str, total: int | None,
                     queued: collections.deque[asyncio.Task[None]]) -> None:
@@ -634,13 +683,16 @@ class FollowerBackfill:
                         "?" if row.total is None else row.total, row.pages_done, row.calls, extra)
 
     async def _halt(self, run: int, queued: Sequence[asyncio.Task[None]], state: str, *,
-                    last_error: str | None = None, paused_until: float | None = None) -> None:
+                    last_error: str | None = None, paused_until: float | None = None,
+                    pause: Paused | None = None) -> None:
         # Let the page writes already submitted land (or fail) first.
         await asyncio.gather(*queued, return_exceptions=True)
         calls = self._unsaved_calls
+        self._pause = pause
 
         def halt(conn: sqlite3.Connection) -> BackfillState:
             ingest.restore_unionid_index(conn)  # a halted run may stay halted for long
+            backfill_store.save_pause(conn, pause)
             return backfill_store.halt(conn, run, state, calls, self._clock.now(),
                                       last_error=last_error, paused_until=paused_until)
 
@@ -671,11 +723,12 @@ class FollowerBackfill:
                 result = await fn(arg)
             except Exception as exc:
                 outcome = exc.kind if isinstance(exc, WeChatAPIError) else (
-                    "transport" if isinstance(exc, TransportError) else "error")
+                    "transport" if isinstance(exc, TransportError) else
+                    "unreachable" if isinstance(exc, TokenUnavailable) else "error")
                 self._m_calls.inc(endpoint=endpoint, outcome=outcome)
                 decision = decide(exc, attempt, self._clock.now(), self.policy)
                 if isinstance(decision, Pause):
-                    raise _Paused(exc, decision.until) from exc
+                    raise _Paused(exc, decision) from exc
                 if isinstance(decision, Fail) and decision.reason == "terminal":
                     raise
                 if self._stop_requested:

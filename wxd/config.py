@@ -267,6 +267,8 @@ class PushesConfig:
     backoff_base_s: float = key("2", number(0.01))
     backoff_max_s: float = key("600", number(0.01))
     quota_resume_time: TimeOfDay = key("00:05", beijing_time)
+    frequency_backoff_base_s: float = key("60", number(0.01))
+    frequency_backoff_max_s: float = key("14400", number(0.01))
     stale_sending: str = key("resend", choice("resend", "fail"))
     template_cache_s: float = key("3600", number(0))
 
@@ -277,6 +279,9 @@ class EventsConfig:
     max_attempts: int = key("10", integer(1))
     backoff_base_s: float = key("2", number(0.01))
     backoff_max_s: float = key("600", number(0.01))
+    quota_resume_time: TimeOfDay = key("00:05", beijing_time)
+    frequency_backoff_base_s: float = key("60", number(0.01))
+    frequency_backoff_max_s: float = key("14400", number(0.01))
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,10 @@ class Daemon:
         self.workers = PushWorkers(
             db, oa_api, workers=p.workers, rate_per_s=p.rate_per_s, max_attempts=p.max_attempts,
             backoff_base_s=p.backoff_base_s, backoff_max_s=p.backoff_max_s,
-            quota_resume_s=p.quota_resume_time.seconds, stale_sending=p.stale_sending, clock=clock,
+            quota_resume_s=p.quota_resume_time.seconds,
+            frequency_backoff_base_s=p.frequency_backoff_base_s,
+            frequency_backoff_max_s=p.frequency_backoff_max_s, stale_sending=p.stale_sending,
+            clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
             drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.workers)
@@ -200,6 +203,9 @@ class Daemon:
         e = cfg.events
         self.events = EventWorkers(db, router, workers=e.workers, max_attempts=e.max_attempts,
                                    backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s,
+                                   quota_resume_s=e.quota_resume_time.seconds,
+                                   frequency_backoff_base_s=e.frequency_backoff_base_s,
+                                   frequency_backoff_max_s=e.frequency_backoff_max_s,
                                    clock=clock, metrics=metrics,
                                    drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.events)
@@ -216,6 +222,12 @@ class Daemon:
                                          metrics=metrics,
                                          drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.backfill)
+        # WeChat reachable again (an OA token fetch succeeded): paused work resumes at once.
+        oa_tokens = self.tokens["oa"]
+        for resume in (self.workers.reachable, self.events.reachable, self.backfill.reachable):
+            oa_tokens.on_available(resume)
+            if oa_tokens.current() is not None:  # had before they listened: try now
+                resume()
 
         metrics.add_collector(self._collect_process)
         common = admin.common_kwargs(cfg.admin.token, metrics, cfg.admin.max_body_bytes)

@@ -13,6 +13,8 @@
     ├── TransportError         network error, timeout, non-200 from WeChat (retryable)
     │   └── NoMsgidError       template/send answered errcode 0 without a msgid
     ├── WeChatAPIError         WeChat answered errcode != 0 (errcode, errmsg, path)
+    ├── TokenUnavailable       no usable access_token: the last fetch failed (cause, errcode, ip,
+    │                          retry_at); WeChat is unreachable for wxd, whatever was asked
     └── TokenBudgetError       the local daily budget of token fetches is spent
 """
 
@@ -89,10 +91,10 @@ class WeChatAPIError(WxdError):
     """WeChat answered with a non-zero errcode.
 
     `errmsg` never contains the access_token (WeChat does not echo it; the client strips the
-    query string from the path it records). `kind` is the class from wechat.py's table:
-    "token", "transient", "quota" or "terminal". `answer` is the whole JSON object answered
-    (an error body may name more than errcode/errmsg, e.g. the msg_id of a duplicate), its
-    strings scrubbed of the call's secrets like errmsg. `resent`: the transport sent this
+    query string from the path it records). `kind` is the class from wechat/errcodes.py's
+    table: "token", "transient", "quota", "unreachable" or "terminal". `answer` is the whole
+    JSON object answered (an error body may name more than errcode/errmsg, e.g. the msg_id of a
+    duplicate), its strings scrubbed of the call's secrets like errmsg. `resent`: the transport sent this
     request twice (a stale keep-alive connection), so WeChat may have seen it before.
     """
 
@@ -110,6 +112,28 @@ class WeChatAPIError(WxdError):
     @property
     def token_invalid(self) -> bool:
         return self.kind == "token"
+
+
+class TokenUnavailable(WxdError):
+    """No usable access_token for `app`: the last token fetch failed and no unexpired token is
+    held. Says nothing about the call that needed the token (WeChat refuses or cannot be
+    reached from this server: IP whitelist 40164/61004, risky-IP confirmation 89501..89507, a
+    frozen or wrong AppSecret/AppID, HTTP errors, timeouts), so callers wait for a fetch to
+    succeed again instead of failing their work.
+
+    `cause` is the fetch's error (a TransportError or WeChatAPIError), `errcode` its errcode
+    (None for HTTP and network failures), `ip` the address WeChat reported seeing (40164's
+    errmsg), `retry_at` the unix time before which the token manager fetches no token.
+    """
+
+    def __init__(self, app: str, cause: WxdError, retry_at: float,
+                 ip: str | None = None) -> None:
+        super().__init__(f"{app}: no access_token: {cause}")
+        self.app = app
+        self.cause = cause
+        self.errcode = cause.errcode if isinstance(cause, WeChatAPIError) else None
+        self.ip = ip
+        self.retry_at = retry_at
 
 
 class TokenBudgetError(WxdError):

@@ -16,7 +16,7 @@ from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import MessageError, StorageError
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
-from wxd.retry import Backoff, Fail, Pause, Policy, Retry, decide
+from wxd.retry import Backoff, Fail, Pause, Policy, decide, pause_cause
 from wxd.store import followers, inbox
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 JOB_TIMEOUT_S = 60.0     # a job running longer is abandoned (well within its lease, LEASE_S)
 IDLE_MIN_S = 0.05        # idle polling backs off up to IDLE_MAX_S; the doorbell wakes at once
 PRUNE_EVERY_S = 3600.0
+UNREACHABLE_PROBE_S = 60.0  # a job that met user/info's 40164 tries again after this long
 JOBS_RETENTION_S = 7 * 86400.0     # finished jobs kept for inspection
 INBOX_RETENTION_S = 30 * 86400.0   # far beyond WeChat's retries (seconds) and the replay window
 
@@ -125,12 +126,16 @@ class EventWorkers:
     `ring()` (the webhook's on_stored) wakes idle workers at once; idle polling backs off
     between IDLE_MIN_S and IDLE_MAX_S (on the clock) otherwise, and wakes when the next job
     is due or the next lease ends (a job whose outcome could not be written runs again then).
-    A failed job is classified by wxd.retry.decide: transient, token, quota (45009:
-    user/info's daily quota is large) and unexpected errors go back to the queue after
-    backoff_base_s·2^(n-1) (-20 % jitter, at most backoff_max_s; 45011 not before the next
-    minute) until `max_attempts` leases, then the job fails with the error kept; a spent
-    token budget retries it at the next UTC midnight; terminal failures (e.g. 40003 invalid
-    openid, a malformed message) fail at once.
+    A failed job is classified by wxd.retry.decide: transient, token and unexpected errors go
+    back to the queue after backoff_base_s·2^(n-1) (-20 % jitter, at most backoff_max_s; 45011
+    not before the next minute; 43117, the per-user frequency limit, after
+    frequency_backoff_base_s·2^(n-1), at most frequency_backoff_max_s: minutes to hours) until
+    `max_attempts` leases, then the job fails with the error kept. Pauses wait without using
+    an attempt: 45009 (user/info's daily quota) until quota_resume_s after the next Beijing
+    midnight, a spent token budget until the next UTC midnight, WeChat unreachable for wxd
+    (no access_token, or user/info answered 40164/61004) until the next probe, or earlier:
+    reachable() (the token manager's on_available) makes those jobs due at once. Terminal
+    failures (e.g. 40003 invalid openid, a malformed message) fail at once.
     `start()` first requeues leases left by a previous process. `stop()` lets running jobs
     finish within drain_timeout_s, then cancels them (their lease is recovered at the next
     start). Both are idempotent.
@@ -138,7 +143,9 @@ class EventWorkers:
 
     def __init__(self, db: Database, router: EventRouter, *, workers: int = 2,
                  max_attempts: int = 10, backoff_base_s: float = 2.0,
-                 backoff_max_s: float = 600.0, clock: Clock = SYSTEM_CLOCK,
+                 backoff_max_s: float = 600.0, quota_resume_s: float = 300.0,
+                 frequency_backoff_base_s: float = 60.0,
+                 frequency_backoff_max_s: float = 14400.0, clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None,
                  metrics: Registry | None = None, lease_s: float = LEASE_S,
                  job_timeout_s: float = JOB_TIMEOUT_S,
@@ -149,9 +156,12 @@ class EventWorkers:
         self._router = router
         self.drain_timeout_s = drain_timeout_s
         self._workers = workers
-        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.2,
-                                     rng if rng is not None else random.Random()),
-                             max_attempts=max_attempts)
+        rng = rng if rng is not None else random.Random()
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.2, rng),
+                             max_attempts=max_attempts, quota_resume_s=quota_resume_s,
+                             frequency=Backoff(frequency_backoff_base_s,
+                                               frequency_backoff_max_s, 0.2, rng),
+                             unreachable_probe_s=UNREACHABLE_PROBE_S)
         self._clock = clock
         self._lease_s = lease_s
         self._job_timeout_s = min(job_timeout_s, lease_s)
@@ -162,10 +172,13 @@ class EventWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._state = "new"
+        self._unreachable: set[int] = set()  # jobs waiting for WeChat to be reachable again
+        self._hasten = False  # reachable() was called: make those jobs due now
         registry = metrics if metrics is not None else Registry()
         self._outcomes = registry.counter(
-            "wxd_events_jobs_total", "Event jobs run, by outcome (done, retried, failed).",
-            ("outcome",),
+            "wxd_events_jobs_total",
+            "Event jobs run, by outcome (done, retried, postponed: paused without using an "
+            "attempt, failed).", ("outcome",),
         )
         self._depth = registry.gauge("wxd_events_jobs", "Event jobs by state.", ("state",))
         registry.add_collector(self._collect)
@@ -182,6 +195,13 @@ class EventWorkers:
     def ring(self) -> None:
         """Wake idle workers (new work was committed)."""
         self._doorbell.set()
+
+    def reachable(self) -> None:
+        """A token fetch succeeded (TokenManager.on_available): jobs postponed because WeChat
+        was unreachable become due now."""
+        if self._unreachable:
+            self._hasten = True
+            self._doorbell.set()
 
     async def start(self) -> None:
         if self._state != "new":
@@ -227,6 +247,7 @@ class EventWorkers:
             self._doorbell.clear()
             unavailable = False
             try:
+                await self._hasten_if_asked()
                 ran = await self.run_once(limit=1)
             except StorageError as exc:  # no traceback: the database is full, busy, read-only
                 log.warning("event worker: cannot lease jobs (%s); retrying", exc)
@@ -255,6 +276,16 @@ class EventWorkers:
                 idle = IDLE_MIN_S
             else:
                 idle = min(idle * 2, IDLE_MAX_S)
+
+    async def _hasten_if_asked(self) -> None:
+        if not self._hasten:
+            return
+        self._hasten = False
+        ids, now = sorted(self._unreachable), self._clock.now()
+        self._unreachable.clear()
+        hastened = await self._db.write(lambda conn: job_store.hasten(conn, ids, now))
+        if hastened:
+            log.info("WeChat reachable again: %d postponed event jobs are due now", hastened)
 
     async def prune_if_due(self) -> tuple[int, int]:
         """At most every PRUNE_EVERY_S (when idle): delete done jobs older than the jobs
@@ -303,6 +334,7 @@ class EventWorkers:
         except Exception as exc:
             await self._failed(job, exc)
             return
+        self._unreachable.discard(job.id)
         await self._db.write(lambda conn: job_store.finish(conn, job.id, self._clock.now()))
         self._outcomes.inc(outcome="done")
         log.debug("event job %d done: %s", job.id, action)
@@ -311,9 +343,13 @@ class EventWorkers:
         error = f"{type(exc).__name__}: {exc}"
         now = self._clock.now()
         decision = decide(exc, job.attempts, now, self.policy)
+        if isinstance(decision, Pause):
+            await self._postpone(job, decision, error, now)
+            return
+        self._unreachable.discard(job.id)
         if not isinstance(decision, Fail):
-            due = decision.until if isinstance(decision, Pause) else now + decision.delay_s
-            if isinstance(decision, Retry) and decision.unexpected:
+            due = now + decision.delay_s
+            if decision.unexpected:
                 log.error("event job %d raised unexpectedly (attempt %d); retrying in %.0f s",
                           job.id, job.attempts, due - now, exc_info=exc)
             else:
@@ -326,3 +362,19 @@ class EventWorkers:
                   error)
         await self._db.write(lambda conn: job_store.fail(conn, job.id, error, now))
         self._outcomes.inc(outcome="failed")
+
+    async def _postpone(self, job: job_store.Job, pause: Pause, error: str, now: float) -> None:
+        """Back to the queue until the pause ends, the attempt given back. Logged once while
+        WeChat stays unreachable (not per job), else once per job at INFO."""
+        if pause.reason == "unreachable":
+            if not self._unreachable:
+                log.warning("%s; event jobs that need WeChat wait until it answers again "
+                            "(%s)", pause_cause(pause.reason, pause.errcode, pause.ip), error)
+            self._unreachable.add(job.id)
+        else:
+            self._unreachable.discard(job.id)
+            log.info("event job %d waits %.0f s: %s", job.id, pause.until - now,
+                     pause_cause(pause.reason, pause.errcode, pause.ip))
+        await self._db.write(
+            lambda conn: job_store.retry(conn, job.id, error, pause.until, refund=True))
+        self._outcomes.inc(outcome="postponed")

@@ -21,6 +21,7 @@ from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S, RateLimiter
 from wxd.retry import (
     BEIJING,
+    PAUSE_REASONS,
     Backoff,
     Fail,
     Pause,
@@ -29,13 +30,16 @@ from wxd.retry import (
     decide,
     duplicate_send,
     errcode_of,
+    pause_cause,
 )
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
+from wxd.store.meta import Paused
 
 log = logging.getLogger(__name__)
 
 REPORT_KEEP_S = 7 * 86400.0  # unmatched delivery reports older than this are dropped at start
+UNREACHABLE_PROBE_S = 60.0  # after a business call's 40164, one push probes this often
 _STOP = object()
 
 
@@ -58,16 +62,21 @@ class PushWorkers:
     errors, timeouts, resets, a token error that survived the client's one refresh-and-retry,
     unexpected errors) → queued again after backoff_base_s·2^(n-1) (-50 % jitter, at most
     backoff_max_s; 45011 not before the next minute, and every sender holds until then),
-    failed after max_attempts; 45009 → back to queued without using the attempt and ALL
-    sending paused until the next quota_resume_s after Beijing midnight, persisted in meta (a spent
-    token budget likewise, until the next UTC midnight); anything else → failed at once
-    (40037 also calls `on_template_invalid`; 43004 also marks the follower unsubscribed in
-    the same transaction, so later pushes to the person are refused at enqueue). A resend of
-    the same client_msg_id (attempt 2+, a recovered push, an operator retry that kept the id,
-    the transport's own resend) answered as a duplicate (errcode 0 without a msgid, 45065,
-    40241, 45066: wxd.retry.duplicate_send) → sent, with the first msgid when the answer names
-    it; WeChat's answer is kept on the push (last_answer). `rate_per_s` caps sends per second
-    (0 = unlimited). Time (stored instants, idle waits, the rate limit) comes from `clock`.
+    failed after max_attempts (43117 backs off frequency_backoff_base_s .. _max_s: minutes to
+    hours); 45009 → back to queued without using the attempt and ALL sending paused until the
+    next quota_resume_s after Beijing midnight, persisted in meta (a spent token budget
+    likewise, until the next UTC midnight); WeChat unreachable for wxd (no access_token: the
+    token fetch failed in any way; or a send answered 40164/61004, the IP whitelist) → the
+    same, reason "unreachable", logged once per pause, until reachable() is called (the token
+    manager's on_available) or, at the next probe time, one push sent as a probe gets an
+    answer; anything else → failed at once (40037 also calls `on_template_invalid`; 43004
+    also marks the follower unsubscribed in the same transaction, so later pushes to the
+    person are refused at enqueue). A resend of the same client_msg_id (attempt 2+, a
+    recovered push, an operator retry that kept the id, the transport's own resend) answered
+    as a duplicate (errcode 0 without a msgid, 45065, 40241, 45066: wxd.retry.duplicate_send)
+    → sent, with the first msgid when the answer names it; WeChat's answer is kept on the push
+    (last_answer). `rate_per_s` caps sends per second (0 = unlimited). Time (stored instants,
+    idle waits, the rate limit) comes from `clock`.
     A push whose outcome could not be written (disk full, database locked) stays `sending`;
     once its LEASE_S lease has passed the dispatcher queues it again with the same
     client_msg_id (push_store.requeue_expired; past WeChat's 10-minute window `stale_sending`
@@ -77,6 +86,8 @@ class PushWorkers:
     def __init__(self, db: Database, oa_api: SendAPI, *, workers: int = 8,
                  rate_per_s: float = 0.0, max_attempts: int = 8, backoff_base_s: float = 2.0,
                  backoff_max_s: float = 600.0, quota_resume_s: float = 300.0,
+                 frequency_backoff_base_s: float = 60.0,
+                 frequency_backoff_max_s: float = 14400.0,
                  stale_sending: str = "resend", clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
@@ -88,10 +99,13 @@ class PushWorkers:
         self.workers = max(1, workers)
         self._limiter = RateLimiter(rate_per_s, 1, clock)
         self._capacity = self.workers if rate_per_s > 0 else 4 * self.workers
-        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5,
-                                     rng if rng is not None else random.Random()),
+        rng = rng if rng is not None else random.Random()
+        self.policy = Policy(Backoff(backoff_base_s, backoff_max_s, 0.5, rng),
                              max_attempts=max_attempts,
-                             quota_resume_s=quota_resume_s)
+                             quota_resume_s=quota_resume_s,
+                             frequency=Backoff(frequency_backoff_base_s,
+                                               frequency_backoff_max_s, 0.5, rng),
+                             unreachable_probe_s=UNREACHABLE_PROBE_S)
         self._stale_sending = stale_sending
         self._clock = clock
         self._on_template_invalid = on_template_invalid
@@ -105,7 +119,9 @@ class PushWorkers:
         # Leased by this process and not yet done with (queued for a sender, being sent, its
         # outcome being written): never re-leased, even when a send outlasts LEASE_S.
         self._held: set[str] = set()
-        self._paused_until: float | None = None
+        self._pause: Paused | None = None
+        self._probing = False  # the pause's probe time passed: one push at a time tries
+        self._persist_pause = False  # the pause ended in memory; the dispatcher stores that
         self._state = "new"
         self.recovered: dict[str, int] = {}
         registry = metrics if metrics is not None else Registry()
@@ -118,7 +134,8 @@ class PushWorkers:
             "wxd_push_oldest_queued_seconds", "Age of the oldest queued push (0 when none).")
         self._m_paused = registry.gauge(
             "wxd_push_paused",
-            "1 while sending is paused (45009: WeChat's daily quota; or the token budget).")
+            "1 while sending is paused, by reason (quota: 45009, WeChat's daily quota; "
+            "token_budget; unreachable: no access_token, or the IP whitelist).", ("reason",))
         registry.add_collector(self._collect)
 
     async def _collect(self) -> None:
@@ -139,12 +156,24 @@ class PushWorkers:
 
     @property
     def paused_until(self) -> float | None:
-        """Unix seconds until which sending is paused (45009 or the token budget), or None."""
-        return self._paused_until
+        """Unix seconds until which sending is paused (45009, the token budget; for WeChat
+        unreachable, the next probe), or None."""
+        return self._pause.until if self._pause is not None else None
+
+    @property
+    def pause(self) -> Paused | None:
+        """The current pause (reason, errcode, since, until, ip), or None."""
+        return self._pause
 
     def ring(self) -> None:
         """The doorbell: new or re-queued pushes are committed; look at the queue now."""
         self._doorbell.set()
+
+    def reachable(self) -> None:
+        """A token fetch succeeded (TokenManager.on_available): a pause because WeChat was
+        unreachable ends now. If WeChat still refuses the sends, the next one pauses again."""
+        if self._pause is not None and self._pause.reason == "unreachable":
+            self._resume("a token fetch succeeded")
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -155,12 +184,12 @@ class PushWorkers:
             return
         now = self._clock.now()
 
-        def recover(conn: sqlite3.Connection) -> tuple[dict[str, int], float | None]:
+        def recover(conn: sqlite3.Connection) -> tuple[dict[str, int], Paused | None]:
             counts = push_store.recover(conn, now, self._stale_sending)
             push_store.prune_reports(conn, now - REPORT_KEEP_S)
-            paused = push_store.paused_until(conn)
-            if paused is not None and paused <= now:  # the pause ended while wxd was down
-                push_store.set_paused_until(conn, None)
+            paused = push_store.load_pause(conn)
+            if paused is not None and paused.reason != "unreachable" and paused.until <= now:
+                push_store.save_pause(conn, None)  # the pause ended while wxd was down
                 paused = None
             return counts, paused
 
@@ -170,6 +199,8 @@ class PushWorkers:
                         "%(failed)d failed as outcome_unknown (%(stale)d were past WeChat's "
                         "10-minute client_msg_id window)", self.recovered)
         self._set_paused(paused)
+        # WeChat unreachable when the last run stopped: a probe tells at once whether it still is.
+        self._probing = paused is not None and paused.reason == "unreachable"
         self._state = "running"
         self._tasks.append(asyncio.create_task(self._dispatch(), name="wxd-push-dispatcher"))
         for number in range(self.workers):
@@ -270,8 +301,11 @@ class PushWorkers:
     def _room_to_lease(self) -> int:
         """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
         senders are about to starve (fewer commits). Up to 3 × workers are leased ahead, none
-        when sends are rate-limited (they would wait while already recorded as attempted)."""
+        when sends are rate-limited (they would wait while already recorded as attempted).
+        While probing whether WeChat is reachable again: one, when nothing else is out."""
         buffered = self._queue.qsize()
+        if self._probing:
+            return 0 if self._inflight or buffered else 1
         room = self._capacity - len(self._inflight) - buffered
         chunk = min(2 * self.workers, self._capacity)
         return room if room >= chunk or (room > 0 and buffered == 0) else 0
@@ -289,23 +323,48 @@ class PushWorkers:
         await self._clock.wait(self._doorbell, wait)
 
     async def _wait_while_paused(self) -> bool:
-        """True if paused (after waiting a while); clears an expired pause."""
-        until = self._paused_until
-        if until is None:
+        """True if paused (after waiting a while); clears an expired pause, or starts probing
+        when an "unreachable" pause reaches its probe time."""
+        if self._persist_pause:  # reachable() or a probe ended the pause in memory
+            self._persist_pause = False
+            pause = self._pause  # whatever holds now (a newer pause's own write came first)
+            await self._db.write(lambda conn: push_store.save_pause(conn, pause))
+        pause = self._pause
+        if pause is None or self._probing:
             return False
         now = self._clock.now()
-        if now >= until:
-            await self._db.write(lambda conn: push_store.set_paused_until(conn, None))
+        if now >= pause.until:
+            if pause.reason == "unreachable":
+                self._probing = True
+                log.info("probing whether WeChat answers again with one push")
+                return False
+            await self._db.write(lambda conn: push_store.save_pause(conn, None))
             self._set_paused(None)
             log.info("quota pause over; push sending resumes")
             return False
         self._doorbell.clear()
-        await self._clock.wait(self._doorbell, min(self._idle_max_s, until - now))
+        await self._clock.wait(self._doorbell, min(self._idle_max_s, pause.until - now))
         return True
 
-    def _set_paused(self, until: float | None) -> None:
-        self._paused_until = until
-        self._m_paused.set(1.0 if until is not None else 0.0)
+    def _set_paused(self, pause: Paused | None) -> None:
+        self._pause = pause
+        if pause is None:
+            self._probing = False
+        for reason in PAUSE_REASONS:
+            self._m_paused.set(1.0 if pause is not None and pause.reason == reason else 0.0,
+                               reason=reason)
+
+    def _resume(self, why: str) -> None:
+        """End an "unreachable" pause (in memory now; the dispatcher stores it) and wake up."""
+        pause = self._pause
+        if pause is None:
+            return
+        log.warning("WeChat answers again (%s): push sending resumes after %.0f s paused", why,
+                    self._clock.now() - pause.since)
+        self._set_paused(None)
+        self._persist_pause = True
+        self._doorbell.set()
+        self._room.set()
 
     # Senders --------------------------------------------------------------------------------
 
@@ -329,7 +388,7 @@ class PushWorkers:
 
     async def _send(self, item: push_store.Leased) -> push_store.Outcome:
         """POST one push; return the write fn recording its outcome."""
-        if self._paused_until is not None:
+        if self._pause is not None and not self._probing:
             return lambda conn: push_store.noted(
                 push_store.release(conn, [item.id], self._clock.now(), refund=True), "queued")
         await self._limiter.acquire()  # the rate limit, and 45011's hold on every sender
@@ -341,6 +400,8 @@ class PushWorkers:
             return self._failure(item, exc, started, posted_at)
         self._observe(started)
         now = self._clock.now()
+        if self._pause is not None and self._pause.reason == "unreachable":
+            self._resume("a push was accepted")
         return lambda conn: push_store.mark_sent(conn, item.id, msgid, now)
 
     def _observe(self, started: float) -> None:
@@ -357,6 +418,8 @@ class PushWorkers:
             log.info("push %s: WeChat answered the resend of client_msg_id %s as a duplicate "
                      "(%s); recorded as sent (msgid %s)", item.id, item.client_msg_id,
                      errcode_of(exc) or "errcode 0 without a msgid", msgid or "unknown")
+            if self._pause is not None and self._pause.reason == "unreachable":
+                self._resume("a push was answered")
             return lambda conn: push_store.mark_sent(conn, item.id, msgid, now, answer)
         errcode = errcode_of(exc)
         if isinstance(exc, WeChatAPIError):
@@ -368,20 +431,16 @@ class PushWorkers:
             error = f"internal error: {type(exc).__name__}"
         decision = decide(exc, item.attempts, now, self.policy)
         if isinstance(decision, Pause):
-            until = decision.until
-            if self._paused_until is None or until > self._paused_until:
-                cause = ("WeChat daily quota reached (45009)" if decision.reason == "quota"
-                         else "the daily token budget is spent")
-                log.warning("%s; push sending paused until %s", cause,
-                            datetime.datetime.fromtimestamp(until, BEIJING).isoformat())
-            self._set_paused(until)
+            paused = self._paused(decision, now, error)
 
             def pause(conn: sqlite3.Connection) -> str:
-                push_store.set_paused_until(conn, until)
+                push_store.save_pause(conn, paused)
                 return push_store.noted(push_store.release(conn, [item.id], now, refund=True),
                                         "queued")
 
             return pause
+        if self._probing:  # the probe got an answer other than "unreachable"
+            self._resume(f"a push was answered: {error}")
         if not isinstance(decision, Fail):
             if decision.scope == "app":  # 45011: nothing passes before the next minute
                 self._limiter.hold_for(decision.delay_s)
@@ -403,3 +462,25 @@ class PushWorkers:
                 conn, item.id, item.oa_openid, now, posted_at, error, answer), "failed")
         return lambda conn: push_store.noted(push_store.mark_failed(
             conn, item.id, now, errcode, code, error, answer), "failed")
+
+    def _paused(self, decision: Pause, now: float, error: str) -> Paused:
+        """Pause ALL sending as `decision` says; the one loud log line when a pause begins
+        (or its reason or errcode changes), not for every push it sends back to the queue."""
+        previous = self._pause
+        same = previous if previous is not None and previous.reason == decision.reason else None
+        pause = Paused(decision.reason, same.since if same else now, decision.until,
+                       decision.errcode, decision.ip)
+        if decision.reason == "unreachable":
+            if same is None or same.errcode != pause.errcode:
+                log.error("%s; push sending paused until WeChat answers again (%s)",
+                          pause_cause(pause.reason, pause.errcode, pause.ip), error)
+            elif self._probing:
+                log.info("WeChat still unreachable (%s); next probe in %.0f s", error,
+                         pause.until - now)
+        elif same is None or pause.until > same.until:
+            log.warning("%s; push sending paused until %s",
+                        pause_cause(pause.reason, pause.errcode, pause.ip),
+                        datetime.datetime.fromtimestamp(pause.until, BEIJING).isoformat())
+        self._set_paused(pause)
+        self._probing = False  # a probe that met the pause again: wait for the next probe time
+        return pause

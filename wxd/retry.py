@@ -5,16 +5,23 @@ exception to `decide(exc, attempts, now, policy)` and acts on the Decision; only
 (backoff, attempts, how a daily quota is waited out) differs between them. The errcode classes
 come from the one table in wxd.wechat.errcodes (ERROR_KINDS); the special rules live here, once:
 
+- No access_token (TokenUnavailable: the token fetch failed in any way, 40164 / 61004 / 89503 /
+  40243 / 40125 / HTTP errors / timeouts alike) and a business call answered 40164 / 61004 (the
+  IP whitelist): Pause("unreachable") — it is no verdict on the work — until the next probe:
+  the token manager's next fetch, or policy.unreachable_probe_s from now; the service resumes
+  earlier when told that a token fetch succeeded. The attempt does not count.
 - 45009 (daily quota): Pause until the daily reset (or for a fixed time, or back off: policy);
   the local token budget (TokenBudgetError): Pause until the next UTC midnight.
 - 45011 ("api minute-quota reach limit, must slower retry next minute"): Retry not before the
   next wall-clock minute, app-wide (every caller of the app should hold until then).
-- 43117 (sending to this openid too frequently): Retry with backoff for this user only.
+- 43117 (sending to this openid too frequently): Retry for this user only, after the policy's
+  `frequency` backoff (minutes to hours) when it has one.
 - -1, HTTP/network failures (TransportError), storage errors (StorageError, sqlite3.Error),
   timeouts and a token error that survived WeChatClient's one refresh-and-retry: Retry with
   backoff until policy.max_attempts, then Fail("exhausted").
 - Any other errcode, bad input (WebhookError, MiniProgramError, ConfigError): Fail("terminal"),
-  unless the policy retries everything (the token manager never gives up).
+  unless the policy retries everything (the token manager never gives up; its own 40164 is
+  backed off like any other fetch error: its backoff is the probe the services wait for).
 - Anything else (a programming error): Retry with backoff, marked unexpected (log it loudly).
 - A resend of the same template/send client_msg_id (a retry, a crash recovery, the transport's
   own resend) answered as a duplicate (errcode 0 without a msgid, 45065, 40241, 45066):
@@ -40,16 +47,24 @@ from wxd.errors import (
     NoMsgidError,
     StorageError,
     TokenBudgetError,
+    TokenUnavailable,
     TransportError,
     WebhookError,
     WeChatAPIError,
     WxdError,
 )
-from wxd.wechat.errcodes import DUPLICATE_SEND_ERRCODES, classify
+from wxd.wechat.errcodes import (
+    DUPLICATE_SEND_ERRCODES,
+    classify,
+    refusal_hint,
+    reported_ip,
+)
 
 DAY_S = 86400.0
 BEIJING_UTC_OFFSET_S = 8 * 3600.0
 BEIJING = datetime.timezone(datetime.timedelta(hours=8), "Asia/Shanghai")  # for log lines
+MIN_PROBE_S = 1.0  # an unreachable pause lasts at least this long (no busy probing)
+PAUSE_REASONS = ("quota", "token_budget", "unreachable")
 
 
 # The calendar ------------------------------------------------------------------------------
@@ -118,10 +133,15 @@ class Retry:
 @dataclass(frozen=True)
 class Pause:
     """Stop this kind of work until `until` (unix s); the attempt does not count against it.
-    `reason`: "quota" (45009) or "token_budget" (the local daily budget of token fetches)."""
+    `reason`: "quota" (45009), "token_budget" (the local daily budget of token fetches) or
+    "unreachable" (no token, or the IP whitelist: `until` is the next probe, and a successful
+    token fetch ends the pause earlier). `errcode` and `ip` (the address WeChat reported for
+    40164) say why, for the operator."""
 
     until: float
     reason: str
+    errcode: int | None = None
+    ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -139,13 +159,18 @@ class Policy:
     """How one use retries. `max_attempts` counts every try (0 = never give up); a 45009 pauses
     until the next Beijing `quota_resume_s` (seconds after midnight), else for `quota_pause_s`,
     else is backed off like a transient error; `fail_terminal` False retries even errors that
-    retrying cannot fix (with backoff: an operator may fix the cause)."""
+    retrying cannot fix (with backoff: an operator may fix the cause). `frequency` backs off a
+    43117 (per-user frequency: minutes to hours) instead of `backoff`. With
+    `unreachable_probe_s`, no token and the IP whitelist pause the work (probing again after
+    that long when the refusal came from a business call); without, they are retried."""
 
     backoff: Backoff
     max_attempts: int = 0
     quota_resume_s: float | None = None
     quota_pause_s: float | None = None
     fail_terminal: bool = True
+    frequency: Backoff | None = None
+    unreachable_probe_s: float | None = None
 
 
 def errcode_of(exc: BaseException) -> int | None:
@@ -158,12 +183,18 @@ def decide(exc: BaseException, attempts: int, now: float, policy: Policy) -> Dec
     errcode = errcode_of(exc)
     if isinstance(exc, TokenBudgetError):
         return Pause(next_utc_midnight(now), "token_budget")
+    probe_s = policy.unreachable_probe_s
+    if isinstance(exc, TokenUnavailable) and probe_s is not None:
+        return Pause(max(exc.retry_at, now + MIN_PROBE_S), "unreachable", exc.errcode, exc.ip)
     if errcode is not None:
         kind = classify(errcode)
+        if kind == "unreachable" and probe_s is not None:
+            ip = reported_ip(exc.errmsg) if isinstance(exc, WeChatAPIError) else None
+            return Pause(now + max(probe_s, MIN_PROBE_S), "unreachable", errcode, ip)
         if kind == "quota" and policy.quota_resume_s is not None:
-            return Pause(next_quota_reset(now, policy.quota_resume_s), "quota")
+            return Pause(next_quota_reset(now, policy.quota_resume_s), "quota", errcode)
         if kind == "quota" and policy.quota_pause_s is not None:
-            return Pause(now + policy.quota_pause_s, "quota")
+            return Pause(now + policy.quota_pause_s, "quota", errcode)
         if kind == "terminal" and policy.fail_terminal:
             return Fail("terminal")
     elif isinstance(exc, (WebhookError, MiniProgramError, ConfigError)) and policy.fail_terminal:
@@ -174,6 +205,8 @@ def decide(exc: BaseException, attempts: int, now: float, policy: Policy) -> Dec
     if errcode == 45011:
         return Retry(max(delay, until_next_minute_s(now, policy.backoff.rng)), "app")
     if errcode == 43117:
+        if policy.frequency is not None:
+            delay = policy.frequency.delay(attempts)
         return Retry(delay, "user")
     return Retry(delay, unexpected=not anticipated(exc))
 
@@ -212,3 +245,15 @@ def anticipated(exc: BaseException) -> bool:
     opposed to a programming error, which deserves its traceback in the log."""
     return isinstance(exc, (WxdError, TransportError, StorageError, sqlite3.Error,
                             asyncio.TimeoutError))
+
+
+def pause_cause(reason: str, errcode: int | None, ip: str | None) -> str:
+    """Why work pauses, in words for the one loud log line of a pause: the errcode, the address
+    WeChat reported (40164) and what the operator can do about it."""
+    if reason == "quota":
+        return f"WeChat's daily quota is reached (errcode {errcode})"
+    if reason == "token_budget":
+        return "the local daily budget of token fetches is spent"
+    seen = f", WeChat sees this server as {ip}" if ip else ""
+    code = f"errcode {errcode}" if errcode is not None else "no answer"
+    return f"WeChat is unreachable for wxd ({code}{seen}): {refusal_hint(errcode)}"

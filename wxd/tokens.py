@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.errors import WxdError
+from wxd.errors import TokenUnavailable, TransportError, WeChatAPIError, WxdError
 from wxd.metrics import Registry
 from wxd.retry import Backoff, Pause, Policy, Retry, decide
 from wxd.store import tokens as token_store
 from wxd.store.db import Database
 from wxd.store.tokens import utc_day
 from wxd.wechat.client import WeChatClient
+from wxd.wechat.errcodes import reported_ip
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ class TokenManager:
     - Single flight: every caller that needs a token while a fetch runs awaits that fetch.
     - Fetches are counted per app per UTC day (table token_fetches); past daily_budget a fetch
       raises TokenBudgetError instead of calling WeChat.
+    - Without a usable token, get() raises TokenUnavailable (the fetch's error as its cause):
+      a failed token fetch says nothing about the call that needed the token, whatever WeChat
+      answered (40164, 89503, 40125, ...). The timer's backoff is the probe: callers wait for
+      the callbacks registered with on_available(), run after every successful fetch.
     - mode "stable" uses /cgi-bin/stable_token (normal mode); "legacy" uses /cgi-bin/token,
       whose every fetch supersedes the previous token 5 minutes later.
     """
@@ -93,6 +98,7 @@ class TokenManager:
         self._retry_at = 0.0
         self._last_error: WxdError | None = None
         self._echo: tuple[str, float] | None = None
+        self._listeners: list[Callable[[], None]] = []
         self._state = "new"
         self.fetches = 0  # upstream fetch attempts by this instance
         registry = metrics if metrics is not None else Registry()
@@ -163,11 +169,17 @@ class TokenManager:
 
     # Handing out ------------------------------------------------------------------------------
 
+    def on_available(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` (on the event loop, synchronously) after every successful fetch:
+        work paused because WeChat was unreachable may resume."""
+        self._listeners.append(callback)
+
     async def get(self) -> str:
         """A valid access_token; fetches (single flight) only when none is held or it is stale.
 
-        Raises the last fetch error (TransportError, WeChatAPIError, TokenBudgetError) while
-        backing off after a failure and no unexpired token is held.
+        Raises TokenUnavailable (the fetch's TransportError or WeChatAPIError as its cause)
+        when the fetch fails, and again without asking WeChat while backing off after a failure
+        with no unexpired token held; TokenBudgetError when the daily budget is spent.
         """
         held = self._held
         now = self._clock.now()
@@ -176,8 +188,19 @@ class TokenManager:
         if self._inflight is None and now < self._retry_at and self._last_error is not None:
             if held is not None and now < held.expires_at:
                 return held.token  # better a token with seconds left than none
-            raise self._last_error.with_traceback(None)
-        return await self._shared()
+            raise self._unavailable(self._last_error)
+        try:
+            return await self._shared()
+        except (TransportError, WeChatAPIError) as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: WxdError) -> WxdError:
+        """What get() raises for the fetch error `exc` (never the same object twice: a raised
+        exception collects the frames it passes)."""
+        if not isinstance(exc, (TransportError, WeChatAPIError)):
+            return exc.with_traceback(None)  # the token budget, a storage error
+        ip = reported_ip(exc.errmsg) if isinstance(exc, WeChatAPIError) else None
+        return TokenUnavailable(self.app, exc, self._retry_at, ip)
 
     async def invalidate(self, token: str) -> None:
         """WeChat rejected `token` (40001/40014/42001): refetch only if it is still current.
@@ -292,10 +315,13 @@ class TokenManager:
         except WxdError as exc:
             self._failed(exc, now)
             raise
-        previous = self._held
+        previous, failures = self._held, self._failures
         held = self._make(token, now, expires_in)
         self._held = held
         self._failures, self._retry_at, self._last_error = 0, 0.0, None
+        if failures:
+            log.info("%s access_token fetched again after %d failed fetches", self.app,
+                     failures)
         if self._echo is not None and self._echo[0] != token:
             self._echo = None
         log.info("%s access_token %s via %s: expires in %.0f s, next refresh in %.0f s "
@@ -308,6 +334,11 @@ class TokenManager:
                                                                held.expires_at, held.fetched_at))
         except WxdError as exc:  # the token in memory is still good; a restart refetches
             log.error("%s access_token could not be stored: %s", self.app, exc)
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("%s on_available callback failed", self.app)
         return token
 
     def _failed(self, exc: WxdError, now: float) -> None:

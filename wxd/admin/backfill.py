@@ -17,10 +17,11 @@ class BackfillHandler(JsonHandler):
     """GET: the status document. POST: start a run.
 
     POST answers 202 + status when a run started or resumed, 200 + status when one was already
-    running, and 409 `backfill_paused` (with the status) while a 45009 pause lasts; a body of
-    `{"force": true}` resumes a paused run at once (e.g. after clear_quota). `{"from_start":
-    true}` starts a new run at the head of the list instead of resuming a paused or failed
-    one at its saved cursor (409 `backfill_running` while a run is active).
+    running, and 409 `backfill_paused` (with the status) while a pause lasts (45009, the token
+    budget, WeChat unreachable: `paused` says which); a body of `{"force": true}` resumes a
+    paused run at once (e.g. after clear_quota, or after adding the IP to the whitelist).
+    `{"from_start": true}` starts a new run at the head of the list instead of resuming a
+    paused or failed one at its saved cursor (409 `backfill_running` while a run is active).
     """
 
     route_name = "backfill"
@@ -39,9 +40,13 @@ class BackfillHandler(JsonHandler):
         if started:
             self.send_json(status, status=202)
         elif status["state"] == "paused" and not status["active"]:
+            reason = (status.get("paused") or {}).get("reason", "quota")
+            why = {"unreachable": "WeChat is unreachable for wxd",
+                   "token_budget": "the daily token budget is spent"}.get(
+                       reason, "the daily quota is spent (45009)")
             raise ApiError(409, "backfill_paused",
-                           "the daily quota is spent (45009); the backfill resumes by itself at "
-                           "paused_until, or send {\"force\": true} to resume now",
+                           f"{why}; the backfill resumes by itself (paused_until, or once a "
+                           "token fetch succeeds), or send {\"force\": true} to resume now",
                            backfill=status)
         elif not status["active"]:
             raise ApiError(503, "unavailable", "the backfill is shutting down", backfill=status)

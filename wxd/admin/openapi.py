@@ -96,8 +96,9 @@ PATHS: dict[str, dict[str, Any]] = {
                             errors=(503,), auth=False)},
     "/metrics": {"get": _op("Prometheus text format metrics", ok_schema={"type": "string"})},
     "/v1/openapi.json": {"get": _op("This document")},
-    "/v1/stats": {"get": _op("Counts: followers, subscribed, linked, MP users, pushes by status, "
-                             "token fetches today, backfill")},
+    "/v1/stats": {"get": _op("Counts: followers, subscribed, linked, MP users, pushes by status "
+                             "and their pause (pushes.paused: reason, errcode, since, until, "
+                             "ip), token fetches today, backfill")},
     "/v1/tokens/{app}": {"get": _op(
         "The central access_token of the OA or the MP for other local processes",
         params=[_path_param("app")], errors=(401, 404, 503),

@@ -10,7 +10,7 @@ import tornado.web
 from tornado.routing import URLSpec
 
 from wxd.admin.base import ApiError, JsonHandler
-from wxd.errors import TransportError, WeChatAPIError
+from wxd.errors import TokenUnavailable, TransportError, WeChatAPIError
 from wxd.pushes import PushService
 from wxd.wechat.templates import PushRejected
 
@@ -135,6 +135,8 @@ class TemplatesRefreshHandler(_PushHandler):
                            f"{exc.errmsg}", errcode=exc.errcode) from None
         except TransportError as exc:
             raise ApiError(502, "wechat_unreachable", str(exc)) from None
+        except TokenUnavailable as exc:
+            raise ApiError(502, "wechat_unreachable", str(exc), errcode=exc.errcode) from None
         self.send_json({"templates": templates})
 
 

@@ -13,7 +13,13 @@ import tornado.web
 from tornado.routing import URLSpec
 
 from wxd.admin.base import STORAGE_UNAVAILABLE, ApiError, JsonHandler
-from wxd.errors import StorageError, TokenBudgetError, TransportError, WeChatAPIError
+from wxd.errors import (
+    StorageError,
+    TokenBudgetError,
+    TokenUnavailable,
+    TransportError,
+    WeChatAPIError,
+)
 from wxd.linking import Linking, LinkingError
 from wxd.store.identity import Identity
 
@@ -47,6 +53,9 @@ def raise_api_error(exc: Exception) -> NoReturn:
     if isinstance(exc, TransportError):
         raise ApiError(502, "upstream_unavailable", "WeChat could not be reached; retry later",
                        ) from None
+    if isinstance(exc, TokenUnavailable):
+        raise ApiError(503, "upstream_unavailable", "WeChat is unreachable for wxd (no "
+                       "access_token); retry later", errcode=exc.errcode) from None
     if isinstance(exc, TokenBudgetError):
         raise ApiError(503, "upstream_unavailable", "the daily token budget is spent") from None
     if isinstance(exc, StorageError):
@@ -88,8 +97,8 @@ class LoginHandler(_UsersHandler):
         code = _string(self.json_body(), "code", MAX_CODE)
         try:
             identity = await self._linking.login(code)
-        except (LinkingError, WeChatAPIError, TransportError, TokenBudgetError,
-                StorageError) as exc:
+        except (LinkingError, WeChatAPIError, TransportError, TokenUnavailable,
+                TokenBudgetError, StorageError) as exc:
             raise_api_error(exc)
         self.send_json(_login_json(identity))
 

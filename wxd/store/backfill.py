@@ -1,6 +1,7 @@
 """The follower backfill's persisted state: the single `backfill` row (state, run, cursor, counters).
 
-Run inside Database.write/read; imports wxd.errors only. When to page is wxd.backfill's business.
+Run inside Database.write/read; imports wxd.errors and wxd.store.meta only. When to page is
+wxd.backfill's business.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from wxd.errors import StorageError
+from wxd.store import meta
 
 STATES = ("idle", "running", "paused", "failed", "done")
+PAUSE_KEY = "backfill.pause"  # why a paused run waits (a meta.Paused)
 
 _COLUMNS = (
     "state", "run", "cursor", "pages_done", "followers_done", "total", "calls", "started_at",
@@ -215,3 +218,13 @@ def status_document(state: BackfillState, now: float, *, active: bool, rate_per_
         elapsed_s=round(end - state.started_at, 3) if state.started_at is not None else None,
     )
     return document
+
+
+def load_pause(conn: sqlite3.Connection) -> meta.Paused | None:
+    """Why the paused run waits (reason, errcode, since, ip), or None."""
+    return meta.load_pause(conn, PAUSE_KEY)
+
+
+def save_pause(conn: sqlite3.Connection, pause: meta.Paused | None) -> None:
+    """Record why the run pauses (in the write that halts it); None when it runs again."""
+    meta.save_pause(conn, PAUSE_KEY, pause)

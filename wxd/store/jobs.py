@@ -97,13 +97,27 @@ def fail(conn: sqlite3.Connection, job_id: int, error: str, now: float) -> None:
     )
 
 
-def retry(conn: sqlite3.Connection, job_id: int, error: str, not_before: float) -> None:
-    """Put a leased job back in the queue, due at `not_before`, with the error text kept."""
+def retry(conn: sqlite3.Connection, job_id: int, error: str, not_before: float, *,
+          refund: bool = False) -> None:
+    """Put a leased job back in the queue, due at `not_before`, with the error text kept.
+    `refund` gives the lease's attempt back (a pause: the job itself did not fail)."""
     conn.execute(
-        "UPDATE jobs SET state = 'queued', leased_until = NULL, last_error = ?, not_before = ?"
-        " WHERE id = ?",
-        (error[:_ERROR_MAX], not_before, job_id),
+        "UPDATE jobs SET state = 'queued', leased_until = NULL, last_error = ?, not_before = ?,"
+        " attempts = CASE WHEN ? THEN MAX(attempts - 1, 0) ELSE attempts END WHERE id = ?",
+        (error[:_ERROR_MAX], not_before, refund, job_id),
     )
+
+
+def hasten(conn: sqlite3.Connection, job_ids: Sequence[int], now: float) -> int:
+    """Make these jobs due now if they are still queued for later; how many were."""
+    changed = 0
+    for start in range(0, len(job_ids), _CHUNK):
+        chunk = list(job_ids[start:start + _CHUNK])
+        marks = ",".join("?" * len(chunk))
+        changed += conn.execute(
+            f"UPDATE jobs SET not_before = ? WHERE state = 'queued' AND not_before > ?"  # noqa: S608
+            f" AND id IN ({marks})", (now, now, *chunk)).rowcount
+    return changed
 
 
 def recover(conn: sqlite3.Connection, now: float) -> int:

@@ -1,5 +1,5 @@
 """The durable push queue: push rows and their state machine, delivery reports, send outcomes,
-the persisted quota pause. Run inside Database.write/read; imports wxd.store.meta and
+the persisted sending pause. Run inside Database.write/read; imports wxd.store.meta and
 wxd.store.followers (a 43004 marks the follower in the push outcome's transaction) only.
 
     queued ─lease─▶ sending ─▶ sent ─report─▶ delivered | failed
@@ -21,7 +21,8 @@ from typing import Any
 from wxd.store import followers, meta
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
-PAUSE_KEY = "pushes.paused_until"
+PAUSE_KEY = "pushes.pause"  # a meta.Paused
+_LEGACY_PAUSE_KEY = "pushes.paused_until"  # before pauses had reasons: a 45009 pause's end
 # WeChat drops a repeated openid + client_msg_id for 10 minutes, no guarantee after.
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 CLIENT_MSG_ID_WINDOW_S = 600.0
@@ -554,18 +555,27 @@ def list_pushes(conn: sqlite3.Connection, status: str | None, limit: int,
     return [row_json(r) for r in rows], (encode_cursor(rows[-1]["seq"]) if more else None)
 
 
+def load_pause(conn: sqlite3.Connection) -> meta.Paused | None:
+    """The persisted sending pause, or None (a pause stored by an older wxd is a 45009 one)."""
+    pause = meta.load_pause(conn, PAUSE_KEY)
+    if pause is None:
+        legacy = meta.get(conn, _LEGACY_PAUSE_KEY)
+        if legacy is not None:
+            until = float(legacy)
+            pause = meta.Paused("quota", until, until, 45009)
+    return pause
+
+
+def save_pause(conn: sqlite3.Connection, pause: meta.Paused | None) -> None:
+    """Persist the sending pause; None lifts it."""
+    meta.delete(conn, _LEGACY_PAUSE_KEY)
+    meta.save_pause(conn, PAUSE_KEY, pause)
+
+
 def paused_until(conn: sqlite3.Connection) -> float | None:
-    """The persisted quota pause (unix seconds), or None."""
-    value = meta.get(conn, PAUSE_KEY)
-    return float(value) if value is not None else None
-
-
-def set_paused_until(conn: sqlite3.Connection, until: float | None) -> None:
-    """Persist the quota pause until `until` (unix seconds); None lifts it."""
-    if until is None:
-        meta.delete(conn, PAUSE_KEY)
-        return
-    meta.set(conn, PAUSE_KEY, repr(until))
+    """When sending is tried again after the persisted pause (unix seconds), or None."""
+    pause = load_pause(conn)
+    return pause.until if pause is not None else None
 
 
 def queue_depth(conn: sqlite3.Connection) -> tuple[int, float | None]:
@@ -578,12 +588,16 @@ def queue_depth(conn: sqlite3.Connection) -> tuple[int, float | None]:
 
 
 def push_stats(conn: sqlite3.Connection) -> dict[str, Any]:
-    """For /v1/stats: {"by_status": {status: count, ...}, "total", "paused_until"}."""
+    """For /v1/stats: {"by_status": {status: count, ...}, "total", "paused_until", "paused"}:
+    `paused` is the pause's meta.Paused.document() or None, `paused_until` when sending is
+    tried again (for an "unreachable" pause: the next probe)."""
     counts = dict.fromkeys(STATUSES, 0)
     for status, count in conn.execute("SELECT status, COUNT(*) FROM pushes GROUP BY status"):
         counts[status] = count
+    pause = load_pause(conn)
     return {"by_status": counts, "total": sum(counts.values()),
-            "paused_until": paused_until(conn)}
+            "paused_until": pause.until if pause is not None else None,
+            "paused": pause.document() if pause is not None else None}
 
 
 # Send outcomes -------------------------------------------------------------------------------

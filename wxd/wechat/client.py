@@ -41,7 +41,9 @@ class TokenSource(Protocol):
     """Where WeChatClient.call gets an access_token; tokens.TokenManager satisfies it."""
 
     async def get(self) -> str:
-        """A currently valid access_token (may wait for a shared refresh)."""
+        """A currently valid access_token (may wait for a shared refresh). Raises
+        errors.TokenUnavailable when no token can be had: WeChat refused or did not answer
+        the token fetch, which is no verdict on the call that needed the token."""
         ...
 
     async def invalidate(self, token: str) -> None:
@@ -88,7 +90,7 @@ class WeChatClient:
         registry = metrics if metrics is not None else Registry()
         self._requests = registry.counter(
             "wxd_wechat_requests_total", "Upstream WeChat API requests by path and outcome "
-            "(ok, token, transient, quota, terminal, transport).", ("path", "outcome"))
+            "(ok, token, transient, quota, unreachable, terminal, transport).", ("path", "outcome"))
         self._seconds = registry.histogram(
             "wxd_wechat_request_seconds", "Upstream WeChat API latency.", ("path",))
 
