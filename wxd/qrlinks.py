@@ -162,8 +162,9 @@ class QrLinks:
         (the event's CreateTime; unix s). Returns the outcome: "not_ours" (not a wxd scene),
         "unknown", "expired", "used" (the code linked someone else), "repeat" (it already
         linked this person: WeChat's retry, a second scan), "conflict" (a unionid link
-        disagrees), "linked". Refusals are logged (at debug with `backstop`: the event job
-        repeating what the webhook already did); the follow itself is recorded elsewhere."""
+        disagrees), "linked". Refusals are logged and counted (with `backstop`, the event job
+        repeating what the webhook already did: logged at debug, not counted); the follow
+        itself is recorded elsewhere."""
         if not is_our_scene(scene):
             return "not_ours"
         now = self._clock.now()
@@ -184,7 +185,7 @@ class QrLinks:
         quiet = logging.DEBUG if backstop else logging.INFO
         if found is None or redeemed is None:
             log.log(quiet, "scan by %s names an unknown QR link scene; nothing linked", oa_openid)
-            return self._count("unknown")
+            return "unknown" if backstop else self._count("unknown")
         outcome = redeemed.outcome
         if outcome == "linked":
             bound = redeemed.bound
@@ -198,8 +199,6 @@ class QrLinks:
                 self._on_job()
         elif outcome == "repeat":
             log.debug("QR link code %s scanned again by the person it linked", found.id)
-            if backstop:
-                return outcome  # the webhook's own pass counted it
         elif outcome == "conflict":
             reason = redeemed.bound.conflict if redeemed.bound else None
             log.log(quiet, "QR link code %s scanned by %s: link_conflict (%s); nothing linked",
@@ -207,6 +206,8 @@ class QrLinks:
         else:
             log.log(quiet, "QR link code %s scanned by %s is %s; nothing linked", found.id,
                     oa_openid, outcome)
+        if backstop and outcome != "linked":
+            return outcome  # the webhook's own pass counted it
         return self._count(outcome)
 
     def _count(self, outcome: str) -> str:

@@ -132,7 +132,9 @@ def _code(row: sqlite3.Row | None) -> LinkCode | None:
 
 
 def create_code(conn: sqlite3.Connection, code: LinkCode) -> None:
-    """Store a new pending code (its id, token and state are unique)."""
+    """Store a new pending code (its id, token and state are unique); the MP user it is for
+    becomes known (an MP user row without session) if it was not."""
+    mp_users.ensure(conn, code.mp_openid, code.created_at)
     conn.execute(
         "INSERT INTO link_codes (id, kind, mp_openid, token, created_at, expires_at, state,"
         " ticket, qr_url, return_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
