@@ -21,7 +21,13 @@ from typing import Any, Protocol
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import StorageError, WeChatAPIError, WxdError
 from wxd.metrics import Registry
-from wxd.qrlinks import DEFAULT_EXPIRES_S, new_code_id, new_secret
+from wxd.qrlinks import (
+    DEFAULT_EXPIRES_S,
+    LINK_CODES_HELP,
+    LINK_CODES_METRIC,
+    new_code_id,
+    new_secret,
+)
 from wxd.store import links
 from wxd.store.db import Database
 from wxd.wechat.weburls import AUTHORIZE_BASE, STATE_RE, authorize_url
@@ -114,10 +120,7 @@ class OAuthLinks:
         # digest of (state, code) -> (the shared answer, when it is forgotten; monotonic s)
         self._recent: OrderedDict[str, tuple[asyncio.Future[Page], float]] = OrderedDict()
         registry = metrics if metrics is not None else Registry()
-        self._outcomes = registry.counter(
-            "wxd_link_codes_total", "Link-code events by kind (qrcode, oauth) and outcome "
-            "(created, linked, repeat, used, expired, unknown, conflict, ...).",
-            ("kind", "outcome"))
+        self._outcomes = registry.counter(LINK_CODES_METRIC, LINK_CODES_HELP, ("kind", "outcome"))
 
     @property
     def redirect_uri(self) -> str:
@@ -257,7 +260,7 @@ class OAuthLinks:
             log.warning("OAuth link %s: the exchange answer has no usable openid", found.id)
             return self._page(502, "upstream_error", "WeChat's answer had no user; nothing "
                               "was linked.")
-        if answer.get("is_snapshotuser") == 1:
+        if answer.get("is_snapshotuser") in (1, "1", True):
             # A snapshot-page (virtual) user: its openid is not the person's real one.
             log.info("OAuth link %s: WeChat reports a snapshot-mode user; nothing linked",
                      found.id)

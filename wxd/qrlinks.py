@@ -47,6 +47,10 @@ CARD_WINDOW_S = 60.0
 SCENE_PREFIX = "wxdl"
 _SCENE_RE = re.compile(SCENE_PREFIX + r"[A-Za-z0-9]{28}")
 _ALNUM = string.ascii_letters + string.digits
+# The series both kinds of link codes count in (oauth_links declares it alike).
+LINK_CODES_METRIC = "wxd_link_codes_total"
+LINK_CODES_HELP = ("Link-code events by kind (qrcode, oauth) and outcome (created, linked, "
+                   "repeat, used, expired, unknown, conflict, ...).")
 
 
 def new_secret(length: int) -> str:
@@ -102,10 +106,7 @@ class QrLinks:
         self._clock = clock
         self._on_job = on_job
         registry = metrics if metrics is not None else Registry()
-        self._outcomes = registry.counter(
-            "wxd_link_codes_total", "Link-code events by kind (qrcode, oauth) and outcome "
-            "(created, linked, repeat, used, expired, unknown, conflict, ...).",
-            ("kind", "outcome"))
+        self._outcomes = registry.counter(LINK_CODES_METRIC, LINK_CODES_HELP, ("kind", "outcome"))
 
     async def create(self, mp_openid: str, expires_in: int = DEFAULT_EXPIRES_S) -> dict[str, Any]:
         """Create a temporary QR_STR_SCENE code for `mp_openid` valid `expires_in` seconds
