@@ -11,10 +11,12 @@ import pytest
 
 from tests.helpers import START, FakeClock, config_text
 from wxd import config
-from wxd.errors import ConfigError
+from wxd.errors import ConfigError, StorageError
 from wxd.oauth_links import public_base, return_url_allowed
 from wxd.qrlinks import CARD_WINDOW_S, CardSettings, QrLinks, is_our_scene
 from wxd.store.db import Database
+from wxd.webhook import Rejected, Webhook
+from wxd.wechat.messages import parse_message, parse_xml
 
 HOSTS = ("shop.example.com", "h5.example.com:8443", "localhost")
 
@@ -123,3 +125,48 @@ def test_linking_config() -> None:
         load({"linking": {"qrcode_card_thumb_media_id": "M", "qrcode_card_pagepath": "p"}},
              mini_program=False)
     assert any("[mini_program]" in p for p in info.value.problems)
+
+
+class Replier:
+    def __init__(self, answer: str | None = None, fail: bool = False) -> None:
+        self.answer, self.fail, self.seen = answer, fail, 0
+
+    async def reply_to(self, message: Any) -> str | None:
+        self.seen += 1
+        if self.fail:
+            raise StorageError("disk full")
+        return self.answer
+
+
+def test_the_webhook_rings_after_the_reply_and_maps_storage_faults(tmp_path: Any) -> None:
+    message = parse_message({"ToUserName": "gh_1", "FromUserName": "oA", "CreateTime": "5",
+                             "MsgType": "event", "Event": "SCAN", "EventKey": "x"})
+
+    async def run() -> None:
+        db = await Database.open(str(tmp_path / "w.db"))
+        try:
+            rings: list[int] = []
+            replier = Replier("hi")
+            hook = Webhook("tok", None, db, clock=FakeClock(START), replier=replier,
+                           on_stored=lambda: rings.append(replier.seen))
+            assert await hook.store(message) is True
+            assert rings == []  # not before the reply is chosen
+            body = await hook.answer(message, False, "n")
+            fields = parse_xml(body)
+            assert (fields["ToUserName"], fields["FromUserName"], fields["Content"]) == \
+                ("oA", "gh_1", "hi")
+            hook.ring()
+            assert rings == [1]
+            quiet = Webhook("tok", None, db, replier=Replier(None))
+            assert await quiet.answer(message, False, "n") == b"success"
+            broken = Webhook("tok", None, db, replier=Replier(fail=True))
+            with pytest.raises(Rejected) as info:
+                await broken.answer(message, False, "n")
+            assert info.value.status_code == 503
+            plain = Webhook("tok", None, db, on_stored=lambda: rings.append(-1))
+            assert await plain.store(message) is False and rings == [1]  # a duplicate
+            assert await plain.answer(message, False, "n") == b"success"
+        finally:
+            await db.close()
+
+    asyncio.run(run())

@@ -217,7 +217,10 @@ class Webhook:
             raise Rejected(400, "bad_message", f"{what}{exc}") from None
 
     async def store(self, message: Message) -> bool:
-        """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell.
+        """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell,
+        unless a replier is set: then the handler rings it once the reply is chosen (ring()),
+        so that the event job's backstop pass over a QR scene finds the link made instead of
+        racing the webhook's own pass.
 
         Messages arriving together are inserted by one store_prepared call (one multi-row
         INSERT) through the database's batched write. A fault of the database answers 503
@@ -234,11 +237,16 @@ class Webhook:
             self.requests.inc(result="accepted")
             kind = message.event or message.msg_type
             self.events.inc(type=kind if _LABEL_RE.fullmatch(kind) else "other")
-            if self.on_stored is not None:
-                self.on_stored()
+            if self.replier is None:
+                self.ring()
         else:
             self.requests.inc(result="duplicate")
         return stored
+
+    def ring(self) -> None:
+        """Call on_stored (the event workers' doorbell)."""
+        if self.on_stored is not None:
+            self.on_stored()
 
     async def answer(self, message: Message, encrypted: bool, nonce: str) -> bytes:
         """What to answer a stored message: `success`, or the replier's passive text reply
@@ -320,9 +328,14 @@ class WebhookHandler(tornado.web.RequestHandler):
     async def post(self) -> None:
         if self.message is None:  # prepare() sets it or raises
             raise tornado.web.HTTPError(500, "no message after prepare()")
-        await self.webhook.store(self.message)
+        hook = self.webhook
+        stored = await hook.store(self.message)
         encrypted = self._arg("encrypt_type").lower() == "aes"
-        answer = await self.webhook.answer(self.message, encrypted, self._arg("nonce"))
+        try:
+            answer = await hook.answer(self.message, encrypted, self._arg("nonce"))
+        finally:
+            if stored and hook.replier is not None:
+                hook.ring()
         if answer is not _SUCCESS:
             self.set_header("Content-Type", "application/xml; charset=utf-8")
         self.finish(answer)
