@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import pathlib
 import re
 import tempfile
@@ -19,7 +18,16 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.testing import AsyncTestCase, gen_test
 from wechatpy.crypto import WeChatCrypto
 
-from tests.helpers import ADMIN_TOKEN, START, FakeClock, free_port, sandbox_config_text
+from tests.helpers import (
+    ADMIN_TOKEN,
+    START,
+    FakeClock,
+    LogCapture,
+    capture_logs,
+    eventually,
+    free_port,
+    sandbox_config_text,
+)
 from wxd import config
 from wxd.daemon import Daemon
 from wxd.sandbox import ORDER_TEMPLATE_ID, FakeWeChat, Person, SandboxServer
@@ -27,20 +35,6 @@ from wxd.store import jobs as job_store
 from wxd.wechat.messages import parse_xml
 
 RETURN_URL = "https://shop.example.com/linked?from=mp"
-
-
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("tornado.access", "wxd.sandbox")):
-            return  # the emulated WeChat's own side of the wire
-        self.lines.append(f"{record.name} {record.levelname} {record.getMessage()}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 class LinksCase(AsyncTestCase):
@@ -58,11 +52,8 @@ class LinksCase(AsyncTestCase):
         self.db_path = str(pathlib.Path(self.tmp.name) / "wxd.db")
         self.fake = FakeWeChat(users=60, seed=17, clock=self.clock, follow_ratio=0.5,
                                mp_ratio=0.0, unionid_ratio=self.unionid_ratio)
-        self.capture = Capture()
-        root = logging.getLogger()
-        self.old_level = root.level
-        root.addHandler(self.capture)
-        root.setLevel(logging.DEBUG)
+        self._logs = capture_logs()
+        self.capture: LogCapture = self._logs.__enter__()
         self.http = AsyncHTTPClient(force_instance=True)
         self.admin_port, self.webhook_port = free_port(), free_port()
         self.pages: list[bytes] = []
@@ -98,9 +89,7 @@ class LinksCase(AsyncTestCase):
             self.io_loop.run_sync(self._stop)
             self.http.close()
         finally:
-            root = logging.getLogger()
-            root.removeHandler(self.capture)
-            root.setLevel(self.old_level)
+            self._logs.__exit__(None, None, None)
             self.tmp.cleanup()
         super().tearDown()
         self.assert_no_secrets()
@@ -108,7 +97,7 @@ class LinksCase(AsyncTestCase):
     def assert_no_secrets(self) -> None:
         creds = self.fake.credentials
         for secret in (creds.oa_secret, creds.mp_secret):
-            assert secret not in self.capture.text()
+            assert secret not in self.capture.text
             assert all(secret.encode() not in page for page in self.pages)
 
     # HTTP ---------------------------------------------------------------------------------
@@ -139,13 +128,15 @@ class LinksCase(AsyncTestCase):
     # Steps --------------------------------------------------------------------------------
 
     async def settled(self) -> None:
-        assert self.daemon.db is not None
-        for _ in range(500):
-            counts = await self.daemon.db.read(job_store.counts)
-            if counts["queued"] == counts["leased"] == 0:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"jobs did not settle: {counts}")
+        db = self.daemon.db
+        assert db is not None
+        await eventually(lambda: db.read(job_store.counts), "the jobs to settle",
+                         until=lambda counts: counts["queued"] == counts["leased"] == 0)
+
+    async def backfilled(self) -> None:
+        await self.ok("POST", "/v1/backfill", status=202)
+        await eventually(lambda: self.ok("GET", "/v1/backfill"), "the backfill",
+                         until=lambda status: status["state"] == "done")
 
     async def qrcode(self, person: Person, **body: Any) -> dict[str, Any]:
         code: dict[str, Any] = await self.ok("POST", "/v1/links/qrcodes",
@@ -185,12 +176,9 @@ class LinksCase(AsyncTestCase):
             "data": data})
 
     async def delivered(self, person: Person, push_id: str) -> None:
-        for _ in range(500):
-            status = (await self.ok("GET", f"/v1/pushes/{push_id}"))["status"]
-            if status in ("sent", "delivered", "failed"):
-                break
-            await asyncio.sleep(0.01)
-        assert status in ("sent", "delivered"), status
+        push = await eventually(lambda: self.ok("GET", f"/v1/pushes/{push_id}"), "the send",
+                                until=lambda p: p["status"] in ("sent", "delivered", "failed"))
+        assert push["status"] in ("sent", "delivered"), push
         assert [m["template_id"] for m in self.fake.inbox(person.oa_openid)] == [ORDER_TEMPLATE_ID]
 
     def stranger(self, n: int = 0) -> Person:
@@ -239,12 +227,12 @@ class QrCodeTest(LinksCase):
         assert stats["linked"] == 1 and stats["links"] == {"unionid": 0, "qrcode": 1, "oauth": 0}
         assert stats["unionid_missing"] is True
         assert f"linked MP user {person.mp_openid} to OA openid {person.oa_openid}" in \
-            self.capture.text()
+            self.capture.text
 
     @gen_test(timeout=30)
     async def test_scan_while_already_following(self) -> None:
         person = self.follower()
-        await self.ok("POST", "/v1/backfill", status=202)
+        await self.backfilled()
         code = await self.qrcode(person)
         result = await self.scan(person, code["ticket"])
         assert (result["event"], result["scene"]) == ("SCAN", code["scene"])
@@ -274,7 +262,7 @@ class QrCodeTest(LinksCase):
         webhook = await self.event(self.follower(1), "SCAN", third["scene"])
         assert webhook["body"] == "success"
         assert (await self.code_status(third))["status"] == "expired"
-        assert "is expired; nothing linked" in self.capture.text()
+        assert "is expired; nothing linked" in self.capture.text
 
     @gen_test(timeout=30)
     async def test_a_code_is_single_use(self) -> None:
@@ -313,7 +301,7 @@ class QrCodeTest(LinksCase):
         assert (await self.user(owner))["oa_openid"] is None
         follow = await self.ok("GET", f"/v1/users?oa_openid={person.oa_openid}")
         assert follow["mp_openid"] is None and follow["subscribed"] is True
-        assert "names an unknown QR link scene; nothing linked" in self.capture.text()
+        assert "names an unknown QR link scene; nothing linked" in self.capture.text
         assert self.links_metric("qrcode", "linked") == 0
 
     @gen_test(timeout=30)
@@ -327,7 +315,7 @@ class QrCodeTest(LinksCase):
         assert status["replaced"] == {"oa_openid": first.oa_openid}
         assert (await self.user(owner))["oa_openid"] == second.oa_openid
         assert f"replacing the earlier qrcode link {owner.mp_openid} -> {first.oa_openid}" in \
-            self.capture.text()
+            self.capture.text
         # The OA side too: `second` scanning another MP user's code moves `second` there.
         other = self.stranger(1)
         await self.scan(second, (await self.qrcode(other))["ticket"])
@@ -406,11 +394,7 @@ class UnionidConflictTest(LinksCase):
 
     @gen_test(timeout=30)
     async def test_an_explicit_link_never_overrides_a_unionid_link(self) -> None:
-        await self.ok("POST", "/v1/backfill", status=202)
-        for _ in range(200):
-            if (await self.ok("GET", "/v1/backfill"))["state"] == "done":
-                break
-            await asyncio.sleep(0.01)
+        await self.backfilled()
         linked, other = self.follower(0), self.follower(1)
         assert (await self.login(linked))["oa_openid"] == linked.oa_openid
         code = await self.qrcode(linked)
@@ -420,7 +404,7 @@ class UnionidConflictTest(LinksCase):
         identity = await self.user(linked)
         assert (identity["oa_openid"], identity["link"]["source"]) == \
             (linked.oa_openid, "unionid")
-        assert "link_conflict" in self.capture.text()
+        assert "link_conflict" in self.capture.text
         # The unionid link cannot be removed; a push by mp_openid goes through it.
         code_status, error = await self.admin("DELETE", f"/v1/links?mp_openid={linked.mp_openid}")
         assert (code_status, error["error"]["code"]) == (409, "link_derived")
@@ -566,7 +550,7 @@ class OAuthTest(OAuthCase):
         await self.delivered(person, push["id"])
         assert (await self.ok("GET", "/v1/stats"))["links"]["oauth"] == 1
         code = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)["code"][0]
-        assert code not in self.capture.text() and state not in self.capture.text()
+        assert code not in self.capture.text and state not in self.capture.text
 
     @gen_test(timeout=30)
     async def test_the_browser_path_and_the_plain_linked_page(self) -> None:
@@ -708,11 +692,7 @@ class OAuthConflictTest(OAuthCase):
     @gen_test(timeout=30)
     async def test_a_unionid_link_is_kept(self) -> None:
         person, other = self.follower(0), self.follower(1)
-        await self.ok("POST", "/v1/backfill", status=202)
-        for _ in range(200):
-            if (await self.ok("GET", "/v1/backfill"))["state"] == "done":
-                break
-            await asyncio.sleep(0.01)
+        await self.backfilled()
         await self.ok("POST", "/v1/mp/login", {"code": self.fake.issue_login_code(person)})
         created = await self.start_link(person)
         page = await self.get(await self.through(other, created))

@@ -11,13 +11,11 @@ from typing import Any, ClassVar
 import pytest
 from tornado.testing import gen_test
 
-from tests.sandbox_fixture import SandboxTestCase
+from tests.sandbox_fixture import ClientCase
 from wxd.errors import WeChatAPIError
 from wxd.sandbox import FakeWeChat
 from wxd.sandbox.qrcodes import image_jpeg
-from wxd.wechat.client import WeChatClient
 from wxd.wechat.oa import OfficialAccountAPI, WebAuthAPI
-from wxd.wechat.transport import KeepAliveClient
 from wxd.wechat.weburls import (
     AUTHORIZE_BASE,
     REAL_API_BASE,
@@ -71,30 +69,14 @@ def test_a_population_without_unionid() -> None:
     assert all(p.unionid is None for p in fake.people)
 
 
-class LinksSandboxCase(SandboxTestCase):
+class LinksSandboxCase(ClientCase):
     users = 20
     fake_options: ClassVar[dict[str, Any]] = {"follow_ratio": 0.5}
 
     def setUp(self) -> None:
         super().setUp()
-        self.http = KeepAliveClient(10)
-        self.client = WeChatClient(self.http, self.get_url(""), 10.0, 10.0)
-        self.creds = self.fake.credentials
-        token = self.token()
-
-        class Token:
-            async def get(self) -> str:
-                return token
-
-            async def invalidate(self, used: str) -> None:
-                """Never: the sandbox's token stays valid in these tests."""
-
-        self.oa = OfficialAccountAPI(self.client, Token())
+        self.oa = OfficialAccountAPI(self.client, self.oa_source())
         self.web = WebAuthAPI(self.client, self.creds.oa_appid, self.creds.oa_secret)
-
-    def tearDown(self) -> None:
-        self.http.close()
-        super().tearDown()
 
     def follower(self) -> Any:
         return next(p for p in self.fake.people if p.follows)
