@@ -3,10 +3,13 @@ and how a unionid link wins, on a file DB (Database.write)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
 from tests.helpers import SyncStore
 from tests.helpers import info_entry as info
+from wxd.linking import Linking, LinkingError, UserInfoAPI
 from wxd.store import followers, identity, ingest, links, mp_users
 from wxd.store.identity import ExplicitLink
 
@@ -159,3 +162,24 @@ def test_codes_by_token_and_state_and_pruning(store: SyncStore) -> None:
 def test_bind_refuses_an_unknown_source(store: SyncStore) -> None:
     with pytest.raises(ValueError):
         store.write(lambda c: links.bind(c, "mp1", "oa1", "unionid", 1.0))
+
+
+def test_unlink_removes_explicit_links_even_shadowed_ones_never_unionid_links(
+        store: SyncStore) -> None:
+    linking = Linking(store.db, None, cast(UserInfoAPI, None), mp_appid=None)
+
+    def unlink(mp_openid: str) -> ExplicitLink:
+        return store.loop.run_until_complete(linking.unlink(mp_openid))
+
+    store.write(lambda c: links.bind(c, "mp1", "oaA", "qrcode", 1.0))
+    store.write(lambda c: ingest.apply_user_infos(c, [info("oaB", "u1")], 2, 2))
+    store.write(lambda c: mp_users.upsert(c, "mp1", "u1", "k", 3))  # unionid now wins
+    assert unlink("mp1") == ExplicitLink("mp1", "oaA", "qrcode", 1.0, None)
+    with pytest.raises(LinkingError) as info_:
+        unlink("mp1")  # only the unionid link is left
+    assert info_.value.code == "link_derived"
+    with pytest.raises(LinkingError) as info_:
+        unlink("nobody")
+    assert info_.value.code == "link_not_found"
+    ident = store.identity(mp_openid="mp1")
+    assert ident is not None and (ident.oa_openid, ident.link_source) == ("oaB", "unionid")

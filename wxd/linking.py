@@ -214,17 +214,19 @@ class Linking:
             conn, unionid=unionid, mp_openid=mp_openid, oa_openid=oa_openid))
 
     async def unlink(self, mp_openid: str) -> ExplicitLink:
-        """Remove the explicit (qrcode/oauth) link of an MP user; returns what was removed.
+        """Remove the explicit (qrcode/oauth) link of an MP user; returns what was removed
+        (also one a unionid link overrides).
 
-        LinkingError link_derived when the MP user is linked through unionid (that link is
-        WeChat's fact, not wxd's to remove), link_not_found when there is no explicit link.
+        LinkingError link_derived when the MP user has no explicit link but is linked through
+        unionid (that link is WeChat's fact, not wxd's to remove), link_not_found otherwise.
         """
 
         def remove(conn: sqlite3.Connection) -> ExplicitLink | Identity | None:
+            removed = links.unbind(conn, mp_openid)
+            if removed is not None:
+                return removed
             identity = identity_store.find_identity(conn, mp_openid=mp_openid)
-            if identity is not None and identity.link_source == "unionid":
-                return identity
-            return links.unbind(conn, mp_openid)
+            return identity if identity is not None and identity.link_source == "unionid" else None
 
         removed = await self._db.write(remove)
         if isinstance(removed, Identity):
