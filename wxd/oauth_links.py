@@ -234,8 +234,11 @@ class OAuthLinks:
             page = await self._exchange(digest, found, code)
         except BaseException as exc:
             self._recent.pop(digest, None)
-            future.set_exception(exc)
-            future.exception()  # retrieved: a repeat that never came must not warn
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                future.exception()  # retrieved: a repeat that never came must not warn
+            else:
+                future.cancel()
             raise
         future.set_result(page)
         return page

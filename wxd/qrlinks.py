@@ -148,9 +148,8 @@ class QrLinks:
         (the webhook answers `success`). StorageError propagates (the webhook answers 503 and
         WeChat retries)."""
         scene, ticket = _scene_of(message)
-        if not is_our_scene(scene):
+        if scene is None or not is_our_scene(scene):
             return None
-        assert scene is not None
         outcome = await self.on_scan(message.from_user, scene, ticket,
                                      float(message.create_time))
         if outcome in ("linked", "repeat") and self._reply_text:
@@ -190,7 +189,7 @@ class QrLinks:
         outcome = redeemed.outcome
         if outcome == "linked":
             bound = redeemed.bound
-            replaced = [old for old in (bound.replaced if bound else ())]
+            replaced = list(bound.replaced) if bound is not None else []
             if ticket and found.ticket and ticket != found.ticket:
                 log.info("QR link code %s: the event's Ticket differs from the one created",
                          found.id)
