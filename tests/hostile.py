@@ -17,10 +17,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from tests.hostile_admin import ADMIN_FAMILIES, AdminGen
 from tests.hostile_model import Attack, Target, expect
+from tests.hostile_oauth import OAUTH_FAMILIES, OAuthGen
 from tests.hostile_webhook import WEBHOOK_FAMILIES, WebhookGen
 
 __all__ = ["Attack", "Outcome", "Target", "admin_error_problem", "expect", "generate", "send_all"]
@@ -29,8 +30,10 @@ CODE_RE = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def generate(target: Target, count: int = 10_000, seed: int = 0,
-             clock: Callable[[], float] = time.time, admin_share: float = 0.3) -> list[Attack]:
-    """At least `count` attacks, seeded: about `admin_share` of them against the admin API.
+             clock: Callable[[], float] = time.time, admin_share: float = 0.3,
+             oauth_share: float = 0.1) -> list[Attack]:
+    """At least `count` attacks, seeded: about `admin_share` of them against the admin API and
+    `oauth_share` at linking without unionid (the public /oauth/ pages, /v1/links).
 
     Timestamps are taken from `clock` while generating: send the attacks within the replay
     window (replay_window_s) so that only the intended defect is wrong.
@@ -38,11 +41,16 @@ def generate(target: Target, count: int = 10_000, seed: int = 0,
     rng = random.Random(seed)
     hook = WebhookGen(target, rng, clock)
     admin = AdminGen(target, rng)
+    oauth = OAuthGen(target, rng)
     w_fams, w_weights = zip(*WEBHOOK_FAMILIES, strict=True)
     a_fams, a_weights = zip(*ADMIN_FAMILIES, strict=True)
+    o_fams, o_weights = zip(*OAUTH_FAMILIES, strict=True)
     attacks: list[Attack] = []
     while len(attacks) < count:
-        if rng.random() < admin_share:
+        draw = rng.random()
+        if draw < oauth_share:
+            attacks.extend(rng.choices(o_fams, o_weights)[0](oauth))
+        elif draw < oauth_share + admin_share:
             attacks.extend(rng.choices(a_fams, a_weights)[0](admin))
         else:
             attacks.extend(rng.choices(w_fams, w_weights)[0](hook))
@@ -155,7 +163,8 @@ class _Tornado:
         )
         try:
             response = await self.client.fetch(request, raise_error=False)
-        except OSError as exc:  # reset while still sending an oversized body
+        except (OSError, HTTPClientError) as exc:
+            # Reset while still sending an oversized body, or closed after an oversized URL.
             return 599, str(exc).encode()
         return response.code, response.body or b""
 

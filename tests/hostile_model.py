@@ -17,7 +17,8 @@ class Target:
     """What the generator knows about the daemon under attack (its config and some real ids).
 
     The optional ids let admin attacks reach deeper checks (a known follower, a real template,
-    a logged-in MP user, an existing push that is neither queued nor failed).
+    a logged-in MP user, an existing push that is neither queued nor failed, a pending OAuth
+    link).
     """
 
     webhook_token: str
@@ -35,6 +36,9 @@ class Target:
     template_keys: tuple[str, ...] = ()
     mp_openid: str | None = None
     push_id: str | None = None
+    oauth_token: str | None = None  # a pending OAuth link's start token (never sent as is)
+    oauth_state: str | None = None  # ... and its authorize state
+    return_host: str | None = None  # a host of [linking] oauth_return_hosts
 
 
 @dataclass(frozen=True)

@@ -16,4 +16,9 @@ def test_demo_walks_through_the_whole_job() -> None:
     assert "5. push" in out and ": delivered" in out and "1 time(s)" in out
     assert "refused" in out and "recipient_not_following" in out
     assert "7. stats:" in out
+    # The second account, without Open Platform: linked by QR code, then by OAuth.
+    assert "second account without Open Platform" in out
+    assert "8. QR link code lq_" in out and "linked by qrcode to oa_openid o" in out
+    assert "9. OAuth link lo_" in out and "linked by oauth to oa_openid o" in out
+    assert out.count("push by mp_openid p_") == 2 and out.count(": delivered to o") == 2
     assert "secret" not in out.lower()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import http.client
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any, cast
@@ -37,7 +39,9 @@ from wxd.wechat.crypto import MessageCrypto, check_signature, decrypt_mp_data, s
 from wxd.wechat.messages import message_from_json, parse_message
 
 # A request could write these; each must have exactly as many rows after the campaign.
-TABLES = ("inbox", "jobs", "pushes", "followers", "mp_users", "links", "delivery_reports")
+TABLES = ("inbox", "jobs", "pushes", "followers", "mp_users", "links", "delivery_reports",
+          "explicit_links", "link_codes")
+RETURN_HOST = "shop.example.com"
 CI_COUNT = 10_000
 FULL_COUNT = 30_000
 CONCURRENCY = 50
@@ -52,8 +56,10 @@ class Running:
         self.db_path = tmp / "wxd.db"
         self.admin_port, self.webhook_port = free_port(), free_port()
         self.conf = tmp / "wxd.conf"
-        self.conf.write_text(sandbox_config_text(str(self.db_path), self.fake.credentials,
-                                                 sandbox.base_url, self.admin_port, self.webhook_port))
+        self.conf.write_text(sandbox_config_text(
+            str(self.db_path), self.fake.credentials, sandbox.base_url, self.admin_port,
+            self.webhook_port, {"webhook": {"public_url": f"http://127.0.0.1:{self.webhook_port}"},
+                                "linking": {"oauth_return_hosts": RETURN_HOST}}))
         self.log_path = tmp / "wxd.log"
         self._log = self.log_path.open("w")  # a file, not a pipe: 10,000 refusals log 10,000 lines
         self.proc = subprocess.Popen([sys.executable, "-m", "wxd", "run", "-c", str(self.conf)],
@@ -90,11 +96,26 @@ class Running:
         code = self.sandbox.call(lambda: self.fake.issue_login_code(person))
         status, login = self.api("POST", "/v1/mp/login", {"code": code})
         assert status == 200, login
+        # A pending OAuth link: its start token and state are what tampered values imitate.
+        stranger = next(p for p in self.fake.people if not p.follows)
+        status, link = self.api("POST", "/v1/links/oauth", {"mp_openid": stranger.mp_openid,
+                                                            "expires_in": 86_400})
+        assert status == 201, link
+        token = urllib.parse.parse_qs(urllib.parse.urlsplit(link["url"]).query)["t"][0]
+        start = http.client.HTTPConnection("127.0.0.1", self.webhook_port, timeout=10)
+        try:
+            start.request("GET", f"/oauth/start?t={token}")
+            location = start.getresponse().getheader("Location") or ""
+        finally:
+            start.close()
+        state = urllib.parse.parse_qs(urllib.parse.urlsplit(location.partition("#")[0]).query)[
+            "state"][0]
         creds = self.fake.credentials
         return Target(creds.webhook_token, creds.encoding_aes_key, creds.oa_appid, ADMIN_TOKEN,
                       oa_original_id=creds.oa_original_id, unionid=person.unionid,
                       template_id=NOTICE_TEMPLATE_ID, template_keys=keys,
-                      mp_openid=login["mp_openid"], push_id=push["id"])
+                      mp_openid=login["mp_openid"], push_id=push["id"], oauth_token=token,
+                      oauth_state=state, return_host=RETURN_HOST)
 
     @staticmethod
     def wait(condition: Any, timeout: float = 20.0) -> None:
@@ -150,7 +171,8 @@ def campaign(daemon: Running, target: Target, count: int, seed: int, client: str
              chunk: int = 10_000) -> None:
     """Generate and send `count` attacks in chunks (each well inside the replay window)."""
     before = daemon.counts()
-    assert before["followers"] and before["pushes"] == 1 and before["mp_users"] == 1  # seeded
+    assert before["followers"] and before["pushes"] == 1 and before["mp_users"] == 2  # seeded
+    assert before["link_codes"] == 1 and before["explicit_links"] == 0
     answers, generate_s, send_s = [], 0.0, 0.0
     for n, size in enumerate([chunk] * (count // chunk) + ([count % chunk] if count % chunk else [])):
         started = time.perf_counter()
@@ -217,7 +239,10 @@ def test_generator_is_seeded_and_covers_every_family() -> None:
     for family in ("bad_signature", "bad_msg_signature", "stale_timestamp", "bad_timestamp", "replay",
                    "truncated", "malformed", "dtd", "huge", "encoding", "bad_base64", "bad_padding",
                    "wrong_appid", "wrong_type", "missing_field", "method", "no_auth", "malformed_json",
-                   "bad_value", "bad_query", "unknown_route", "wrong_method", "batch_all_bad"):
+                   "bad_value", "bad_query", "unknown_route", "wrong_method", "batch_all_bad",
+                   "state_tampering", "bad_code", "bad_start", "oversized", "unknown_page",
+                   "link_bad_body", "link_open_redirect", "link_unknown_code", "link_bad_code_id",
+                   "link_unknown", "link_bad_delete"):
         assert family in kinds, family
     assert all(a.expect and all(400 <= s < 500 or s in (202, 599) for s in a.expect) for a in first)
 

@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "wxd"
 LEVELS = ("base", "wechat", "store", "service", "http", "top")
 BASE = {"wxd", "wxd.errors", "wxd.config", "wxd.aeskey", "wxd.metrics", "wxd.clock", "wxd.logsetup",
         "wxd.sdnotify"}
-HTTP_SURFACE = {"wxd.webhook", "wxd.admin", "wxd.ui"}
+HTTP_SURFACE = {"wxd.webhook", "wxd.oauth_web", "wxd.admin", "wxd.ui"}
 TOP = {"wxd.daemon", "wxd.cli", "wxd.cliadmin", "wxd.client", "wxd.demo", "wxd.doctor",
        "wxd.__main__"}
 MAY_IMPORT_SANDBOX = {"wxd.cli", "wxd.demo"}

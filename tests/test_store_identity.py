@@ -67,6 +67,7 @@ def test_identity_from_each_key(store: SyncStore) -> None:
     expected = Identity(
         unionid="u1", mp_openid="mp1", oa_openid="oa1", subscribed=True, subscribed_at=6,
         unsubscribed_at=None, linked_at=7, mp_user_since=5, last_login_at=5,
+        link_source="unionid",
     )
     for key in ({"unionid": "u1"}, {"mp_openid": "mp1"}, {"oa_openid": "oa1"}):
         assert store.identity(**key) == expected, key

@@ -1,4 +1,5 @@
-"""CLI commands that talk to a running daemon's admin API: push, backfill, users, stats, token.
+"""CLI commands that talk to a running daemon's admin API: push, backfill, users, link, stats,
+token.
 
 Output is a human-readable table by default and JSON with --json. Exit codes:
 0 ok, 1 API error, 2 usage/config error, 3 cannot connect.
@@ -90,6 +91,70 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return pairs(flat)
 
     emit(args, client_for(args).get("/v1/stats"), human)
+    return EXIT_OK
+
+
+# --- link ------------------------------------------------------------------------------------
+
+def link_path(code_id: str) -> str:
+    """The status route of a link code by its id's prefix (lq_: QR code, lo_: OAuth link)."""
+    if code_id.startswith("lq_"):
+        return f"/v1/links/qrcodes/{code_id}"
+    if code_id.startswith("lo_"):
+        return f"/v1/links/oauth/{code_id}"
+    raise UsageError(f"not a link code id (lq_... or lo_...): {code_id!r}")
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    action = args.action
+    if action in ("qrcode", "oauth", "remove") and not args.mp_openid:
+        raise UsageError(f"wxd link {action} needs --mp-openid")
+    if action == "qrcode":
+        body: dict[str, Any] = {"mp_openid": args.mp_openid}
+        if args.expires_in is not None:
+            body["expires_in"] = args.expires_in
+        code = client.post("/v1/links/qrcodes", body)
+        emit(args, code, lambda v: f"{v['id']}  scan: {v['image_url']}\n"
+             f"expires {when(v['expires_at'])}")
+        if not args.wait:
+            return EXIT_OK
+        return wait_for_link(args, client, code["id"])
+    if action == "oauth":
+        body = {"mp_openid": args.mp_openid}
+        if args.return_url:
+            body["return_url"] = args.return_url
+        if args.expires_in is not None:
+            body["expires_in"] = args.expires_in
+        link = client.post("/v1/links/oauth", body)
+        emit(args, link, lambda v: f"{v['id']}  open in WeChat: {v['url']}\n"
+             f"expires {when(v['expires_at'])}")
+        return wait_for_link(args, client, link["id"]) if args.wait else EXIT_OK
+    if action == "show":
+        if not args.id:
+            raise UsageError("wxd link show needs a link code id")
+        emit(args, client.get(link_path(args.id)), pairs)
+        return EXIT_OK
+    removed = client.delete("/v1/links", mp_openid=args.mp_openid)
+    emit(args, removed, lambda v: pairs(v["removed"]))
+    return EXIT_OK
+
+
+def wait_for_link(args: argparse.Namespace, client: AdminClient, code_id: str) -> int:
+    """Poll a link code until it is linked (exit 0) or expired (exit 1)."""
+    path = link_path(code_id)
+    while True:
+        status = client.get(path)
+        if status.get("status") != "pending":
+            break
+        time.sleep(args.interval)
+    if args.json:
+        print(json.dumps(status, ensure_ascii=False, indent=2))
+    elif status["status"] == "linked":
+        print(f"linked to OA openid {status.get('oa_openid')} at {when(status.get('linked_at'))}")
+    if status.get("status") != "linked":
+        print(f"link code {code_id} {status.get('status')}", file=sys.stderr)
+        return EXIT_API
     return EXIT_OK
 
 
@@ -224,6 +289,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--mp-openid")
     p.add_argument("--oa-openid")
     p.set_defaults(func=cmd_users)
+
+    p = client_parser("link", "link an MP user without unionid: QR link codes, OAuth links")
+    p.add_argument("action", choices=("qrcode", "oauth", "show", "remove"))
+    p.add_argument("id", nargs="?", help="link code id (show)")
+    p.add_argument("--mp-openid", help="the Mini Program user to link (qrcode, oauth, remove)")
+    p.add_argument("--expires-in", type=int, help="seconds the code is valid (600)")
+    p.add_argument("--return-url", help="oauth: where the browser goes once linked")
+    p.add_argument("--wait", action="store_true",
+                   help="qrcode/oauth: wait until linked (exit 0) or expired (exit 1)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls (--wait)")
+    p.set_defaults(func=cmd_link)
 
     client_parser("stats", "counts: followers, links, pushes, tokens").set_defaults(func=cmd_stats)
 

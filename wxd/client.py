@@ -82,3 +82,6 @@ class AdminClient:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})
+
+    def delete(self, path: str, **query: Any) -> Any:
+        return self.request("DELETE", path, query=query or None)

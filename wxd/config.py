@@ -181,6 +181,29 @@ def http_url(value: str) -> str:
     return value
 
 
+def optional_url(value: str) -> str:
+    """Empty (unset), or an https URL with a host (http too, for local development)."""
+    if not value:
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("https", "http") or not rest.split("/", 1)[0]:
+        raise ValueError("must be empty or an https:// URL (http:// for local development)")
+    return value
+
+
+_HOST_RE = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                      r"(?::[0-9]{1,5})?")
+
+
+def host_list(value: str) -> tuple[str, ...]:
+    """Host names (host or host:port, lower-cased), separated by commas or spaces; may be empty."""
+    hosts = tuple(part.lower() for part in re.split(r"[,\s]+", value) if part)
+    for host in hosts:
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError("must be host names (host or host:port) separated by commas")
+    return hosts
+
+
 def alnum_token(value: str) -> str:
     """The webhook Token: WeChat's console accepts letters and digits only."""
     if value and (not value.isascii() or not value.isalnum()):
@@ -226,6 +249,7 @@ class WebhookConfig:
     require_encryption: bool = key("false", boolean)
     replay_window_s: float = key("300", number(1))
     max_body_bytes: int = key("65536", integer(1024))
+    public_url: str = key("", optional_url)
 
 
 @dataclass(frozen=True)
@@ -302,6 +326,15 @@ class FollowersConfig:
 
 
 @dataclass(frozen=True)
+class LinkingConfig:
+    qrcode_reply: str = key("", string)
+    qrcode_card_thumb_media_id: str = key("", string)
+    qrcode_card_pagepath: str = key("", string)
+    qrcode_card_title: str = key("绑定成功", string)
+    oauth_return_hosts: tuple[str, ...] = key("", host_list)
+
+
+@dataclass(frozen=True)
 class Config:
     """One field per [section], in file order; a section typed `X | None` is optional (absent → None)."""
 
@@ -315,6 +348,7 @@ class Config:
     events: EventsConfig
     backfill: BackfillConfig
     followers: FollowersConfig
+    linking: LinkingConfig
 
 
 # The index the loader walks, derived from the table above -----------------------------------------
@@ -433,6 +467,19 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
         problems.append("[webhook] require_encryption: needs encoding_aes_key")
     if webhook.get("previous_encoding_aes_key") and not webhook.get("encoding_aes_key"):
         problems.append("[webhook] previous_encoding_aes_key: set only with encoding_aes_key")
+    public_url = webhook.get("public_url")
+    if isinstance(public_url, str) and public_url and (
+            any(c in public_url for c in "?#\\ \t") or "@" in public_url.split("/")[2]):
+        problems.append("[webhook] public_url: must be a plain URL (no query, fragment, user "
+                        "or spaces): wxd appends /oauth/... to it")
+    linking = values.get("linking", {})
+    card = [linking.get("qrcode_card_thumb_media_id"), linking.get("qrcode_card_pagepath")]
+    if any(card) and not all(card):
+        problems.append("[linking] qrcode_card_pagepath: set together with "
+                        "qrcode_card_thumb_media_id (both or neither)")
+    if all(card) and "mini_program" not in values:
+        problems.append("[linking] qrcode_card_thumb_media_id: a Mini Program card needs the "
+                        "[mini_program] section")
     return problems
 
 

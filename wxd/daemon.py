@@ -18,8 +18,9 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from wxd import admin, webhook
+from wxd import admin, oauth_web, webhook
 from wxd.admin import backfill as admin_backfill
+from wxd.admin import links as admin_links
 from wxd.admin import openapi, ops, stats, users
 from wxd.admin import pushes as admin_pushes
 from wxd.admin import tokens as admin_tokens
@@ -29,8 +30,10 @@ from wxd.config import Config, Listen
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.metrics import Registry
+from wxd.oauth_links import OAuthLinks, public_base
 from wxd.push_workers import PushWorkers
 from wxd.pushes import PushService
+from wxd.qrlinks import CARD_JOB, CardSettings, QrLinks
 from wxd.sdnotify import Notifier
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
@@ -41,8 +44,9 @@ from wxd.webhook import Webhook
 from wxd.wechat.client import WeChatClient
 from wxd.wechat.crypto import MessageCrypto
 from wxd.wechat.mp import MiniProgramAPI
-from wxd.wechat.oa import OfficialAccountAPI
+from wxd.wechat.oa import OfficialAccountAPI, WebAuthAPI
 from wxd.wechat.transport import KeepAliveClient
+from wxd.wechat.weburls import web_bases
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ class Daemon:
         self.db: Database | None = None
         self.tokens: dict[str, TokenManager] = {}
         self.linking: Linking | None = None
+        self.qrlinks: QrLinks | None = None
+        self.oauth: OAuthLinks | None = None
         self.pushes: PushService | None = None
         self.workers: PushWorkers | None = None
         self.events: EventWorkers | None = None
@@ -183,6 +189,7 @@ class Daemon:
         mp_appid = mp.appid if mp else None
 
         self.linking = Linking(db, mp_api, oa_api, mp_appid=mp_appid, clock=clock, metrics=metrics)
+        self._build_links(db, client, oa_api)
         p = cfg.pushes
         self.pushes = PushService(db, oa_api, mp_appid=mp_appid, template_cache_s=p.template_cache_s,
                                   clock=clock, metrics=metrics, on_enqueued=self._ring_workers)
@@ -197,9 +204,10 @@ class Daemon:
             drain_timeout_s=cfg.wxd.shutdown_timeout_s)
         await self._start(self.workers)
 
+        assert self.qrlinks is not None
         router = EventRouter(db, self.linking,
                              purge_on_unsubscribe=cfg.followers.purge_on_unsubscribe,
-                             clock=clock, metrics=metrics)
+                             clock=clock, metrics=metrics, scans=self.qrlinks)
         e = cfg.events
         self.events = EventWorkers(db, router, workers=e.workers, max_attempts=e.max_attempts,
                                    backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s,
@@ -207,7 +215,8 @@ class Daemon:
                                    frequency_backoff_base_s=e.frequency_backoff_base_s,
                                    frequency_backoff_max_s=e.frequency_backoff_max_s,
                                    clock=clock, metrics=metrics,
-                                   drain_timeout_s=cfg.wxd.shutdown_timeout_s)
+                                   drain_timeout_s=cfg.wxd.shutdown_timeout_s,
+                                   handlers={CARD_JOB: self.qrlinks.send_card})
         await self._start(self.events)
 
         b = cfg.backfill
@@ -243,24 +252,54 @@ class Daemon:
         hook = Webhook(w.token, crypto, db, require_encryption=w.require_encryption,
                        replay_window_s=w.replay_window_s,
                        max_body_bytes=w.max_body_bytes, clock=clock, metrics=metrics,
-                       on_stored=self.events.ring)
+                       on_stored=self.events.ring, replier=self.qrlinks)
+        pages = oauth_web.routes(self.oauth) if self.oauth is not None else []
         # The HTTP server's own cap is looser, so that the handler can answer 413 itself.
-        self.webhook = Listener("webhook", webhook.make_app(w.path, hook), w.listen,
+        self.webhook = Listener("webhook", webhook.make_app(w.path, hook, pages), w.listen,
                                 max(w.max_body_bytes * 4, 1 << 20))
         await self._start(self.webhook)
+
+    def _build_links(self, db: Database, client: WeChatClient, oa_api: OfficialAccountAPI) -> None:
+        """QR link codes always; OAuth links when [webhook] public_url is set."""
+        cfg = self.config
+        bases = web_bases(cfg.wechat.api_base)
+        lk, mp = cfg.linking, cfg.mini_program
+        card = (CardSettings(lk.qrcode_card_thumb_media_id, lk.qrcode_card_pagepath,
+                             lk.qrcode_card_title, mp.appid)
+                if lk.qrcode_card_thumb_media_id and mp is not None else None)
+        self.qrlinks = QrLinks(db, oa_api, image_base=bases.mp,
+                               reply_text=lk.qrcode_reply, card=card, clock=self.clock,
+                               metrics=self.metrics, on_job=self._ring_events)
+        w = cfg.webhook
+        if not w.public_url:
+            return
+        public = public_base(w.public_url, w.path)
+        if public.startswith("http://") and not _local_host(public):
+            log.warning("[webhook] public_url is http://: WeChat's web authorization needs "
+                        "https outside local development")
+        oa = cfg.official_account
+        self.oauth = OAuthLinks(db, WebAuthAPI(client, oa.appid, oa.secret),
+                                public=public, authorize_base=bases.open,
+                                return_hosts=lk.oauth_return_hosts, clock=self.clock,
+                                metrics=self.metrics)
 
     def _ring_workers(self) -> None:
         if self.workers is not None:
             self.workers.ring()
 
+    def _ring_events(self) -> None:
+        if self.events is not None:
+            self.events.ring()
+
     def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
-        assert self.db and self.linking and self.pushes and self.backfill
+        assert self.db and self.linking and self.pushes and self.backfill and self.qrlinks
         return [
             ops.routes(common, self.db, self.metrics),
             openapi.routes(common),
             stats.routes(common, self.stats),
             admin_tokens.routes(common, self.tokens),
             users.routes(common, self.linking),
+            admin_links.routes(common, self.qrlinks, self.oauth, self.linking),
             admin_pushes.routes(common, self.pushes),
             admin_backfill.routes(common, self.backfill),
         ]
@@ -329,6 +368,11 @@ class Daemon:
                 await self.db.close()
             self._state = "stopped"
             log.info("wxd stopped")
+
+
+def _local_host(url: str) -> bool:
+    host = url.split("/")[2].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost")
 
 
 def _rss_bytes() -> int:

@@ -1,5 +1,6 @@
 """`wxd demo`: the sandbox and the daemon in one process on a temporary database, walking
-through the whole job (tokens, backfill, follow, MP login + link, push + delivery, refusal).
+through the whole job (tokens, backfill, follow, MP login + link, push + delivery, refusal),
+then a second account without unionid (no Open Platform): linking by QR code and by OAuth.
 
 Composes the daemon with the sandbox; talks to the daemon only through its public
 interfaces (admin API over HTTP, webhook over HTTP), as a real deployment would.
@@ -11,8 +12,10 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +39,12 @@ class Admin:
         self.base_url = base_url
         self._token = token
         self._http = AsyncHTTPClient(force_instance=True)
+
+    async def page(self, url: str) -> tuple[int, str | None]:
+        """GET a public page as a browser would, without following a redirect: (status,
+        Location)."""
+        response = await self._http.fetch(url, follow_redirects=False, raise_error=False)
+        return response.code, response.headers.get("Location")
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         try:
@@ -74,7 +83,7 @@ async def eventually(check: Callable[[], Any], what: str, timeout_s: float = 15.
 
 
 def demo_config(database: str, fake: FakeWeChat, api_base: str, admin_port: int,
-                webhook_port: int) -> config.Config:
+                webhook_port: int, public_url: str = "") -> config.Config:
     creds = fake.credentials
     text = f"""
 [wxd]
@@ -85,6 +94,7 @@ log_level = warning
 listen = 127.0.0.1:{webhook_port}
 token = {creds.webhook_token}
 encoding_aes_key = {creds.encoding_aes_key}
+public_url = {public_url}
 [admin]
 listen = 127.0.0.1:{admin_port}
 token = {ADMIN_TOKEN}
@@ -98,8 +108,18 @@ secret = {creds.mp_secret}
 api_base = {api_base}
 [backfill]
 rate_per_s = 0
+[linking]
+qrcode_reply = 绑定成功
 """
     return config.load_text(text)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the public URL must name it before start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def pick(fake: FakeWeChat, follows: bool, used_mp: bool) -> Person:
@@ -137,6 +157,7 @@ class Demo:
             self.say(f"wxd demo: sandbox WeChat with {len(fake.people):,} simulated people at "
                      f"{sandbox.base_url}; wxd admin API at {admin.base_url}, webhook {webhook_url}")
             await self.walk(fake, admin, webhook_url)
+            await self.without_unionid(workdir)
             if keep_running:
                 await self.wait_for_interrupt(admin.base_url)
             return 0
@@ -224,6 +245,97 @@ class Demo:
         say(f"7. stats: followers {stats['followers']:,} (subscribed {stats['subscribed']:,}), "
             f"MP users {stats['mp_users']}, linked {stats['linked']}, pushes {by_status}, "
             f"token fetches today {stats['token_fetches_today']}")
+
+    async def without_unionid(self, workdir: str) -> None:
+        """Steps 8-9: an account whose OA and MP are not bound to one Open Platform account
+        (nobody has a unionid), on a second sandbox and daemon."""
+        fake = FakeWeChat(users=200, seed=2027, follow_ratio=0.5, mp_ratio=0.0,
+                          unionid_ratio=0.0)
+        sandbox = SandboxServer(fake)
+        await sandbox.start()
+        port = free_port()
+        public = f"http://127.0.0.1:{port}"
+        daemon = Daemon(demo_config(f"{workdir}/second.db", fake, sandbox.base_url, 0, port,
+                                    public_url=public))
+        admin: Admin | None = None
+        try:
+            await daemon.start()
+            assert daemon.admin is not None
+            fake.configure_webhook(f"{public}/wechat", mode="safe")  # delivery reports
+            admin = Admin(f"http://127.0.0.1:{daemon.admin.port}", ADMIN_TOKEN)
+            self.say(f"second account without Open Platform ({len(fake.people)} people, no "
+                     f"unionid): wxd public listener {public}")
+            scanner = next(p for p in fake.people if not p.follows)
+            browser = next(p for p in fake.people if p.follows)
+            await self.qrcode_walk(fake, admin, f"{public}/wechat", scanner)
+            await self.oauth_walk(fake, admin, browser)
+        finally:
+            if admin is not None:
+                admin.close()
+            await daemon.stop()
+            await sandbox.stop()
+
+    async def qrcode_walk(self, fake: FakeWeChat, admin: Admin, webhook_url: str,
+                          person: Person) -> None:
+        say = self.say
+        code = await admin.ok("POST", "/v1/links/qrcodes", {"mp_openid": person.mp_openid})
+        say(f"8. QR link code {code['id']} for MP user {person.mp_openid}: show {code['image_url']}")
+        result = fake.scan(person, code["ticket"])
+        sender = WebhookSender(webhook_url, fake.credentials, mode="safe")
+        try:
+            if result is None or result.event != "subscribe":
+                raise DemoFailed(f"the scan did not make a follow event: {result}")
+            delivery = await sender.subscribe(person.oa_openid, result.scene, result.ticket)
+        finally:
+            sender.close()
+        status = await eventually(lambda: self.linked(admin, "qrcodes", code["id"]),
+                                  "the QR link")
+        identity = await admin.ok("GET", f"/v1/users?mp_openid={person.mp_openid}")
+        reply = "an encrypted passive reply" if b"<Encrypt>" in delivery.body else \
+            delivery.body.decode(errors="replace")
+        say(f"   the person scans it and follows: webhook answered {reply}; linked by "
+            f"{identity['link']['source']} to oa_openid {status['oa_openid']}")
+        await self.push_by_mp_openid(fake, admin, person)
+
+    async def oauth_walk(self, fake: FakeWeChat, admin: Admin, person: Person) -> None:
+        say = self.say
+        link = await admin.ok("POST", "/v1/links/oauth", {"mp_openid": person.mp_openid})
+        say(f"9. OAuth link {link['id']} for MP user {person.mp_openid}: the MP opens {link['url']}")
+        status, authorize = await admin.page(link["url"])
+        if status != 302 or authorize is None:
+            raise DemoFailed(f"/oauth/start answered {status}")
+        callback = fake.webauth.authorize(person, authorize)
+        if not isinstance(callback, str):
+            raise DemoFailed(f"WeChat's authorize page refused: {callback}")
+        status, _ = await admin.page(callback)
+        say(f"   302 to WeChat's authorize page (snsapi_base, silent), back to "
+            f"{urllib.parse.urlsplit(callback).path}: {status}")
+        linked = await eventually(lambda: self.linked(admin, "oauth", link["id"]), "the OAuth link")
+        identity = await admin.ok("GET", f"/v1/users?mp_openid={person.mp_openid}")
+        say(f"   linked by {identity['link']['source']} to oa_openid {linked['oa_openid']}")
+        # The follower's row comes from the backfill or a follow event; here a backfill.
+        backfill = await admin.ok("POST", "/v1/backfill")
+        while backfill.get("state") == "running":
+            await asyncio.sleep(0.1)
+            backfill = await admin.ok("GET", "/v1/backfill")
+        await self.push_by_mp_openid(fake, admin, person)
+
+    async def push_by_mp_openid(self, fake: FakeWeChat, admin: Admin, person: Person) -> None:
+        push = await admin.ok("POST", "/v1/pushes", {
+            "to": {"mp_openid": person.mp_openid}, "template_id": ORDER_TEMPLATE_ID,
+            "data": self.order_data(fake)})
+        final = await eventually(lambda: self.push_in(admin, push["id"], ("delivered", "failed")),
+                                 "the delivery report")
+        if final["status"] != "delivered":
+            raise DemoFailed(f"push ended {final['status']}: {final.get('error')}")
+        self.say(f"   push by mp_openid {push['id']}: {final['status']} to {person.oa_openid}")
+
+    @staticmethod
+    async def linked(admin: Admin, kind: str, code_id: str) -> Any:
+        status = await admin.ok("GET", f"/v1/links/{kind}/{code_id}")
+        if status.get("status") == "expired":
+            raise DemoFailed(f"link {code_id} expired")
+        return status if status.get("status") == "linked" else None
 
     @staticmethod
     def order_data(fake: FakeWeChat) -> dict[str, str]:

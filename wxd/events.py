@@ -2,7 +2,7 @@
 EventWorkers drain the durable job queue (store/jobs.py) through it, with retries.
 
 Imports base modules, pacing, retry, wxd.wechat.messages and wxd.store only; linking
-(refresh_follower) is injected through a Protocol.
+(refresh_follower), QR links (on_scan) and the handlers of other job kinds are injected.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from wxd.clock import SYSTEM_CLOCK, Clock
@@ -17,7 +18,7 @@ from wxd.errors import MessageError, StorageError
 from wxd.metrics import Registry
 from wxd.pacing import IDLE_MAX_S, LEASE_S
 from wxd.retry import Backoff, Fail, Pause, Policy, decide, pause_cause
-from wxd.store import followers, inbox
+from wxd.store import followers, inbox, links
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
 from wxd.store.db import Database
@@ -37,12 +38,24 @@ PRUNE_EVERY_S = 3600.0
 UNREACHABLE_PROBE_S = 60.0  # a job that met user/info's 40164 tries again after this long
 JOBS_RETENTION_S = 7 * 86400.0     # finished jobs kept for inspection
 INBOX_RETENTION_S = 30 * 86400.0   # far beyond WeChat's retries (seconds) and the replay window
+LINK_CODES_RETENTION_S = 30 * 86400.0  # link codes kept this long after they expire
 
 
 class FollowerRefresher(Protocol):
     """Satisfied by linking.Linking: user/info for one follower, stored and linked."""
 
     async def refresh_follower(self, oa_openid: str) -> None: ...
+
+
+class ScanLinker(Protocol):
+    """Satisfied by qrlinks.QrLinks: link the person who scanned a QR link code."""
+
+    async def on_scan(self, oa_openid: str, scene: str, ticket: str, at: float, *,
+                      backstop: bool = False) -> str: ...
+
+
+JobHandler = Callable[[Mapping[str, object]], Awaitable[str]]
+"""Runs one job of another kind from its JSON payload; returns the action (a log label)."""
 
 
 class EventRouter:
@@ -52,6 +65,8 @@ class EventRouter:
     refresher.refresh_follower (user/info → unionid → link); unsubscribe →
     followers.record_unsubscribe(purge=purge_on_unsubscribe), the unionid is kept;
     SCAN → EventKey/Ticket kept on the follower (refreshed first when unknown);
+    a subscribe or SCAN carrying a QR link scene → scans.on_scan (the link; the webhook
+    normally made it before answering, so this is the idempotent backstop);
     TEMPLATESENDJOBFINISH → push_store.apply_delivery_report (an unknown MsgID is matched by
     recipient and time to a push sent without a known msgid, else stored for late matching
     there; a MsgID of 0 or none is matched by recipient and time, or left unmatched);
@@ -61,9 +76,10 @@ class EventRouter:
 
     def __init__(self, db: Database, refresher: FollowerRefresher, *,
                  purge_on_unsubscribe: bool = False, clock: Clock = SYSTEM_CLOCK,
-                 metrics: Registry | None = None) -> None:
+                 metrics: Registry | None = None, scans: ScanLinker | None = None) -> None:
         self._db = db
         self._refresher = refresher
+        self._scans = scans
         self._purge = purge_on_unsubscribe
         self._clock = clock
         registry = metrics if metrics is not None else Registry()
@@ -86,6 +102,8 @@ class EventRouter:
             await self._db.write(lambda conn: followers.record_subscribe(
                 conn, openid, at, now, scene=msg.scene, event_key=msg.event_key or None,
                 ticket=msg.ticket or None))
+            if self._scans is not None and msg.scene:
+                await self._scans.on_scan(openid, msg.scene, msg.ticket, at, backstop=True)
             await self._refresher.refresh_follower(openid)
             return "subscribe"
         if isinstance(msg, UnsubscribeEvent):
@@ -93,6 +111,8 @@ class EventRouter:
                 conn, openid, at, now, purge=self._purge))
             return "unsubscribe"
         if isinstance(msg, ScanEvent):
+            if self._scans is not None and msg.event_key:
+                await self._scans.on_scan(openid, msg.event_key, msg.ticket, at, backstop=True)
             known = await self._db.write(
                 lambda conn: followers.record_scan(conn, openid, at, now, msg.event_key, msg.ticket))
             if not known:
@@ -136,6 +156,8 @@ class EventWorkers:
     (no access_token, or user/info answered 40164/61004) until the next probe, or earlier:
     reachable() (the token manager's on_available) makes those jobs due at once. Terminal
     failures (e.g. 40003 invalid openid, a malformed message) fail at once.
+    Jobs of other kinds than inbox.EVENT_JOB run through `handlers` (kind → JobHandler, e.g.
+    qrlinks.CARD_JOB), with the same leases and retries.
     `start()` first requeues leases left by a previous process. `stop()` lets running jobs
     finish within drain_timeout_s, then cancels them (their lease is recovered at the next
     start). Both are idempotent.
@@ -151,9 +173,11 @@ class EventWorkers:
                  job_timeout_s: float = JOB_TIMEOUT_S,
                  jobs_retention_s: float = JOBS_RETENTION_S,
                  inbox_retention_s: float = INBOX_RETENTION_S,
-                 drain_timeout_s: float = 5.0) -> None:
+                 drain_timeout_s: float = 5.0,
+                 handlers: Mapping[str, JobHandler] | None = None) -> None:
         self._db = db
         self._router = router
+        self._handlers = dict(handlers or {})
         self.drain_timeout_s = drain_timeout_s
         self._workers = workers
         rng = rng if rng is not None else random.Random()
@@ -289,17 +313,19 @@ class EventWorkers:
 
     async def prune_if_due(self) -> tuple[int, int]:
         """At most every PRUNE_EVERY_S (when idle): delete done jobs older than the jobs
-        retention and inbox rows older than the inbox retention (pending work is kept).
-        Returns (jobs, inbox rows) deleted."""
+        retention, inbox rows older than the inbox retention (pending work is kept) and link
+        codes expired for LINK_CODES_RETENTION_S. Returns (jobs, inbox rows) deleted."""
         now = self._clock.now()
         if now < self._next_prune:
             return 0, 0
         self._next_prune = now + PRUNE_EVERY_S
-        jobs, rows = await self._db.write(lambda conn: (
+        jobs, rows, codes = await self._db.write(lambda conn: (
             job_store.prune(conn, now - self._jobs_retention_s),
-            inbox.prune(conn, now - self._inbox_retention_s)))
-        if jobs or rows:
-            log.info("pruned %d finished event jobs and %d inbox rows", jobs, rows)
+            inbox.prune(conn, now - self._inbox_retention_s),
+            links.prune_codes(conn, now - LINK_CODES_RETENTION_S)))
+        if jobs or rows or codes:
+            log.info("pruned %d finished event jobs, %d inbox rows and %d link codes", jobs,
+                     rows, codes)
         return jobs, rows
 
     async def run_once(self, limit: int = 100) -> int:
@@ -322,15 +348,21 @@ class EventWorkers:
 
     async def _run_job(self, job: job_store.Job) -> None:
         try:
-            if job.kind != inbox.EVENT_JOB:
+            handler = self._handlers.get(job.kind)
+            if handler is not None:
+                action = await asyncio.wait_for(handler(job.payload_json()),
+                                                self._job_timeout_s)
+            elif job.kind != inbox.EVENT_JOB:
                 raise MessageError(f"unknown job kind {job.kind!r}")
-            inbox_id = job.payload_json().get("inbox_id")
-            if not isinstance(inbox_id, int):
-                raise MessageError("job payload has no inbox_id")
-            message = await self._db.read(lambda conn: inbox.load(conn, inbox_id))
-            if message is None:
-                raise MessageError(f"inbox row {inbox_id} is gone")
-            action = await asyncio.wait_for(self._router.handle(message), self._job_timeout_s)
+            else:
+                inbox_id = job.payload_json().get("inbox_id")
+                if not isinstance(inbox_id, int):
+                    raise MessageError("job payload has no inbox_id")
+                message = await self._db.read(lambda conn: inbox.load(conn, inbox_id))
+                if message is None:
+                    raise MessageError(f"inbox row {inbox_id} is gone")
+                action = await asyncio.wait_for(self._router.handle(message),
+                                                self._job_timeout_s)
         except Exception as exc:
             await self._failed(job, exc)
             return

@@ -23,9 +23,9 @@ from wxd.errors import (
 )
 from wxd.metrics import Registry
 from wxd.store import identity as identity_store
-from wxd.store import ingest, mp_users
+from wxd.store import ingest, links, mp_users
 from wxd.store.db import Database
-from wxd.store.identity import Identity
+from wxd.store.identity import ExplicitLink, Identity
 from wxd.wechat.crypto import decrypt_mp_data
 from wxd.wechat.oa import BATCHGET_MAX
 
@@ -59,7 +59,8 @@ class LinkingError(WxdError):
     """A refusal the caller can act on; `code` is the stable admin API error code.
 
     Codes: invalid_code, rate_limited, user_blocked, mini_program_not_configured, not_logged_in,
-    session_key_expired, watermark_mismatch, openid_mismatch. The message never holds secrets.
+    session_key_expired, watermark_mismatch, openid_mismatch, link_not_found, link_derived.
+    The message never holds secrets.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -212,6 +213,31 @@ class Linking:
         return await self._db.read(lambda conn: identity_store.find_identity(
             conn, unionid=unionid, mp_openid=mp_openid, oa_openid=oa_openid))
 
+    async def unlink(self, mp_openid: str) -> ExplicitLink:
+        """Remove the explicit (qrcode/oauth) link of an MP user; returns what was removed
+        (also one a unionid link overrides).
+
+        LinkingError link_derived when the MP user has no explicit link but is linked through
+        unionid (that link is WeChat's fact, not wxd's to remove), link_not_found otherwise.
+        """
+
+        def remove(conn: sqlite3.Connection) -> ExplicitLink | Identity | None:
+            removed = links.unbind(conn, mp_openid)
+            if removed is not None:
+                return removed
+            identity = identity_store.find_identity(conn, mp_openid=mp_openid)
+            return identity if identity is not None and identity.link_source == "unionid" else None
+
+        removed = await self._db.write(remove)
+        if isinstance(removed, Identity):
+            raise LinkingError("link_derived", "this MP user is linked through unionid; that "
+                               "link cannot be removed")
+        if removed is None:
+            raise LinkingError("link_not_found", "this MP user has no QR-code or OAuth link")
+        log.info("removed the %s link of MP user %s (to OA openid %s)", removed.source,
+                 mp_openid, removed.oa_openid)
+        return removed
+
     async def refresh_follower(self, oa_openid: str) -> None:
         """Fetch user/info for a follower and store it (unionid → link). Used after subscribe.
 
@@ -258,12 +284,14 @@ class Linking:
             self._warned_unionid = True
             log.warning(
                 "WeChat returns no unionid for any follower: the Official Account is probably "
-                "not bound to an Open Platform account, so no MP user can be linked"
+                "not bound to an Open Platform account, so no MP user can be linked through "
+                "unionid (QR link codes and OAuth links still work: see the README)"
             )
         return self._unionid_missing
 
     async def counts(self) -> dict[str, Any]:
-        """identity_store.counts() plus unionid_missing, for /v1/stats."""
+        """identity_store.counts(), links (by source) and unionid_missing, for /v1/stats."""
         result: dict[str, Any] = await self._db.read(identity_store.counts)
+        result["links"] = await self._db.read(identity_store.links_by_source)
         result["unionid_missing"] = await self.check_unionid()
         return result

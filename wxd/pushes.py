@@ -308,8 +308,8 @@ def _recipient(conn: sqlite3.Connection, kind: str, value: str) -> str:
                            422)
     if identity.oa_openid is None:
         raise PushRejected("recipient_not_following", f"{kind} {value} has no Official Account "
-                           "follower: the person never followed the OA (or is not linked by "
-                           "unionid)", f"to.{kind}", 422)
+                           "follower: the person never followed the OA (or is not linked: by "
+                           "unionid, a QR link code or an OAuth link)", f"to.{kind}", 422)
     if not identity.subscribed:
         raise PushRejected("recipient_not_following", f"{kind} {value} does not follow the "
                            "Official Account now (WeChat would answer 43004)", f"to.{kind}", 422)

@@ -1,7 +1,9 @@
 """The OA webhook (WeChat's callback URL): verify, decrypt, parse, deduplicate, store, answer.
 
 tornado.web handlers over wxd.wechat.crypto/messages and wxd.store.inbox/db; imports no service
-module and does no event work itself: jobs in the inbox do it later (events.py).
+module and does no event work itself: jobs in the inbox do it later (events.py). The one
+exception is an injected Replier (QR link codes): it may link and choose a passive reply
+after the message is stored and before the answer.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import tornado.web
 from tornado.routing import URLSpec
@@ -22,7 +24,7 @@ from wxd.metrics import Registry
 from wxd.store import inbox
 from wxd.store.db import Database
 from wxd.wechat.crypto import MessageCrypto, check_signature
-from wxd.wechat.messages import Message, parse_message, parse_xml
+from wxd.wechat.messages import Message, parse_message, parse_xml, render_text_reply
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,14 @@ class NonceMemory:
             self._seen.pop(key, None)
 
 
+class Replier(Protocol):
+    """Chooses a passive reply for a stored message (qrlinks.QrLinks satisfies it): the text
+    of a text reply, or None for plain `success`. Called for new and duplicate messages alike
+    (a WeChat retry must get the same reply), so it must be idempotent."""
+
+    async def reply_to(self, message: Message) -> str | None: ...
+
+
 class Rejected(tornado.web.HTTPError):
     """A refused webhook request: `result` is the metrics label, the message is safe to log."""
 
@@ -95,6 +105,8 @@ class Webhook:
     `require_encryption=True` also closes a downgrade by an active man in the middle.
     `replay_window_s` bounds |now - timestamp|; `max_body_bytes` bounds the body (413).
     `on_stored()` is called after a new message is committed (the event workers' doorbell).
+    `replier` (None = always `success`) may answer a stored message with a passive text reply,
+    encrypted when the request was (safe and compatible mode).
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class Webhook:
         on_stored: Callable[[], None] | None = None,
         require_encryption: bool = False,
         nonce_capacity: int = 200_000,
+        replier: Replier | None = None,
     ) -> None:
         self.token = token
         self.crypto = crypto
@@ -120,6 +133,7 @@ class Webhook:
         self.on_stored = on_stored
         self.require_encryption = require_encryption and crypto is not None
         self.nonces = NonceMemory(replay_window_s, nonce_capacity)
+        self.replier = replier
         registry = metrics if metrics is not None else Registry()
         self.requests = registry.counter(
             "wxd_webhook_requests_total",
@@ -203,7 +217,10 @@ class Webhook:
             raise Rejected(400, "bad_message", f"{what}{exc}") from None
 
     async def store(self, message: Message) -> bool:
-        """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell.
+        """Commit the message (and its job) durably; False for a duplicate. Rings the doorbell,
+        unless a replier is set: then the handler rings it once the reply is chosen (ring()),
+        so that the event job's backstop pass over a QR scene finds the link made instead of
+        racing the webhook's own pass.
 
         Messages arriving together are inserted by one store_prepared call (one multi-row
         INSERT) through the database's batched write. A fault of the database answers 503
@@ -220,11 +237,39 @@ class Webhook:
             self.requests.inc(result="accepted")
             kind = message.event or message.msg_type
             self.events.inc(type=kind if _LABEL_RE.fullmatch(kind) else "other")
-            if self.on_stored is not None:
-                self.on_stored()
+            if self.replier is None:
+                self.ring()
         else:
             self.requests.inc(result="duplicate")
         return stored
+
+    def ring(self) -> None:
+        """Call on_stored (the event workers' doorbell)."""
+        if self.on_stored is not None:
+            self.on_stored()
+
+    async def answer(self, message: Message, encrypted: bool, nonce: str) -> bytes:
+        """What to answer a stored message: `success`, or the replier's passive text reply
+        (https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Passive_user_reply_message.html),
+        encrypted with a fresh timestamp and the request's nonce when the request was. A fault
+        of the database answers 503 (WeChat retries; the replier is idempotent)."""
+        if self.replier is None:
+            return _SUCCESS
+        try:
+            text = await self.replier.reply_to(message)
+        except StorageError as exc:
+            self.requests.inc(result="storage_error")
+            raise Rejected(503, "storage_error", f"no reply: {exc}") from None
+        if not text:
+            return _SUCCESS
+        now = int(self.clock.now())
+        # The reply swaps the request's FromUserName and ToUserName.
+        xml = render_text_reply(message.from_user, message.to_user, text, now)
+        if encrypted and self.crypto is not None:
+            safe_nonce = nonce if nonce and "]]>" not in nonce else str(now)
+            xml = self.crypto.encrypt_reply(xml, str(now), safe_nonce)
+        self.requests.inc(result="replied")
+        return xml.encode("utf-8")
 
 
 class WebhookHandler(tornado.web.RequestHandler):
@@ -283,8 +328,17 @@ class WebhookHandler(tornado.web.RequestHandler):
     async def post(self) -> None:
         if self.message is None:  # prepare() sets it or raises
             raise tornado.web.HTTPError(500, "no message after prepare()")
-        await self.webhook.store(self.message)
-        self.finish(_SUCCESS)
+        hook = self.webhook
+        stored = await hook.store(self.message)
+        encrypted = self._arg("encrypt_type").lower() == "aes"
+        try:
+            answer = await hook.answer(self.message, encrypted, self._arg("nonce"))
+        finally:
+            if stored and hook.replier is not None:
+                hook.ring()
+        if answer is not _SUCCESS:
+            self.set_header("Content-Type", "application/xml; charset=utf-8")
+        self.finish(answer)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.finish(f"{status_code} {self._reason}\n")
@@ -314,9 +368,10 @@ def routes(path: str, webhook: Webhook) -> list[URLSpec]:
     return [tornado.web.url(re.escape(path), WebhookHandler, {"webhook": webhook})]
 
 
-def make_app(path: str, webhook: Webhook) -> tornado.web.Application:
-    """A tornado Application serving only the webhook (the public listener)."""
+def make_app(path: str, webhook: Webhook, extra: Sequence[URLSpec] = ()) -> tornado.web.Application:
+    """A tornado Application serving the webhook (the public listener), plus `extra` routes
+    of other public pages (the OAuth link pages)."""
     return tornado.web.Application(
-        routes(path, webhook), log_function=log_request, compress_response=False,
+        [*routes(path, webhook), *extra], log_function=log_request, compress_response=False,
         xheaders=False,
     )

@@ -84,6 +84,8 @@ BACKFILL: dict[str, Any] = {"type": "object", "properties": {
     "cursor_at": {"type": "number", "nullable": True, "description": "when the cursor was saved"},
     "calls": _INT, "active": {"type": "boolean"}, "percent": {"type": "number", "nullable": True},
 }}
+MP_OPENID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
+LINK_CODE = {"$ref": "#/components/schemas/LinkCode"}
 
 
 def _optional_body(op: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +120,46 @@ PATHS: dict[str, dict[str, Any]] = {
         params=[_query("unionid", "unionid"), _query("mp_openid", "Mini Program openid"),
                 _query("oa_openid", "Official Account openid")],
         errors=(400, 401, 404), ok_schema={"$ref": "#/components/schemas/Identity"})},
+    "/v1/links": {"delete": _op(
+        "Remove the explicit (qrcode or oauth) link of an MP user; 409 link_derived for a "
+        "unionid link", params=[_query("mp_openid", "Mini Program openid (required)")],
+        errors=(400, 401, 404, 409),
+        ok_schema={"type": "object", "properties": {"removed": {
+            "$ref": "#/components/schemas/Link"}}})},
+    "/v1/links/qrcodes": {"post": _op(
+        "Create a temporary OA parametric QR code (QR_STR_SCENE, one-time scene) that links "
+        "whoever scans it to mp_openid (source qrcode)", ok=201,
+        body={"type": "object", "required": ["mp_openid"], "properties": {
+            "mp_openid": MP_OPENID,
+            "expires_in": {"type": "integer", "minimum": 60, "maximum": 2592000,
+                           "default": 600, "description": "seconds"}}},
+        errors=(400, 401, 502, 503),
+        ok_schema={"type": "object", "properties": {
+            "id": {"type": "string"}, "scene": {"type": "string"},
+            "ticket": {"type": "string"}, "url": {"type": "string", "nullable": True},
+            "image_url": {"type": "string", "description": "WeChat's showqrcode URL"},
+            "expires_at": {"type": "number"}, "status": {"type": "string",
+                                                         "enum": ["pending"]}}})},
+    "/v1/links/qrcodes/{id}": {"get": _op(
+        "Status of a QR link code", params=[_path_param("id")], errors=(401, 404),
+        ok_schema=LINK_CODE)},
+    "/v1/links/oauth": {"post": _op(
+        "Create a one-time OA web-authorization link ({public_url}/oauth/start?t=...) that "
+        "links the WeChat user opening it to mp_openid (source oauth); needs [webhook] "
+        "public_url (409 oauth_not_configured)", ok=201,
+        body={"type": "object", "required": ["mp_openid"], "properties": {
+            "mp_openid": MP_OPENID,
+            "return_url": {"type": "string", "description": "https URL on a host of "
+                           "[linking] oauth_return_hosts; the callback redirects there"},
+            "expires_in": {"type": "integer", "minimum": 60, "maximum": 86400,
+                           "default": 600}}},
+        errors=(400, 401, 409, 503),
+        ok_schema={"type": "object", "properties": {
+            "id": {"type": "string"}, "url": {"type": "string"},
+            "expires_at": {"type": "number"}}})},
+    "/v1/links/oauth/{id}": {"get": _op(
+        "Status of an OAuth link", params=[_path_param("id")], errors=(401, 404),
+        ok_schema=LINK_CODE)},
     "/v1/pushes": {
         "post": _op("Queue a template message (202 after commit; 200 for a known idempotency_key)",
                     ok=202, body=PUSH_REQUEST, errors=(400, 401, 409, 422), ok_schema=PUSH),
@@ -164,7 +206,9 @@ PATHS: dict[str, dict[str, Any]] = {
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "wxd admin API", "version": __version__,
-             "description": "Local admin API of wxd. Bearer token on everything but /healthz."},
+             "description": "Local admin API of wxd. Bearer token on everything but /healthz. "
+                            "The public listener (the webhook's) also serves GET /oauth/start "
+                            "and GET /oauth/callback for OAuth links (HTML pages, no token)."},
     "paths": PATHS,
     "security": [{"bearer": []}],
     "components": {
@@ -177,7 +221,26 @@ DOCUMENT: dict[str, Any] = {
                 "unionid": {"type": "string", "nullable": True},
                 "mp_openid": {"type": "string", "nullable": True},
                 "oa_openid": {"type": "string", "nullable": True},
-                "subscribed": {"type": "boolean"}}},
+                "subscribed": {"type": "boolean"},
+                "linked": {"type": "boolean"},
+                "linked_at": {"type": "number", "nullable": True},
+                "link": {"type": "object", "nullable": True, "properties": {
+                    "source": {"type": "string", "enum": ["unionid", "qrcode", "oauth"]},
+                    "linked_at": {"type": "number", "nullable": True}}}}},
+            "Link": {"type": "object", "properties": {
+                "mp_openid": {"type": "string"}, "oa_openid": {"type": "string"},
+                "source": {"type": "string", "enum": ["qrcode", "oauth"]},
+                "linked_at": {"type": "number"}}},
+            "LinkCode": {"type": "object", "required": ["id", "status"], "properties": {
+                "id": {"type": "string"},
+                "status": {"type": "string", "enum": ["pending", "linked", "expired"]},
+                "expires_at": {"type": "number"},
+                "oa_openid": {"type": "string"}, "linked_at": {"type": "number"},
+                "replaced": {"type": "object", "description": "the OA openid of the "
+                             "explicit link this one replaced",
+                             "properties": {"oa_openid": {"type": "string"}}},
+                "error": {"type": "string", "description": "why the latest attempt "
+                          "linked nothing (link_conflict)"}}},
             "Push": {"type": "object", "properties": {
                 "id": {"type": "string"},
                 "status": {"type": "string", "enum": ["queued", "sending", "sent", "delivered",

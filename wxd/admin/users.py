@@ -33,6 +33,8 @@ _STATUS: Mapping[str, int] = {
     "session_key_expired": 409,
     "watermark_mismatch": 422,
     "openid_mismatch": 422,
+    "link_not_found": 404,
+    "link_derived": 409,
 }
 _KEYS = ("unionid", "mp_openid", "oa_openid")
 MAX_ID = 128

@@ -11,10 +11,12 @@ import logging
 import tornado.web
 from tornado.log import access_log
 
-from wxd.sandbox.control import control_routes
+from wxd.sandbox.control import control_routes, person_named
 from wxd.sandbox.endpoints import Answer, dispatch
+from wxd.sandbox.qrcodes import image_jpeg
 from wxd.sandbox.runtime import SandboxRuntime
 from wxd.sandbox.state import FakeWeChat
+from wxd.sandbox.webauth import AUTHORIZE_PATH, Refused
 
 _HTTP500_PAGE = "<html><body><h1>500 Internal Server Error</h1></body></html>"
 
@@ -26,8 +28,12 @@ class SandboxApplication(tornado.web.Application):
     def __init__(self, fake: FakeWeChat) -> None:
         self.fake = fake
         self.runtime = SandboxRuntime(fake)
+        kw = {"runtime": self.runtime}
         super().__init__(
-            [*control_routes(self.runtime), (r"/.*", ApiHandler, {"runtime": self.runtime})],
+            [*control_routes(self.runtime),
+             (r"/cgi-bin/showqrcode", ShowQrCodeHandler, kw),
+             (AUTHORIZE_PATH, AuthorizeHandler, kw),
+             (r"/.*", ApiHandler, kw)],
             log_function=_log_request,
         )
 
@@ -111,6 +117,53 @@ class ApiHandler(tornado.web.RequestHandler):
         """Close the connection without any response (what a reset or a lost answer looks
         like to the client)."""
         self.detach().close()
+
+
+class ShowQrCodeHandler(tornado.web.RequestHandler):
+    """GET /cgi-bin/showqrcode?ticket=... (mp.weixin.qq.com in WeChat): the code's image for a
+    valid ticket (image/jpg, cacheable a week), HTTP 404 for an unknown or expired one.
+    https://developers.weixin.qq.com/doc/offiaccount/Account_Management/Generating_a_Parametric_QR_Code.html"""
+
+    def initialize(self, runtime: SandboxRuntime) -> None:
+        self.fake = runtime.fake
+
+    def get(self) -> None:
+        ticket = self.get_query_argument("ticket", "")
+        if self.fake.qrcodes.valid(ticket) is None:
+            self.set_status(404)
+            self.finish("")
+            return
+        self.set_header("Content-Type", "image/jpg")
+        self.set_header("Cache-Control", "max-age=604800")
+        self.finish(image_jpeg())
+
+
+class AuthorizeHandler(tornado.web.RequestHandler):
+    """GET /connect/oauth2/authorize (open.weixin.qq.com in WeChat) as the person's browser
+    inside WeChat would: the `X-Sandbox-Person` header names the person (index, oa_openid,
+    mp_openid or unionid); `X-Sandbox-Snapshot: 1` plays the snapshot page, `X-Sandbox-Decline:
+    1` a refusal. A 302 to the redirect_uri, or the error page WeChat shows (200, HTML).
+    Browsers never send the #wechat_redirect fragment: POST /_sandbox/oauth/authorize checks it."""
+
+    def initialize(self, runtime: SandboxRuntime) -> None:
+        self.fake = runtime.fake
+
+    def get(self) -> None:
+        who = self.request.headers.get("X-Sandbox-Person", "")
+        person = person_named(self.fake, who) if who else None
+        if person is None:
+            self.set_status(400)
+            self.finish("sandbox: name the browsing person with the X-Sandbox-Person header")
+            return
+        result = self.fake.webauth.authorize(
+            person, self.request.uri or "", fragment_seen=False,
+            snapshot=self.request.headers.get("X-Sandbox-Snapshot") == "1",
+            decline=self.request.headers.get("X-Sandbox-Decline") == "1")
+        if isinstance(result, Refused):
+            self.set_header("Content-Type", "text/html; charset=utf-8")
+            self.finish(f"<html><body>{result.errcode or ''} {result.message}</body></html>")
+            return
+        self.redirect(result)
 
 
 def make_app(fake: FakeWeChat) -> SandboxApplication:

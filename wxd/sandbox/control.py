@@ -30,6 +30,16 @@ The shorthands as HTTP bodies:
   "seconds": T} or {..., "allow": N, "per": S, "per_openid": true, "times": null}
 - delivery reports: {"path": "/cgi-bin/message/template/send", "kind": "report:msgid0" |
   "report:no_msgid" | "report:lost", "times": N}
+Linking without unionid:
+- POST /_sandbox/scan {who, ticket, duplicates?} -> what the scan made WeChat push (subscribe
+  with qrscene_<scene>, SCAN, a plain subscribe for an expired code, or nothing) and the
+  webhook's answers; `duplicates` sends the identical request that many more times, as WeChat
+  does when its 5-second timer fires before the answer.
+- GET /_sandbox/qrcodes -> {"qrcodes": [...]}: every code created, with ticket and scene.
+- POST /_sandbox/oauth/authorize {who, url, snapshot?, decline?} -> {"location"} (the redirect
+  the person's browser follows) or 400 {"error", "errcode"} (the page WeChat shows).
+  POST /_sandbox/oauth/domain {"domain": ... | null}: the OA's web-authorization domain.
+- GET /_sandbox/kefu/<oa_openid> -> {"messages": [...]}: customer-service messages received.
 Other behaviours: POST /_sandbox/unfollow {who, "notify": false} is a silent unfollow (no
 unsubscribe event; template/send then answers 43004). POST /_sandbox/events can send a
 TEMPLATESENDJOBFINISH with any MsgID (0, or null for none) and text messages with a chosen
@@ -47,15 +57,40 @@ import tornado.web
 
 from wxd.sandbox.population import Person
 from wxd.sandbox.runtime import SandboxRuntime
-from wxd.sandbox.state import Call
+from wxd.sandbox.state import Call, FakeWeChat
+from wxd.sandbox.webauth import Refused
 from wxd.sandbox.webhook_sender import Delivery, WebhookSender
 
 
 class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.extra = extra
+
+
+def lookup_person(fake: FakeWeChat, spec: dict[str, Any]) -> Person | None:
+    """The person named by index, oa_openid, mp_openid or unionid; None when unknown.
+    ValueError when `spec` names nobody."""
+    if isinstance(spec.get("index"), int):
+        index = spec["index"]
+        return fake.people[index] if 0 <= index < len(fake.people) else None
+    if isinstance(spec.get("oa_openid"), str):
+        return fake.by_oa_openid(spec["oa_openid"])
+    if isinstance(spec.get("mp_openid"), str):
+        return fake.by_mp_openid(spec["mp_openid"])
+    if isinstance(spec.get("unionid"), str):
+        return fake.by_unionid(spec["unionid"])
+    raise ValueError("name a person by index, oa_openid, mp_openid or unionid")
+
+
+def person_named(fake: FakeWeChat, text: str) -> Person | None:
+    """The person whose index, OA openid, MP openid or unionid `text` is."""
+    if text.isdigit():
+        index = int(text)
+        return fake.people[index] if index < len(fake.people) else None
+    return fake.by_oa_openid(text) or fake.by_mp_openid(text) or fake.by_unionid(text)
 
 
 def person_json(person: Person) -> dict[str, Any]:
@@ -111,19 +146,10 @@ class ControlHandler(tornado.web.RequestHandler):
         return value
 
     def find_person(self, spec: dict[str, Any]) -> Person:
-        fake = self.fake
-        person: Person | None = None
-        if isinstance(spec.get("index"), int):
-            index = spec["index"]
-            person = fake.people[index] if 0 <= index < len(fake.people) else None
-        elif isinstance(spec.get("oa_openid"), str):
-            person = fake.by_oa_openid(spec["oa_openid"])
-        elif isinstance(spec.get("mp_openid"), str):
-            person = fake.by_mp_openid(spec["mp_openid"])
-        elif isinstance(spec.get("unionid"), str):
-            person = fake.by_unionid(spec["unionid"])
-        else:
-            raise _ControlError(400, "name a person by index, oa_openid, mp_openid or unionid")
+        try:
+            person = lookup_person(self.fake, spec)
+        except ValueError as error:
+            raise _ControlError(400, str(error)) from None
         if person is None:
             raise _ControlError(404, "no such person")
         return person
@@ -137,7 +163,7 @@ class ControlHandler(tornado.web.RequestHandler):
         try:
             result = await action()
         except _ControlError as error:
-            self.reply({"error": error.message}, error.status)
+            self.reply({"error": error.message, **error.extra}, error.status)
             return
         self.reply(result)
 
@@ -247,6 +273,7 @@ class EventHandler(ControlHandler):
             delivery = await sender.scan(openid, str(scene or "0"))
         elif event == "text":
             content = str(spec.get("content", ""))
+            self.fake.kefu.open(openid, "message")
             delivery = await sender.text(openid, content, _text_msg_id(spec, sender))
         elif event == "TEMPLATESENDJOBFINISH":
             if "msgid" not in spec:
@@ -272,6 +299,95 @@ def _text_msg_id(spec: dict[str, Any], sender: WebhookSender) -> int | None:
     if msg_id is not None and (isinstance(msg_id, bool) or not isinstance(msg_id, int)):
         raise _ControlError(400, 'msg_id must be an integer or "last"')
     return msg_id
+
+
+class ScanHandler(ControlHandler):
+    """POST {who, ticket, duplicates?} -> {"event", "scene", "person", "webhook", "repeats"}."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        person = self.find_person(spec)
+        ticket = spec.get("ticket")
+        duplicates = spec.get("duplicates", 0)
+        if not isinstance(ticket, str):
+            raise _ControlError(400, "ticket must be a string")
+        if isinstance(duplicates, bool) or not isinstance(duplicates, int) or not 0 <= duplicates <= 3:
+            raise _ControlError(400, "duplicates must be an integer 0..3")
+        result = self.fake.scan(person, ticket)
+        if result is None:
+            raise _ControlError(404, "no QR code has this ticket")
+        delivery: Delivery | None = None
+        repeats: list[dict[str, Any] | None] = []
+        sender = self.runtime.sender()
+        if sender is not None and result.event is not None:
+            openid = person.oa_openid
+            if result.event == "subscribe":
+                fields = sender.subscribe_fields(openid, result.scene, result.ticket)
+            else:
+                fields = sender.scan_fields(openid, result.scene or "", result.ticket)
+            request = sender.build(fields)
+            delivery = await sender.send(request)
+            for _ in range(duplicates):
+                repeats.append(delivery_json(await sender.send(request)))
+        return {"event": result.event, "scene": result.scene, "person": person_json(person),
+                "webhook": delivery_json(delivery), "repeats": repeats}
+
+
+class QrCodesHandler(ControlHandler):
+    """GET -> {"qrcodes": [{ticket, action, scene, created_at, expires_at, url}, ...]}."""
+
+    async def get(self) -> None:
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        return {"qrcodes": [dataclasses.asdict(code) for code in self.fake.qrcodes.codes()]}
+
+
+class AuthorizeHandler(ControlHandler):
+    """POST {who, url, snapshot?, decline?} -> {"location"}, or 400 {"error", "errcode"}."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        spec = self.body_json()
+        person = self.find_person(spec)
+        url = spec.get("url")
+        if not isinstance(url, str):
+            raise _ControlError(400, "url must be a string")
+        result = self.fake.webauth.authorize(person, url, snapshot=bool(spec.get("snapshot")),
+                                             decline=bool(spec.get("decline")))
+        if isinstance(result, Refused):
+            raise _ControlError(400, result.message, errcode=result.errcode)
+        return {"location": result}
+
+
+class OAuthDomainHandler(ControlHandler):
+    """POST {"domain": "h5.example.com" | null}: the OA's web-authorization domain."""
+
+    async def post(self) -> None:
+        await self._run(self._post)
+
+    async def _post(self) -> dict[str, Any]:
+        domain = self.body_json().get("domain")
+        if domain is not None and not isinstance(domain, str):
+            raise _ControlError(400, "domain must be a string or null")
+        self.fake.webauth.oauth_domain = domain
+        return {"domain": domain}
+
+
+class KefuHandler(ControlHandler):
+    """GET /_sandbox/kefu/<oa_openid> -> the customer-service messages that person received."""
+
+    async def get(self, openid: str) -> None:
+        self._openid = openid
+        await self._run(self._get)
+
+    async def _get(self) -> dict[str, Any]:
+        return {"messages": self.fake.kefu.messages(self._openid)}
 
 
 class FaultsHandler(ControlHandler):
@@ -443,5 +559,10 @@ def control_routes(runtime: SandboxRuntime) -> list[tuple[str, type[ControlHandl
         (r"/_sandbox/calls", CallsHandler, kw),
         (r"/_sandbox/inbox/(.+)", InboxHandler, kw),
         (r"/_sandbox/webhook", WebhookHandler, kw),
+        (r"/_sandbox/scan", ScanHandler, kw),
+        (r"/_sandbox/qrcodes", QrCodesHandler, kw),
+        (r"/_sandbox/oauth/authorize", AuthorizeHandler, kw),
+        (r"/_sandbox/oauth/domain", OAuthDomainHandler, kw),
+        (r"/_sandbox/kefu/(.+)", KefuHandler, kw),
         (r"/_sandbox/stats", StatsHandler, kw),
     ]

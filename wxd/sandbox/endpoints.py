@@ -19,6 +19,7 @@ from functools import cached_property
 from json.encoder import encode_basestring
 from typing import Any
 
+from wxd.sandbox import qrcodes
 from wxd.sandbox.fault_answers import call_facts, duplicate_answer, fault_body
 from wxd.sandbox.faults import SEND_PATH, CallFacts
 from wxd.sandbox.shapes import encode_json, error_body, strings_json, user_info, user_info_json
@@ -306,6 +307,61 @@ def _jscode2session(ctx: _Ctx) -> dict[str, Any]:
     return answer
 
 
+def _qrcode_create(ctx: _Ctx) -> dict[str, Any]:
+    ctx.require_token("oa")
+    code = ctx.fake.qrcodes.create(ctx.json_body())
+    if isinstance(code, int):
+        raise _Reject(code)
+    return qrcodes.answer(code, ctx.fake.clock())
+
+
+def _custom_send(ctx: _Ctx) -> dict[str, Any]:
+    """custom/send: text or miniprogrampage, within the person's window (kefu.py)."""
+    ctx.require_token("oa")
+    fake = ctx.fake
+    body = ctx.json_body()
+    touser = body.get("touser")
+    person = fake.by_oa_openid(touser) if isinstance(touser, str) else None
+    if person is None:
+        raise _Reject(40003)
+    msgtype = body.get("msgtype")
+    content = body.get(msgtype) if isinstance(msgtype, str) else None
+    if not isinstance(content, dict):
+        raise _Reject(47001)
+    if msgtype == "text":
+        if not isinstance(content.get("content"), str) or not content["content"]:
+            raise _Reject(47001)
+    elif msgtype == "miniprogrampage":
+        # The card's appid must be a Mini Program linked to the OA (here: the emulated MP).
+        if content.get("appid") != fake.credentials.mp_appid:
+            raise _Reject(40013)
+        for name in ("title", "pagepath"):
+            if not isinstance(content.get(name), str) or not content[name]:
+                raise _Reject(47001)
+        if not isinstance(content.get("thumb_media_id"), str) or not content["thumb_media_id"]:
+            raise _Reject(40007)
+    elif msgtype not in ("image", "voice", "video", "music", "news", "mpnews", "msgmenu"):
+        raise _Reject(47001)
+    if not person.follows:
+        raise _Reject(45015)
+    errcode = fake.kefu.send(person.oa_openid, {"msgtype": msgtype, msgtype: content})
+    if errcode:
+        raise _Reject(errcode)
+    return {"errcode": 0, "errmsg": "ok"}
+
+
+def _oauth_access_token(ctx: _Ctx) -> dict[str, Any]:
+    query = ctx.query
+    if query.get("grant_type") != "authorization_code":
+        raise _Reject(40002)
+    appid = query.get("appid")
+    ctx.require_app(appid, query.get("secret"))
+    result = ctx.fake.webauth.exchange(appid or "", query.get("code", ""))
+    if isinstance(result, int):
+        raise _Reject(result)
+    return result
+
+
 _Endpoint = Callable[[_Ctx], dict[str, Any] | _Encoded]
 
 ROUTES: Mapping[str, tuple[str, _Endpoint]] = {
@@ -317,6 +373,9 @@ ROUTES: Mapping[str, tuple[str, _Endpoint]] = {
     "/cgi-bin/message/template/send": ("POST", _template_send),
     "/cgi-bin/template/get_all_private_template": ("GET", _templates),
     "/sns/jscode2session": ("GET", _jscode2session),
+    "/cgi-bin/qrcode/create": ("POST", _qrcode_create),
+    "/cgi-bin/message/custom/send": ("POST", _custom_send),
+    "/sns/oauth2/access_token": ("GET", _oauth_access_token),
 }
 
 

@@ -13,6 +13,7 @@ from wxd.sandbox.faults import (
     BATCHGET_PATH,
     EMPTY_PAGE_KINDS,
     JSCODE2SESSION_PATH,
+    OAUTH_TOKEN_PATH,
     SEND_PATH,
     STABLE_TOKEN_PATH,
     TOKEN_PATHS,
@@ -30,7 +31,7 @@ def call_facts(fake: FakeWeChat, path: str, query: Mapping[str, str], body: Any)
     app its appid or access_token names, the openids it names, user/get's cursor. `body` is
     the decoded request body (decode_body)."""
     app: str | None = None
-    if path in TOKEN_PATHS or path == JSCODE2SESSION_PATH:
+    if path in TOKEN_PATHS or path in (JSCODE2SESSION_PATH, OAUTH_TOKEN_PATH):
         appid: Any = query.get("appid")
         if path == STABLE_TOKEN_PATH:
             appid = body.get("appid") if isinstance(body, dict) else None

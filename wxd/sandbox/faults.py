@@ -57,6 +57,7 @@ USER_INFO_PATH = "/cgi-bin/user/info"
 BATCHGET_PATH = "/cgi-bin/user/info/batchget"
 SEND_PATH = "/cgi-bin/message/template/send"
 JSCODE2SESSION_PATH = "/sns/jscode2session"
+OAUTH_TOKEN_PATH = "/sns/oauth2/access_token"  # noqa: S105 - a path
 
 TOKEN_PATHS = frozenset({TOKEN_PATH, STABLE_TOKEN_PATH})
 ALL_PATHS = "*"

@@ -192,6 +192,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-rate", type=float, default=0.0, help="fraction of API calls that fail (0)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument(
+        "--unionid-ratio", type=float, default=1.0,
+        help="fraction of people with a unionid (1); 0 = an account without Open Platform, "
+             "where only QR link codes and OAuth links can link people")
     parser.add_argument("--webhook", default=None, help="wxd's webhook URL for delivery reports")
     parser.add_argument("--mode", choices=MODES, default="safe", help="webhook mode (safe)")
 
@@ -242,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wxd sandbox: bad --latency-ms {args.latency_ms!r}")
         return 2
     fake = FakeWeChat(
-        users=args.users, seed=args.seed, latency_s=latency, fault_rate=args.fault_rate
+        users=args.users, seed=args.seed, latency_s=latency, fault_rate=args.fault_rate,
+        unionid_ratio=args.unionid_ratio,
     )
     if args.webhook:
         fake.configure_webhook(args.webhook, mode=args.mode)

@@ -18,6 +18,12 @@ faults.FaultBook, returns it, and takes a lifetime: `times` answers, `seconds` f
 - mangle_reports(mode): TEMPLATESENDJOBFINISH with MsgID 0, without MsgID, or never sent.
 unfollow() never notifies the webhook by itself: it is the silent unfollow (template/send then
 answers 43004 although no unsubscribe event was delivered).
+
+Linking without unionid: `qrcodes` (qrcodes.QrBook: /cgi-bin/qrcode/create, showqrcode) and
+scan(person, ticket) (what a scan does: follow or not, which event); `webauth`
+(webauth.WebAuthBook: the authorize page and /sns/oauth2/access_token); `kefu`
+(kefu.KefuBook: custom/send's windows, opened by follow(), scan() and text messages). A
+population with unionid_ratio=0.0 is an account without Open Platform.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ from wxd.sandbox.faults import (
     FaultRule,
     check_fault_kind,
 )
+from wxd.sandbox.kefu import KefuBook
 from wxd.sandbox.population import Credentials, Person, generate_people
+from wxd.sandbox.qrcodes import QrBook
 from wxd.sandbox.switches import FaultSwitches
 from wxd.sandbox.templates import DEFAULT_TEMPLATES, Template
 from wxd.sandbox.token_book import TokenBook
+from wxd.sandbox.webauth import WebAuthBook
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +121,17 @@ class WebhookConfig:
     report_delay_s: float = 0.0
     report_status: Callable[[Person], str] | str = "success"
     retries: bool = False
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan made WeChat push: `event` "subscribe" (the person now follows; `scene` is
+    None when the code had expired: a plain follow), "SCAN" (already following) or None
+    (an expired code scanned by a follower: no event), with the code's ticket."""
+
+    event: str | None
+    scene: str | None
+    ticket: str | None
 
 
 @dataclass(slots=True)
@@ -183,6 +203,9 @@ class FakeWeChat(FaultSwitches):
         self._inbox: dict[str, list[dict[str, Any]]] = {}
         self._sent: dict[tuple[str, str], tuple[int, float]] = {}
         self.faults = FaultBook(clock)
+        self.qrcodes = QrBook(clock, random.Random(f"{seed}:qrcodes"))
+        self.webauth = WebAuthBook(clock, random.Random(f"{seed}:webauth"), self.credentials)
+        self.kefu = KefuBook(clock)
         self._next_msgid = _MSGID_BASE + self._rng.randrange(1_000_000)
         self._rid = 0
 
@@ -214,9 +237,11 @@ class FakeWeChat(FaultSwitches):
         qr_scene_str: str = "",
     ) -> None:
         """Make `person` follow the OA now. WeChat keeps the OA openid on re-follow and reports
-        the latest follow's time and scene. Following twice changes nothing."""
+        the latest follow's time and scene. Following twice changes nothing. Opens the
+        customer-service window of a follow."""
         if person.follows:
             return
+        self.kefu.open(person.oa_openid, "follow")
         person.follows = True
         person.subscribe_time = int(self.clock())
         person.subscribe_scene = scene
@@ -233,6 +258,32 @@ class FakeWeChat(FaultSwitches):
         person.follows = False
         position = bisect.bisect_left(self._followers, person.oa_openid)
         del self._followers[position]
+
+    def scan(self, person: Person, ticket: str) -> ScanResult | None:
+        """`person` scans the QR code of `ticket` in WeChat (None: no such ticket).
+
+        Not following: the person follows (subscribe with the code's scene; ADD_SCENE_QR_CODE
+        with qr_scene/qr_scene_str as user/info reports them). Following: a SCAN event. An
+        expired temporary code carries no scene (assumed, unconfirmed: a plain subscribe, or
+        no event for a follower). Opens the customer-service window of a scan.
+        """
+        code = self.qrcodes.find(ticket)
+        if code is None:
+            return None
+        valid = self.qrcodes.valid(ticket) is not None
+        if not person.follows:
+            if valid:
+                self.follow(person, "ADD_SCENE_QR_CODE",
+                            qr_scene=0 if code.string_scene else int(code.scene),
+                            qr_scene_str=code.scene if code.string_scene else "")
+                self.kefu.open(person.oa_openid, "scan")
+                return ScanResult("subscribe", code.scene, ticket)
+            self.follow(person)
+            return ScanResult("subscribe", None, None)
+        if not valid:
+            return ScanResult(None, None, None)
+        self.kefu.open(person.oa_openid, "scan")
+        return ScanResult("SCAN", code.scene, ticket)
 
     # Mini Program login --------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
-"""Who is whom across the OA and the MP: the unionid join (links), Identity lookups and counts.
+"""Who is whom across the OA and the MP: the unionid join (links), explicit links as lookups
+see them, Identity lookups and counts.
 
-Run inside Database.write/read; stdlib only. A link is derived (one unionid on both sides); the
-`links` table only records when it was first seen (linked_at).
+Run inside Database.write/read; stdlib only. A link has a source: "unionid" (derived: one
+unionid on both sides; the `links` table only records when it was first seen) or "qrcode" /
+"oauth" (an explicit_links row, written only by links.bind/unbind). A unionid-derived link
+always wins: an explicit link that disagrees with one (link_conflict) is ignored.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import Any
 class Identity:
     """One person as wxd knows them: MP side, OA side, or both (linked through unionid).
 
-    Times are unix seconds (None when unknown). `subscribed` is False when there is no follower.
-    `linked_at` is the first time both sides carried the unionid. Never holds the session_key.
+    Times are unix seconds (None when unknown). `subscribed` is False when there is no follower
+    row (an OA web authorization gives the OA openid of a person who never followed).
+    `link_source` is "unionid", "qrcode" or "oauth" when both sides are linked; `linked_at` is
+    when that link was made (for unionid: the first time both sides carried it). Never holds
+    the session_key.
     """
 
     unionid: str | None
@@ -33,6 +39,7 @@ class Identity:
     subscribe_scene: str | None = None
     qr_scene: int | None = None
     qr_scene_str: str | None = None
+    link_source: str | None = None
 
     @property
     def linked(self) -> bool:
@@ -53,6 +60,8 @@ class Identity:
             "subscribe_scene": self.subscribe_scene,
             "qr_scene": self.qr_scene,
             "qr_scene_str": self.qr_scene_str,
+            "link": ({"source": self.link_source, "linked_at": self.linked_at}
+                     if self.linked and self.link_source is not None else None),
         }
 
 
@@ -135,10 +144,85 @@ def _mp_user(conn: sqlite3.Connection, *, unionid: str | None = None,
     return row
 
 
+@dataclass(frozen=True)
+class ExplicitLink:
+    """An explicit_links row: `source` "qrcode" | "oauth", `code_id` the link code that made it
+    (None for a link made otherwise), linked_at unix seconds."""
+
+    mp_openid: str
+    oa_openid: str
+    source: str
+    linked_at: float
+    code_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mp_openid": self.mp_openid, "oa_openid": self.oa_openid, "source": self.source,
+                "linked_at": self.linked_at}
+
+
+def explicit_link(conn: sqlite3.Connection, *, mp_openid: str | None = None,
+                  oa_openid: str | None = None) -> ExplicitLink | None:
+    """The explicit_links row of an MP openid (or else of an OA openid), effective or not."""
+    if mp_openid is not None:
+        row = conn.execute("SELECT * FROM explicit_links WHERE mp_openid = ?",
+                           (mp_openid,)).fetchone()
+    else:
+        row = conn.execute("SELECT * FROM explicit_links WHERE oa_openid = ?",
+                           (oa_openid,)).fetchone()
+    if row is None:
+        return None
+    return ExplicitLink(row["mp_openid"], row["oa_openid"], row["source"], row["linked_at"],
+                        row["code_id"])
+
+
+def derived_oa_openid(conn: sqlite3.Connection, mp_openid: str) -> str | None:
+    """The OA openid an MP user is linked to through unionid, if any."""
+    row = conn.execute(
+        "SELECT f.oa_openid FROM mp_users m JOIN followers f ON f.unionid = m.unionid"
+        " WHERE m.mp_openid = ? ORDER BY f.subscribed DESC, COALESCE(f.subscribed_at, 0) DESC,"
+        " f.updated_at DESC LIMIT 1",
+        (mp_openid,),
+    ).fetchone()
+    return str(row[0]) if row is not None else None
+
+
+def derived_mp_openid(conn: sqlite3.Connection, oa_openid: str) -> str | None:
+    """The MP openid a follower is linked to through unionid, if any."""
+    row = conn.execute(
+        "SELECT m.mp_openid FROM followers f JOIN mp_users m ON m.unionid = f.unionid"
+        " WHERE f.oa_openid = ? ORDER BY m.updated_at DESC LIMIT 1",
+        (oa_openid,),
+    ).fetchone()
+    return str(row[0]) if row is not None else None
+
+
+def link_conflict(conn: sqlite3.Connection, mp_openid: str, oa_openid: str) -> str | None:
+    """Why unionid facts contradict linking these two openids (a sentence), None when they do
+    not: either side already linked through unionid to someone else, or both sides carry
+    unionids that differ (two different people). Checked when an explicit link is made and
+    whenever one is read, so a unionid learned later wins."""
+    other_oa = derived_oa_openid(conn, mp_openid)
+    if other_oa is not None and other_oa != oa_openid:
+        return "the MP user is linked through unionid to another OA follower"
+    other_mp = derived_mp_openid(conn, oa_openid)
+    if other_mp is not None and other_mp != mp_openid:
+        return "the OA follower is linked through unionid to another MP user"
+    row = conn.execute(
+        "SELECT (SELECT unionid FROM mp_users WHERE mp_openid = ?),"
+        " (SELECT unionid FROM followers WHERE oa_openid = ?)",
+        (mp_openid, oa_openid),
+    ).fetchone()
+    if row[0] and row[1] and row[0] != row[1]:
+        return "the MP user and the OA follower carry different unionids"
+    return None
+
+
 def find_identity(conn: sqlite3.Connection, *, unionid: str | None = None,
                   mp_openid: str | None = None, oa_openid: str | None = None) -> Identity | None:
     """The identity reached from exactly one key, or None when that key is unknown.
 
+    The unionid join first; when it leaves one side empty, an effective explicit link of the
+    known side fills it (the OA side may then have no follower row: subscribed False).
     Raises ValueError unless exactly one key is given.
     """
     if sum(key is not None for key in (unionid, mp_openid, oa_openid)) != 1:
@@ -150,29 +234,45 @@ def find_identity(conn: sqlite3.Connection, *, unionid: str | None = None,
         mp = _mp_user(conn, unionid=unionid)
     elif mp_openid is not None:
         mp = _mp_user(conn, mp_openid=mp_openid)
-        if mp is None:
-            return None
-        if mp["unionid"]:
+        if mp is not None and mp["unionid"]:
             follower = _follower(conn, unionid=mp["unionid"])
     else:
         follower = _follower(conn, oa_openid=oa_openid)
-        if follower is None:
-            return None
-        if follower["unionid"]:
+        if follower is not None and follower["unionid"]:
             mp = _mp_user(conn, unionid=follower["unionid"])
-    if follower is None and mp is None:
-        return None
+    source: str | None = None
+    linked_at: float | None = None
+    mp_side = mp["mp_openid"] if mp is not None else mp_openid
+    oa_side = follower["oa_openid"] if follower is not None else oa_openid
     union = (follower["unionid"] if follower is not None else None) or (
         mp["unionid"] if mp is not None else None
     )
-    linked_at: float | None = None
-    if follower is not None and mp is not None and union:
+    if follower is not None and mp is not None:
+        source = "unionid"
         row = conn.execute("SELECT linked_at FROM links WHERE unionid = ?", (union,)).fetchone()
         linked_at = row["linked_at"] if row is not None else None
+    elif mp_side is not None or oa_side is not None:
+        explicit = (explicit_link(conn, mp_openid=mp_side) if mp_side is not None
+                    else explicit_link(conn, oa_openid=oa_side))
+        if explicit is not None and link_conflict(conn, explicit.mp_openid,
+                                                  explicit.oa_openid) is None:
+            source, linked_at = explicit.source, explicit.linked_at
+            mp_side, oa_side = explicit.mp_openid, explicit.oa_openid
+            if mp is None:
+                mp = _mp_user(conn, mp_openid=mp_side)
+            if follower is None:
+                follower = _follower(conn, oa_openid=oa_side)
+            union = union or (follower["unionid"] if follower is not None else None) or (
+                mp["unionid"] if mp is not None else None)
+    if source is None:
+        if follower is None and mp is None:
+            return None
+        mp_side = mp["mp_openid"] if mp is not None else None
+        oa_side = follower["oa_openid"] if follower is not None else None
     return Identity(
         unionid=union,
-        mp_openid=mp["mp_openid"] if mp is not None else None,
-        oa_openid=follower["oa_openid"] if follower is not None else None,
+        mp_openid=mp_side,
+        oa_openid=oa_side,
         subscribed=bool(follower["subscribed"]) if follower is not None else False,
         subscribed_at=follower["subscribed_at"] if follower is not None else None,
         unsubscribed_at=follower["unsubscribed_at"] if follower is not None else None,
@@ -182,23 +282,37 @@ def find_identity(conn: sqlite3.Connection, *, unionid: str | None = None,
         subscribe_scene=follower["subscribe_scene"] if follower is not None else None,
         qr_scene=follower["qr_scene"] if follower is not None else None,
         qr_scene_str=follower["qr_scene_str"] if follower is not None else None,
+        link_source=source,
     )
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """followers, subscribed, with_unionid, mp_users, mp_with_unionid, linked (the unionid join)."""
+    """followers, subscribed, with_unionid, mp_users, mp_with_unionid, linked (MP users linked
+    to an OA openid by any source; links_by_source splits it)."""
     f = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(subscribed), 0), COUNT(unionid) FROM followers"
     ).fetchone()
     m = conn.execute("SELECT COUNT(*), COUNT(unionid) FROM mp_users").fetchone()
-    linked = conn.execute(
-        "SELECT COUNT(DISTINCT f.unionid) FROM followers f JOIN mp_users m ON m.unionid = f.unionid"
-    ).fetchone()[0]
     return {
         "followers": int(f[0]),
         "subscribed": int(f[1]),
         "with_unionid": int(f[2]),
         "mp_users": int(m[0]),
         "mp_with_unionid": int(m[1]),
-        "linked": int(linked),
+        "linked": sum(links_by_source(conn).values()),
     }
+
+
+def links_by_source(conn: sqlite3.Connection) -> dict[str, int]:
+    """Links by source: unionid (the unionid join), qrcode and oauth (explicit links whose MP
+    user has no unionid link; one that disagrees with a unionid link elsewhere still counts)."""
+    result = {"unionid": int(conn.execute(
+        "SELECT COUNT(DISTINCT f.unionid) FROM followers f JOIN mp_users m ON m.unionid = f.unionid"
+    ).fetchone()[0]), "qrcode": 0, "oauth": 0}
+    for source, count in conn.execute(
+        "SELECT e.source, COUNT(*) FROM explicit_links e WHERE NOT EXISTS (SELECT 1 FROM"
+        " mp_users m JOIN followers f ON f.unionid = m.unionid WHERE m.mp_openid = e.mp_openid)"
+        " GROUP BY e.source"
+    ):
+        result[str(source)] = int(count)
+    return result

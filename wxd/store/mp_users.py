@@ -56,3 +56,13 @@ def session_key(conn: sqlite3.Connection, mp_openid: str) -> str | None:
     row = conn.execute("SELECT session_key FROM mp_users WHERE mp_openid = ?",
                        (mp_openid,)).fetchone()
     return row["session_key"] if row is not None else None
+
+
+def ensure(conn: sqlite3.Connection, mp_openid: str, now: float) -> None:
+    """Create the MP user row (no session, no unionid) when it does not exist yet: an explicit
+    link names an MP openid the backend may have logged in without wxd."""
+    conn.execute(
+        "INSERT INTO mp_users (mp_openid, created_at, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (mp_openid) DO NOTHING",
+        (mp_openid, now, now),
+    )

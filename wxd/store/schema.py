@@ -197,6 +197,44 @@ MIGRATIONS: list[str] = [
     UPDATE pushes SET client_msg_id_sends = MAX(attempts, 1), client_msg_id_at = created_at
         WHERE last_attempt_at IS NOT NULL AND (attempts > 0 OR client_msg_id = id);
     """,
+    # 4: explicit links (QR link codes, OA web authorization) and their one-time codes.
+    """
+    -- A link between an MP openid and an OA openid that WeChat's unionid does not provide
+    -- (links.py bind/unbind are the only writers). One row per MP openid, an OA openid at most
+    -- once. A unionid-derived link (mp_users.unionid = followers.unionid) needs no row and
+    -- wins: a row that disagrees with one is ignored (identity.link_conflict).
+    CREATE TABLE explicit_links (
+        mp_openid TEXT PRIMARY KEY,
+        oa_openid TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL CHECK (source IN ('qrcode', 'oauth')),
+        code_id TEXT,
+        linked_at REAL NOT NULL
+    );
+
+    -- One-time link codes. `token`: a QR code's scene_str, or an OAuth link's start token
+    -- (t); `state`: an OAuth link's state. Pending until linked_at or expires_at (unix s).
+    -- `auth_code`: digest of the OAuth code that linked (a repeated callback is answered from
+    -- it); `replaced`: the OA openid of an explicit link this one replaced; `refused`: why the
+    -- latest attempt linked nothing (link_conflict).
+    CREATE TABLE link_codes (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('qrcode', 'oauth')),
+        mp_openid TEXT NOT NULL,
+        token TEXT NOT NULL UNIQUE,
+        state TEXT UNIQUE,
+        ticket TEXT,
+        qr_url TEXT,
+        return_url TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        linked_at REAL,
+        oa_openid TEXT,
+        auth_code TEXT,
+        replaced TEXT,
+        refused TEXT
+    );
+    CREATE INDEX link_codes_expiry ON link_codes (expires_at);
+    """,
 ]
 
 # Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):

@@ -21,7 +21,7 @@ from wxd.wechat.transport import FetchError, Response
 log = logging.getLogger(__name__)
 
 # Query parameters whose values must never appear in an error, a log line or a metric.
-_SECRET_PARAMS = ("access_token", "secret", "appsecret", "js_code")
+_SECRET_PARAMS = ("access_token", "secret", "appsecret", "js_code", "code")
 
 TOKEN_PATH = "/cgi-bin/token"  # noqa: S105 - a path, not a password
 STABLE_TOKEN_PATH = "/cgi-bin/stable_token"  # noqa: S105

@@ -1,4 +1,5 @@
-"""OfficialAccountAPI: the Official Account endpoints wxd uses, always with the OA's token.
+"""OfficialAccountAPI: the Official Account endpoints wxd uses, always with the OA's token;
+WebAuthAPI: the OA web-authorization code exchange (the OA's appid and secret, no token).
 
 Imports wxd.errors and wxd.wechat.client only.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from wxd.errors import NoMsgidError
+from wxd.errors import NoMsgidError, TransportError
 from wxd.wechat.client import TokenSource, WeChatClient
 
 # openids per /cgi-bin/user/info/batchget call:
@@ -16,6 +17,11 @@ from wxd.wechat.client import TokenSource, WeChatClient
 BATCHGET_MAX = 100
 # https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Template_Message_Interface.html
 SEND_PATH = "/cgi-bin/message/template/send"
+# A temporary parametric QR code lives at most 30 days; without expire_seconds WeChat uses 60 s
+# (older pages: 30 s), so wxd always sends it. scene_str is 1..64 characters.
+# https://developers.weixin.qq.com/doc/offiaccount/Account_Management/Generating_a_Parametric_QR_Code.html
+QRCODE_MAX_EXPIRE_S = 2_592_000
+SCENE_STR_MAX = 64
 
 
 class OfficialAccountAPI:
@@ -77,3 +83,62 @@ class OfficialAccountAPI:
         if not isinstance(items, list):
             return []
         return [item for item in items if isinstance(item, dict)]
+
+    async def create_qrcode(self, scene_str: str, expire_seconds: int) -> dict[str, Any]:
+        """/cgi-bin/qrcode/create for a temporary string-scene code (QR_STR_SCENE): the answer's
+        ticket (exchange it for the image at showqrcode), url (the QR's content) and
+        expire_seconds. The `scene` wrapper is mandatory (without it events carry scene 0).
+        One report has expire_seconds 0 in the answer while the code honoured the request:
+        callers compute the expiry from their own request.
+        https://developers.weixin.qq.com/doc/service/api/qrcode/qrcodes/api_createqrcode.md
+        """
+        if not 0 < len(scene_str) <= SCENE_STR_MAX:
+            raise ValueError(f"scene_str must be 1..{SCENE_STR_MAX} characters")
+        if not 0 < expire_seconds <= QRCODE_MAX_EXPIRE_S:
+            raise ValueError(f"expire_seconds must be 1..{QRCODE_MAX_EXPIRE_S}")
+        answer = await self._client.call("POST", "/cgi-bin/qrcode/create", body={
+            "expire_seconds": expire_seconds, "action_name": "QR_STR_SCENE",
+            "action_info": {"scene": {"scene_str": scene_str}},
+        }, token=self._token)
+        ticket = answer.get("ticket")
+        if not isinstance(ticket, str) or not ticket:
+            raise TransportError("/cgi-bin/qrcode/create: the answer has no ticket",
+                                 "/cgi-bin/qrcode/create", 200)
+        return answer
+
+    async def send_custom(self, body: Mapping[str, Any]) -> None:
+        """/cgi-bin/message/custom/send (a customer-service message). WeChat allows a few
+        right after a user's follow, scan, menu click or message (3 within a minute after a
+        follow or scan), 45015 outside the window, 45047 past the count. Not replay-safe: a
+        resend after a lost answer could deliver the message twice (no dedupe key exists).
+        https://developers.weixin.qq.com/doc/offiaccount/Message_Management/Service_Center_messages.html
+        https://developers.weixin.qq.com/doc/service/api/customer/message/api_sendcustommessage
+        """
+        await self._client.call("POST", "/cgi-bin/message/custom/send", body=body,
+                                token=self._token, replay_safe=False)
+
+
+class WebAuthAPI:
+    """OA web authorization (网页授权): exchanging the `code` the authorize page gave the
+    browser. Uses the OA's appid and secret, no access_token."""
+
+    def __init__(self, client: WeChatClient, appid: str, secret: str) -> None:
+        self._client = client
+        self.appid = appid
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return f"WebAuthAPI(appid={self.appid!r})"
+
+    async def exchange_code(self, code: str) -> dict[str, Any]:
+        """/sns/oauth2/access_token: openid, scope, and is_snapshotuser=1 for a snapshot-page
+        (virtual) user; snsapi_base returns no unionid. The code is single use and lives 5
+        minutes (40029 invalid, 40163 used, 42003 expired); never resent after a lost answer
+        (replay_safe=False): a second exchange of one code only gets 40163. The answer holds a
+        user access_token and refresh_token: never log or return them.
+        https://developers.weixin.qq.com/doc/service/api/webdev/access/api_snsaccesstoken
+        """
+        return await self._client.call("GET", "/sns/oauth2/access_token", params={
+            "appid": self.appid, "secret": self._secret, "code": code,
+            "grant_type": "authorization_code",
+        }, replay_safe=False)
