@@ -186,3 +186,10 @@ def test_quota_resume_time_is_parsed_once_into_a_time_of_day() -> None:
     for bad in ("24:00", "7", "07:5", "aa:bb", "7:45", "07:60", ""):
         found = problems({"pushes": {"quota_resume_time": bad}})
         assert found == ["[pushes] quota_resume_time: must be HH:MM (Beijing time)"], bad
+
+
+def test_a_duration_that_is_not_a_finite_number_is_refused() -> None:
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError) as info:
+            config.load_text(config_text("/tmp/x.db", {"wxd": {"shutdown_timeout_s": bad}}))
+        assert "[wxd] shutdown_timeout_s" in str(info.value) and "must be a number" in str(info.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 import typing
@@ -115,28 +116,27 @@ def choice(*options: str) -> Cast:
     return cast
 
 
-def integer(minimum: int) -> Cast:
-    def cast(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError("must be an integer") from None
-        if number < minimum:
-            raise ValueError(f"must be at least {minimum:g}")
-        return number
-    return cast
-
-
-def number(minimum: float) -> Cast:
+def _at_least(parse: Callable[[str], float], what: str, minimum: float) -> Cast:
     def cast(value: str) -> float:
         try:
-            parsed = float(value)
+            parsed = parse(value)
         except ValueError:
-            raise ValueError("must be a number") from None
+            raise ValueError(f"must be {what}") from None
+        if not math.isfinite(parsed):
+            raise ValueError(f"must be {what}")
         if parsed < minimum:
             raise ValueError(f"must be at least {minimum:g}")
         return parsed
     return cast
+
+
+def integer(minimum: int) -> Cast:
+    return _at_least(int, "an integer", minimum)
+
+
+def number(minimum: float) -> Cast:
+    """A finite float (nan and inf are refused: every number here is a duration or a rate)."""
+    return _at_least(float, "a number", minimum)
 
 
 def parse_listen(value: str) -> Listen:
