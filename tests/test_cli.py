@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -165,3 +166,27 @@ def test_backfill_from_start(running: Running, capsys: pytest.CaptureFixture[str
     assert isinstance(failed["run"], int)
     assert (status["state"], status["run"], status["complete"]) == ("done", failed["run"] + 1, True)
     assert status["followers_done"] == status["total"] == status["seen"]
+
+
+def test_keys_commands(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    assert running.run("keys", "create", "h5", "--scopes", "tokens:read,pushes:write") == 0
+    out = capsys.readouterr().out
+    key = out.split()[0]
+    assert re.fullmatch(r"wxd_[A-Za-z0-9_-]{32,}", key) and "shown once" in out
+    assert running.run("keys", "list") == 0
+    out = capsys.readouterr().out
+    assert "h5" in out and "tokens:read,pushes:write" in out and "never" in out
+    assert key not in out
+    assert cli.main(["token", "oa", "--admin-url", f"http://127.0.0.1:{running.admin_port}",
+                     "--token", key, "-q"]) == 0
+    capsys.readouterr()
+    assert cli.main(["users", "--unionid", "u", "--admin-url",
+                     f"http://127.0.0.1:{running.admin_port}", "--token", key]) == 1
+    assert "insufficient_scope" in capsys.readouterr().err
+    assert running.run("keys", "create", "h5", "--scopes", "admin") == 1
+    assert running.run("keys", "create", "x", "--scopes", "nope") == 1
+    assert running.run("keys", "revoke", "h5") == 0
+    assert "revoked" in capsys.readouterr().out
+    assert running.run("keys", "revoke", "h5") == 1
+    assert running.run("keys", "list", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"keys": []}

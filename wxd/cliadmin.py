@@ -1,5 +1,5 @@
 """CLI commands that talk to a running daemon's admin API: push, backfill, users, link, stats,
-token.
+token, keys.
 
 Output is a human-readable table by default and JSON with --json. Exit codes:
 0 ok, 1 API error, 2 usage/config error, 3 cannot connect.
@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -266,6 +267,33 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- keys ------------------------------------------------------------------------------------
+
+KEY_HEADER = ("name", "scopes", "created", "last used")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if args.action == "create":
+        if not args.name or not args.scopes:
+            raise UsageError("wxd keys create NAME --scopes SCOPE[,SCOPE...]")
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        value = client.post("/v1/keys", {"name": args.name, "scopes": scopes})
+        emit(args, value, lambda v: f"{v['key']}\n(key {v['name']!r} with scopes "
+             f"{','.join(v['scopes'])}; shown once: only a hash of it is stored)")
+    elif args.action == "revoke":
+        if not args.name:
+            raise UsageError("wxd keys revoke NAME")
+        value = client.delete("/v1/keys/" + urllib.parse.quote(args.name, safe=""))
+        emit(args, value, lambda v: f"key {v['name']!r} revoked")
+    else:  # list
+        value = client.get("/v1/keys")
+        emit(args, value, lambda v: table(
+            ([k["name"], ",".join(k["scopes"]), when(k["created_at"]),
+              when(k["last_used_at"]) or "never"] for k in v.get("keys", [])), KEY_HEADER))
+    return EXIT_OK
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -320,6 +348,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--limit", type=int, default=20, help="list: page size")
     p.add_argument("--cursor", help="list: continue after this cursor")
     p.set_defaults(func=cmd_push)
+
+    p = client_parser("keys", "create, list or revoke scoped API keys for the admin API")
+    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="key name (create, revoke)")
+    p.add_argument("--scopes", help="create: comma-separated, e.g. tokens:read,pushes:write")
+    p.set_defaults(func=cmd_keys)
 
     p = client_parser("backfill", "start the follower backfill and show its progress")
     p.add_argument("--no-wait", action="store_true", help="start and return at once")

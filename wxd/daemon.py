@@ -20,10 +20,12 @@ import tornado.web
 
 from wxd import admin, oauth_web, webhook
 from wxd.admin import backfill as admin_backfill
+from wxd.admin import jssdk, openapi, ops, stats, users
+from wxd.admin import keys as admin_keys
 from wxd.admin import links as admin_links
-from wxd.admin import openapi, ops, stats, users
 from wxd.admin import pushes as admin_pushes
 from wxd.admin import tokens as admin_tokens
+from wxd.apikeys import ApiKeys
 from wxd.backfill import FollowerBackfill
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.config import Config, Listen
@@ -121,6 +123,8 @@ class Daemon:
         self.notifier = Notifier(environ or {})
         self.db: Database | None = None
         self.tokens: dict[str, TokenManager] = {}
+        self.jsapi_ticket: TokenManager | None = None
+        self.api_keys: ApiKeys | None = None
         self.linking: Linking | None = None
         self.qrlinks: QrLinks | None = None
         self.oauth: OAuthLinks | None = None
@@ -184,6 +188,16 @@ class Daemon:
             self.tokens[app] = manager
             await self._start(manager)
         oa_api = OfficialAccountAPI(client, self.tokens["oa"])
+        # Started by its first use (GET /v1/tickets/jsapi, POST /v1/jssdk/signature): an OA
+        # that never uses the JS-SDK never calls getticket.
+        self.jsapi_ticket = TokenManager(
+            "jsapi", cfg.official_account.appid, "", client, db, fetch=oa_api.jsapi_ticket,
+            refresh_margin_s=cfg.wechat.token_refresh_margin_s,
+            check_interval_s=cfg.wechat.token_check_interval_s,
+            daily_budget=cfg.wechat.token_daily_budget, clock=clock, metrics=metrics)
+        self._started.append(self.jsapi_ticket)
+        self.api_keys = ApiKeys(db, clock=clock)
+        await self._start(self.api_keys)
         mp = cfg.mini_program
         mp_api = MiniProgramAPI(client, mp.appid, mp.secret) if mp else None
         mp_appid = mp.appid if mp else None
@@ -239,7 +253,8 @@ class Daemon:
                 resume()
 
         metrics.add_collector(self._collect_process)
-        common = admin.common_kwargs(cfg.admin.token, metrics, cfg.admin.max_body_bytes)
+        common = admin.common_kwargs(cfg.admin.token, metrics, cfg.admin.max_body_bytes,
+                                     keys=self.api_keys)
         # The server's cap is looser, so that JsonHandler answers an oversized body with JSON 413.
         self.admin = Listener("admin", admin.make_app(common, self._admin_routes(common)),
                               cfg.admin.listen, cfg.admin.max_body_bytes * 4)
@@ -293,11 +308,15 @@ class Daemon:
 
     def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
         assert self.db and self.linking and self.pushes and self.backfill and self.qrlinks
+        assert self.jsapi_ticket and self.api_keys
         return [
             ops.routes(common, self.db, self.metrics),
             openapi.routes(common),
             stats.routes(common, self.stats),
             admin_tokens.routes(common, self.tokens),
+            jssdk.routes(common, self.jsapi_ticket, self.config.official_account.appid,
+                         self.clock),
+            admin_keys.routes(common, self.api_keys),
             users.routes(common, self.linking),
             admin_links.routes(common, self.qrlinks, self.oauth, self.linking),
             admin_pushes.routes(common, self.pushes),

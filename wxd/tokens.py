@@ -67,6 +67,9 @@ class TokenManager:
       the callbacks registered with on_available(), run after every successful fetch.
     - mode "stable" uses /cgi-bin/stable_token (normal mode); "legacy" uses /cgi-bin/token,
       whose every fetch supersedes the previous token 5 minutes later.
+    - `fetch`, when given, replaces the token endpoint: any credential WeChat hands out with an
+      expires_in (the OA's jsapi_ticket: app "jsapi") gets the same persistence, refresh ahead,
+      single flight and daily budget. It returns (credential, expires_in seconds).
     """
 
     def __init__(self, app: str, appid: str, secret: str, client: WeChatClient, db: Database,
@@ -74,9 +77,13 @@ class TokenManager:
                  check_interval_s: float = 30.0, daily_budget: int = 1500,
                  backoff_base_s: float = 5.0, backoff_max_s: float = 300.0,
                  quota_pause_s: float = 3600.0, clock: Clock = SYSTEM_CLOCK,
-                 rng: random.Random | None = None, metrics: Registry | None = None) -> None:
+                 rng: random.Random | None = None, metrics: Registry | None = None,
+                 fetch: Callable[[], Awaitable[tuple[str, float]]] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"token mode must be one of {MODES}, not {mode!r}")
+        self._upstream = fetch
+        self._via = ("stable_token" if mode == "stable" else "token") if fetch is None else \
+            getattr(fetch, "__name__", "fetch")
         self.app = app
         self.appid = appid
         self._secret = secret
@@ -310,8 +317,9 @@ class TokenManager:
                 lambda conn: token_store.count_fetch(conn, self.app, day, self._budget))
             self.fetches += 1
             self._fetches.inc(app=self.app)
-            token, expires_in = await self._client.fetch_token(self.appid, self._secret,
-                                                               self.mode)
+            token, expires_in = await (
+                self._upstream() if self._upstream is not None
+                else self._client.fetch_token(self.appid, self._secret, self.mode))
         except WxdError as exc:
             self._failed(exc, now)
             raise
@@ -327,7 +335,7 @@ class TokenManager:
         log.info("%s access_token %s via %s: expires in %.0f s, next refresh in %.0f s "
                  "(fetch %d of %d today)", self.app,
                  "unchanged" if previous is not None and previous.token == token else "fetched",
-                 "stable_token" if self.mode == "stable" else "token", expires_in,
+                 self._via, expires_in,
                  held.refresh_at - now, count, self._budget)
         try:
             await self._db.write(lambda conn: token_store.save(conn, self.app, self.appid, token,

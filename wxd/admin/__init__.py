@@ -12,18 +12,20 @@ from typing import Any
 import tornado.web
 from tornado.routing import URLSpec
 
-from wxd.admin.base import NotFoundHandler
+from wxd.admin.base import KeyCheck, NotFoundHandler
 from wxd.metrics import Registry
 
 Route = URLSpec
 
 
 def common_kwargs(admin_token: str, metrics: Registry | None,
-                  max_body_bytes: int | None = None) -> dict[str, Any]:
-    """The initialize() kwargs every admin handler takes (without a Registry, a private one)."""
+                  max_body_bytes: int | None = None, keys: KeyCheck | None = None
+                  ) -> dict[str, Any]:
+    """The initialize() kwargs every admin handler takes (without a Registry, a private one);
+    `keys` checks scoped API keys."""
     return {"admin_token": admin_token,
             "metrics": metrics if metrics is not None else Registry(),
-            "max_body_bytes": max_body_bytes}
+            "max_body_bytes": max_body_bytes, "keys": keys}
 
 
 def make_app(common: dict[str, Any], groups: Iterable[list[Route]]) -> tornado.web.Application:

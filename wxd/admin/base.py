@@ -1,4 +1,4 @@
-"""Shared plumbing of the admin API: bearer auth, JSON bodies, JSON errors, request metrics.
+"""Shared plumbing of the admin API: bearer auth and scopes, JSON bodies, JSON errors, metrics.
 
 Imports tornado.web and no service module; handlers get collaborators through
 `initialize()` (tornado URL-spec kwargs); nothing here reads config or the environment.
@@ -10,10 +10,11 @@ import hmac
 import json
 import logging
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import tornado.web
 
+from wxd.admin.scopes import ADMIN, allows, required_scope
 from wxd.errors import StorageError
 from wxd.metrics import Registry
 
@@ -49,6 +50,18 @@ STATUS_CODES = {
 STORAGE_UNAVAILABLE = "the database is not available; retry later"
 
 
+class KeyCheck(Protocol):
+    """What the handlers ask about a bearer token that is not the admin token
+    (wxd.apikeys.ApiKeys satisfies it)."""
+
+    def scopes_of(self, token: str) -> frozenset[str] | None:
+        """The token's scopes, or None when it is not a valid key."""
+        ...
+
+
+ADMIN_SCOPES = frozenset({ADMIN})
+
+
 class JsonHandler(tornado.web.RequestHandler):
     """Base for every admin route: JSON in and out, errors as {"error": {"code", "message"}}.
 
@@ -61,10 +74,12 @@ class JsonHandler(tornado.web.RequestHandler):
     route_name = "unknown"
 
     def initialize(self, admin_token: str, metrics: Registry,
-                   max_body_bytes: int | None = None, **_: Any) -> None:
+                   max_body_bytes: int | None = None, keys: KeyCheck | None = None,
+                   **_: Any) -> None:
         self._admin_token = admin_token.encode()
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
+        self._keys = keys
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -82,11 +97,20 @@ class JsonHandler(tornado.web.RequestHandler):
             return
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        # Constant-time comparison; the scheme check leaks nothing about the token.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._admin_token
-        ):
+        scopes = self._scopes(token.strip()) if scheme.lower() == "bearer" else None
+        if scopes is None:
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        needed = required_scope(self.route_name, self.request.method or "")
+        if not allows(scopes, needed):
+            raise ApiError(403, "insufficient_scope",
+                           f"this key lacks the scope {needed!r} that this route needs",
+                           scope=needed)
+
+    def _scopes(self, token: str) -> frozenset[str] | None:
+        # Constant-time comparison with the admin token; keys compare digests (wxd.apikeys).
+        if hmac.compare_digest(token.encode(), self._admin_token):
+            return ADMIN_SCOPES
+        return self._keys.scopes_of(token) if self._keys is not None else None
 
     def json_body(self) -> dict[str, Any]:
         """The request body as a JSON object, or a 400 `invalid_json` / `invalid_body`."""

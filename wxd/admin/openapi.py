@@ -13,6 +13,7 @@ from tornado.routing import URLSpec
 
 from wxd import __version__
 from wxd.admin.base import JsonHandler
+from wxd.admin.scopes import ANY, PUBLIC, required_scope
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 OBJ: dict[str, Any] = {"type": "object"}
@@ -22,10 +23,13 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _op(summary: str, ok: int = 200, body: dict[str, Any] | None = None,
+def _op(route: str, summary: str, ok: int = 200, body: dict[str, Any] | None = None,
         params: list[dict[str, Any]] | None = None, ok_schema: dict[str, Any] = OBJ,
         errors: tuple[int, ...] = (401,), auth: bool = True) -> dict[str, Any]:
+    """One operation served by the handler whose route_name is `route` (its scope is stated
+    from wxd.admin.scopes once the method is known: see _stated)."""
     op: dict[str, Any] = {
+        "x-route": route,
         "summary": summary,
         "responses": {str(ok): {"description": "OK", **_json(ok_schema)},
                       **{str(code): {"description": "error", **_json(ERROR)} for code in errors}},
@@ -93,42 +97,62 @@ def _optional_body(op: dict[str, Any]) -> dict[str, Any]:
     return op
 
 
+KEY_FIELDS: dict[str, Any] = {
+    "name": {"type": "string"}, "scopes": {"type": "array", "items": {"type": "string"}},
+    "created_at": {"type": "number"}, "last_used_at": {"type": "number", "nullable": True}}
+KEY: dict[str, Any] = {"type": "object", "properties": KEY_FIELDS}
+
 PATHS: dict[str, dict[str, Any]] = {
-    "/healthz": {"get": _op("Liveness and database health (no auth; 503 when unusable)",
-                            errors=(503,), auth=False)},
-    "/metrics": {"get": _op("Prometheus text format metrics", ok_schema={"type": "string"})},
-    "/v1/openapi.json": {"get": _op("This document")},
-    "/v1/stats": {"get": _op("Counts: followers, subscribed, linked, MP users, pushes by status "
-                             "and their pause (pushes.paused: reason, errcode, since, until, "
-                             "ip), token fetches today, backfill")},
+    "/healthz": {"get": _op("healthz", "Liveness and database health (no auth; 503 when "
+                            "unusable)", errors=(503,), auth=False)},
+    "/metrics": {"get": _op("metrics", "Prometheus text format metrics",
+                            ok_schema={"type": "string"})},
+    "/v1/openapi.json": {"get": _op("openapi", "This document")},
+    "/v1/stats": {"get": _op("stats", "Counts: followers, subscribed, linked, MP users, pushes "
+                             "by status and their pause (pushes.paused: reason, errcode, since, "
+                             "until, ip), token fetches today, backfill")},
     "/v1/tokens/{app}": {"get": _op(
-        "The central access_token of the OA or the MP for other local processes",
+        "tokens", "The central access_token of the OA or the MP for other local processes",
         params=[_path_param("app")], errors=(401, 404, 503),
         ok_schema={"type": "object", "properties": {"access_token": {"type": "string"},
                                                     "expires_at": {"type": "number"}}})},
+    "/v1/tickets/jsapi": {"get": _op(
+        "jsapi_ticket", "The OA's jsapi_ticket, held and refreshed like the access_tokens",
+        errors=(401, 503),
+        ok_schema={"type": "object", "properties": {"ticket": {"type": "string"},
+                                                    "expires_at": {"type": "number"}}})},
+    "/v1/jssdk/signature": {"post": _op(
+        "jssdk_signature", "wx.config fields for an H5 page (its URL is signed without the "
+        "#fragment)",
+        body={"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}},
+        errors=(400, 401, 503),
+        ok_schema={"type": "object", "properties": {
+            "appId": {"type": "string"}, "timestamp": {"type": "integer"},
+            "nonceStr": {"type": "string"}, "signature": {"type": "string"}}})},
     "/v1/mp/login": {"post": _op(
-        "Exchange a wx.login code (jscode2session), store the MP user and link it",
+        "mp_login", "Exchange a wx.login code (jscode2session), store the MP user and link it",
         body={"type": "object", "required": ["code"], "properties": {"code": {"type": "string"}}},
         errors=(400, 401, 502, 503), ok_schema={"$ref": "#/components/schemas/Identity"})},
     "/v1/mp/decrypt": {"post": _op(
-        "Decrypt MP encryptedData with the stored session_key; links when it carries unionId",
+        "mp_decrypt", "Decrypt MP encryptedData with the stored session_key; links when it "
+        "carries unionId",
         body={"type": "object", "required": ["mp_openid", "encrypted_data", "iv"],
               "properties": {k: {"type": "string"} for k in ("mp_openid", "encrypted_data", "iv")}},
         errors=(400, 401, 404, 409))},
     "/v1/users": {"get": _op(
-        "Look up a linked identity by exactly one key",
+        "users", "Look up a linked identity by exactly one key",
         params=[_query("unionid", "unionid"), _query("mp_openid", "Mini Program openid"),
                 _query("oa_openid", "Official Account openid")],
         errors=(400, 401, 404), ok_schema={"$ref": "#/components/schemas/Identity"})},
     "/v1/links": {"delete": _op(
-        "Remove the explicit (qrcode or oauth) link of an MP user; 409 link_derived for a "
-        "unionid link", params=[_query("mp_openid", "Mini Program openid (required)")],
+        "links", "Remove the explicit (qrcode or oauth) link of an MP user; 409 link_derived "
+        "for a unionid link", params=[_query("mp_openid", "Mini Program openid (required)")],
         errors=(400, 401, 404, 409),
         ok_schema={"type": "object", "properties": {"removed": {
             "$ref": "#/components/schemas/Link"}}})},
     "/v1/links/qrcodes": {"post": _op(
-        "Create a temporary OA parametric QR code (QR_STR_SCENE, one-time scene) that links "
-        "whoever scans it to mp_openid (source qrcode)", ok=201,
+        "link_qrcodes", "Create a temporary OA parametric QR code (QR_STR_SCENE, one-time "
+        "scene) that links whoever scans it to mp_openid (source qrcode)", ok=201,
         body={"type": "object", "required": ["mp_openid"], "properties": {
             "mp_openid": MP_OPENID,
             "expires_in": {"type": "integer", "minimum": 60, "maximum": 2592000,
@@ -141,12 +165,12 @@ PATHS: dict[str, dict[str, Any]] = {
             "expires_at": {"type": "number"}, "status": {"type": "string",
                                                          "enum": ["pending"]}}})},
     "/v1/links/qrcodes/{id}": {"get": _op(
-        "Status of a QR link code", params=[_path_param("id")], errors=(401, 404),
-        ok_schema=LINK_CODE)},
+        "link_qrcode", "Status of a QR link code", params=[_path_param("id")],
+        errors=(401, 404), ok_schema=LINK_CODE)},
     "/v1/links/oauth": {"post": _op(
-        "Create a one-time OA web-authorization link ({public_url}/oauth/start?t=...) that "
-        "links the WeChat user opening it to mp_openid (source oauth); needs [webhook] "
-        "public_url (409 oauth_not_configured)", ok=201,
+        "link_oauth", "Create a one-time OA web-authorization link "
+        "({public_url}/oauth/start?t=...) that links the WeChat user opening it to mp_openid "
+        "(source oauth); needs [webhook] public_url (409 oauth_not_configured)", ok=201,
         body={"type": "object", "required": ["mp_openid"], "properties": {
             "mp_openid": MP_OPENID,
             "return_url": {"type": "string", "description": "https URL on a host of "
@@ -158,39 +182,44 @@ PATHS: dict[str, dict[str, Any]] = {
             "id": {"type": "string"}, "url": {"type": "string"},
             "expires_at": {"type": "number"}}})},
     "/v1/links/oauth/{id}": {"get": _op(
-        "Status of an OAuth link", params=[_path_param("id")], errors=(401, 404),
-        ok_schema=LINK_CODE)},
+        "link_oauth_status", "Status of an OAuth link", params=[_path_param("id")],
+        errors=(401, 404), ok_schema=LINK_CODE)},
     "/v1/pushes": {
-        "post": _op("Queue a template message (202 after commit; 200 for a known idempotency_key)",
+        "post": _op("pushes", "Queue a template message (202 after commit; 200 for a known "
+                    "idempotency_key)",
                     ok=202, body=PUSH_REQUEST, errors=(400, 401, 409, 422), ok_schema=PUSH),
-        "get": _op("List pushes, newest first",
+        "get": _op("pushes", "List pushes, newest first",
                    params=[_query("status", "queued|sending|sent|delivered|failed|cancelled"),
                            _query("limit", "page size"), _query("cursor", "from next_cursor")]),
     },
     "/v1/pushes/batch": {"post": _op(
-        "Queue many pushes in one group commit; one result per item", ok=202,
+        "pushes_batch", "Queue many pushes in one group commit; one result per item", ok=202,
         body={"type": "object", "required": ["pushes"],
               "properties": {"pushes": {"type": "array", "items": PUSH_REQUEST}}},
         errors=(400, 401, 413))},
-    "/v1/pushes/{id}": {"get": _op("One push with its status, attempts, msgid and error",
+    "/v1/pushes/{id}": {"get": _op("push", "One push with its status, attempts, msgid and error",
                                    params=[_path_param("id")], errors=(401, 404), ok_schema=PUSH)},
     "/v1/pushes/{id}/retry": {"post": _op(
-        "Queue a failed push again; says whether its client_msg_id was kept (WeChat then drops"
-        " the retry if an earlier send was accepted) and warns when it may deliver twice",
+        "push_action", "Queue a failed push again; says whether its client_msg_id was kept "
+        "(WeChat then drops the retry if an earlier send was accepted) and warns when it may "
+        "deliver twice",
         params=[_path_param("id")], errors=(401, 404, 409),
         ok_schema={"allOf": [PUSH, {"type": "object", "required": ["client_msg_id_reused"],
                                     "properties": {
                                         "client_msg_id_reused": {"type": "boolean"},
                                         "warning": {"type": "string"}}}]})},
-    "/v1/pushes/{id}/cancel": {"post": _op("Cancel a queued push", params=[_path_param("id")],
-                                           errors=(401, 404, 409), ok_schema=PUSH)},
-    "/v1/templates": {"get": _op("The OA's templates (cached get_all_private_template) and their keys",
+    "/v1/pushes/{id}/cancel": {"post": _op("push_action", "Cancel a queued push",
+                                           params=[_path_param("id")], errors=(401, 404, 409),
+                                           ok_schema=PUSH)},
+    "/v1/templates": {"get": _op("templates", "The OA's templates (cached "
+                                 "get_all_private_template) and their keys",
                                  errors=(401, 502, 503))},
-    "/v1/templates/refresh": {"post": _op("Fetch the OA's template list again now",
-                                          errors=(401, 502, 503))},
+    "/v1/templates/refresh": {"post": _op("templates_refresh", "Fetch the OA's template list "
+                                          "again now", errors=(401, 502, 503))},
     "/v1/backfill": {
         "post": _optional_body(_op(
-            "Start or resume the follower backfill (idempotent; 200 when a run is active)",
+            "backfill", "Start or resume the follower backfill (idempotent; 200 when a run is "
+            "active)",
             ok=202, errors=(400, 401, 409, 503), ok_schema=BACKFILL,
             body={"type": "object", "properties": {
                 "force": {"type": "boolean", "description": "resume a paused run now"},
@@ -198,17 +227,51 @@ PATHS: dict[str, dict[str, Any]] = {
                                "begin a new run at the head of the list instead of resuming "
                                "at the saved cursor (409 backfill_running while one is active)"},
             }})),
-        "get": _op("Backfill progress: state, pages, followers, total, rate, ETA, last error, "
-                   "seen, skipped, restarts from the head", ok_schema=BACKFILL),
+        "get": _op("backfill", "Backfill progress: state, pages, followers, total, rate, ETA, "
+                   "last error, seen, skipped, restarts from the head", ok_schema=BACKFILL),
     },
+    "/v1/keys": {
+        "post": _op("keys", "Create a scoped API key; the answer holds the key, once", ok=201,
+                    body={"type": "object", "required": ["name", "scopes"], "properties": {
+                        "name": {"type": "string"},
+                        "scopes": {"type": "array", "items": {"type": "string"}}}},
+                    errors=(400, 401, 409),
+                    ok_schema={"type": "object", "properties": {
+                        **KEY_FIELDS, "key": {"type": "string"}}}),
+        "get": _op("keys", "Every key: name, scopes, created, last used (never the key)",
+                   ok_schema={"type": "object", "properties": {
+                       "keys": {"type": "array", "items": KEY}}}),
+    },
+    "/v1/keys/{name}": {"delete": _op("key", "Revoke a key (refused from this moment on)",
+                                      params=[_path_param("name")], errors=(401, 404))},
 }
+
+
+def _stated(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each operation with the scope it needs (x-scope, from wxd.admin.scopes) and its 403."""
+    for ops in paths.values():
+        for method, op in ops.items():
+            scope = required_scope(op.pop("x-route"), method)
+            if scope == PUBLIC:
+                continue
+            op["x-scope"] = scope
+            op["description"] = ("Any valid key." if scope == ANY else
+                                 f"Needs a key with the scope `{scope}` (or `admin`).")
+            if scope != ANY:
+                op["responses"]["403"] = {"description": "insufficient_scope", **_json(ERROR)}
+    return paths
+
+
+PATHS = _stated(PATHS)
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "wxd admin API", "version": __version__,
-             "description": "Local admin API of wxd. Bearer token on everything but /healthz. "
-                            "The public listener (the webhook's) also serves GET /oauth/start "
-                            "and GET /oauth/callback for OAuth links (HTML pages, no token)."},
+             "description": "Local admin API of wxd. Bearer token (the [admin] token or a scoped "
+                            "API key) on everything but /healthz; each operation's x-scope "
+                            "names the scope it needs. The public listener (the webhook's) also "
+                            "serves GET /oauth/start and GET /oauth/callback for OAuth links "
+                            "(HTML pages, no token)."},
     "paths": PATHS,
     "security": [{"bearer": []}],
     "components": {

@@ -11,7 +11,9 @@ client_msg_id, and "report"-stage rules where it builds the TEMPLATESENDJOBFINIS
 
 from __future__ import annotations
 
+import base64
 import bisect
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from wxd.sandbox.templates import check_data, check_miniprogram
 from wxd.sandbox.token_book import TokenGrant, TokenRecord
 
 USER_GET_PAGE = 10_000
+TICKET_LIFETIME_S = 7200
 BATCHGET_MAX = 100
 
 _REDACTED = "<redacted>"
@@ -290,6 +293,19 @@ def _templates(ctx: _Ctx) -> dict[str, Any]:
     return {"template_list": [t.as_json() for t in ctx.fake.templates.values()]}
 
 
+def _getticket(ctx: _Ctx) -> dict[str, Any]:
+    # https://developers.weixin.qq.com/doc/offiaccount/OA_Web_Apps/JS-SDK.html (附录1): a
+    # ticket lives 7200 s. The emulator's ticket is a digest of the access_token it was asked
+    # with: the same token gets the same ticket, a new token a new one.
+    record = ctx.require_token("oa")
+    kind = ctx.query.get("type")
+    if kind not in ("jsapi", "wx_card"):
+        raise _Reject(40097, "invalid args")
+    digest = hashlib.sha512(f"{kind}:{record.token}".encode()).digest()
+    ticket = base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+    return {"errcode": 0, "errmsg": "ok", "ticket": ticket, "expires_in": TICKET_LIFETIME_S}
+
+
 def _jscode2session(ctx: _Ctx) -> dict[str, Any]:
     query = ctx.query
     grant_type = query.get("grant_type")
@@ -376,6 +392,7 @@ ROUTES: Mapping[str, tuple[str, _Endpoint]] = {
     "/cgi-bin/qrcode/create": ("POST", _qrcode_create),
     "/cgi-bin/message/custom/send": ("POST", _custom_send),
     "/sns/oauth2/access_token": ("GET", _oauth_access_token),
+    "/cgi-bin/ticket/getticket": ("GET", _getticket),
 }
 
 

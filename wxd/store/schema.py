@@ -235,6 +235,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX link_codes_expiry ON link_codes (expires_at);
     """,
+    # 5: scoped API keys for the admin API (only a hash of each key is stored).
+    """
+    -- One row per key: `key_hash` is the hex SHA-256 of the key's text, `scopes` a JSON list;
+    -- times are unix seconds (last_used_at is written at most about once a minute a key).
+    CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    """,
 ]
 
 # Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):

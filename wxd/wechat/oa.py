@@ -22,6 +22,7 @@ SEND_PATH = "/cgi-bin/message/template/send"
 # https://developers.weixin.qq.com/doc/offiaccount/Account_Management/Generating_a_Parametric_QR_Code.html
 QRCODE_MAX_EXPIRE_S = 2_592_000
 SCENE_STR_MAX = 64
+TICKET_PATH = "/cgi-bin/ticket/getticket"
 
 
 class OfficialAccountAPI:
@@ -74,6 +75,22 @@ class OfficialAccountAPI:
         if isinstance(msgid, bool) or not isinstance(msgid, (int, str)) or msgid == "":
             raise NoMsgidError(f"{SEND_PATH}: the answer has no msgid", SEND_PATH, answer)
         return str(msgid)
+
+    async def jsapi_ticket(self) -> tuple[str, float]:
+        """(jsapi_ticket, expires_in seconds) from /cgi-bin/ticket/getticket?type=jsapi.
+
+        Its quota is small and unpublished: hold the ticket centrally, like the access_token.
+        https://developers.weixin.qq.com/doc/offiaccount/OA_Web_Apps/JS-SDK.html (附录1)
+        """
+        answer = await self._client.call("GET", TICKET_PATH, params={"type": "jsapi"},
+                                         token=self._token)
+        ticket = answer.get("ticket")
+        expires_in = answer.get("expires_in")
+        if (not isinstance(ticket, str) or not ticket
+                or isinstance(expires_in, bool) or not isinstance(expires_in, (int, float))):
+            raise TransportError(f"{TICKET_PATH}: the answer has no ticket/expires_in",
+                                 TICKET_PATH, 200)
+        return ticket, float(expires_in)
 
     async def templates(self) -> list[dict[str, Any]]:
         """/cgi-bin/template/get_all_private_template: the OA's template_list."""
