@@ -22,10 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "wxd"
 
 LEVELS = ("base", "wechat", "store", "service", "http", "top")
 BASE = {"wxd", "wxd.errors", "wxd.config", "wxd.aeskey", "wxd.metrics", "wxd.clock", "wxd.logsetup",
-        "wxd.sdnotify"}
+        "wxd.sdnotify", "wxd.sdlisten"}
 HTTP_SURFACE = {"wxd.webhook", "wxd.oauth_web", "wxd.admin", "wxd.ui"}
 TOP = {"wxd.daemon", "wxd.cli", "wxd.cliadmin", "wxd.client", "wxd.demo", "wxd.doctor",
-       "wxd.__main__"}
+       "wxd.listener", "wxd.__main__"}
 MAY_IMPORT_SANDBOX = {"wxd.cli", "wxd.demo"}
 FORBIDDEN: dict[str, tuple[str, ...]] = {  # level -> third-party modules it must not import
     "base": ("tornado", "aiosqlite"),

@@ -9,16 +9,11 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sqlite3
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import tornado.httpserver
-import tornado.netutil
-import tornado.web
-
-from wxd import admin, oauth_web, webhook
+from wxd import admin, oauth_web, sdlisten, webhook
 from wxd.admin import backfill as admin_backfill
 from wxd.admin import jssdk, openapi, ops, stats, users
 from wxd.admin import keys as admin_keys
@@ -28,9 +23,10 @@ from wxd.admin import tokens as admin_tokens
 from wxd.apikeys import ApiKeys
 from wxd.backfill import FollowerBackfill
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.config import Config, Listen
+from wxd.config import Config
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
+from wxd.listener import Listener
 from wxd.metrics import Registry
 from wxd.oauth_links import OAuthLinks, public_base
 from wxd.push_workers import PushWorkers
@@ -56,42 +52,6 @@ log = logging.getLogger(__name__)
 class Component(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-
-
-class Listener:
-    """One HTTP server serving `app` on one address; `port` is the bound port (useful with
-    port 0)."""
-
-    def __init__(self, name: str, app: tornado.web.Application, listen: Listen,
-                 max_body_size: int) -> None:
-        self.name = name
-        self._app = app
-        self._listen = listen
-        self._max_body_size = max_body_size
-        self._server: tornado.httpserver.HTTPServer | None = None
-        self._sockets: list[socket.socket] = []
-        self.port = listen.port
-
-    @property
-    def app(self) -> tornado.web.Application:
-        """The application this listener serves."""
-        return self._app
-
-    async def start(self) -> None:
-        self._sockets = tornado.netutil.bind_sockets(self._listen.port, self._listen.host)
-        self.port = self._sockets[0].getsockname()[1]
-        self._server = tornado.httpserver.HTTPServer(
-            self._app, max_body_size=self._max_body_size, idle_connection_timeout=60,
-            body_timeout=30,
-        )
-        self._server.add_sockets(self._sockets)
-        log.info("%s listening on %s:%d", self.name, self._listen.host, self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()  # stop accepting; open connections finish below
-            await asyncio.wait_for(self._server.close_all_connections(), timeout=5)
-            self._server = None
 
 
 class HttpClient:
@@ -121,6 +81,7 @@ class Daemon:
         self.clock = clock
         self.metrics = Registry()
         self.notifier = Notifier(environ or {})
+        self._environ = environ or {}
         self.db: Database | None = None
         self.tokens: dict[str, TokenManager] = {}
         self.jsapi_ticket: TokenManager | None = None
@@ -253,11 +214,15 @@ class Daemon:
                 resume()
 
         metrics.add_collector(self._collect_process)
+        # Sockets systemd passes (wxd.socket) are used as they are; otherwise each binds its own.
+        passed = sdlisten.assign(sdlisten.passed_fds(self._environ, os.getpid()),
+                                 {"webhook": cfg.webhook.listen, "admin": cfg.admin.listen})
         common = admin.common_kwargs(cfg.admin.token, metrics, cfg.admin.max_body_bytes,
                                      keys=self.api_keys)
         # The server's cap is looser, so that JsonHandler answers an oversized body with JSON 413.
         self.admin = Listener("admin", admin.make_app(common, self._admin_routes(common)),
-                              cfg.admin.listen, cfg.admin.max_body_bytes * 4)
+                              cfg.admin.listen, cfg.admin.max_body_bytes * 4,
+                              sock=passed.get("admin"))
         await self._start(self.admin)
 
         w = cfg.webhook
@@ -271,7 +236,7 @@ class Daemon:
         pages = oauth_web.routes(self.oauth) if self.oauth is not None else []
         # The HTTP server's own cap is looser, so that the handler can answer 413 itself.
         self.webhook = Listener("webhook", webhook.make_app(w.path, hook, pages), w.listen,
-                                max(w.max_body_bytes * 4, 1 << 20))
+                                max(w.max_body_bytes * 4, 1 << 20), sock=passed.get("webhook"))
         await self._start(self.webhook)
 
     def _build_links(self, db: Database, client: WeChatClient, oa_api: OfficialAccountAPI) -> None:
