@@ -13,6 +13,7 @@ from typing import Any
 
 import tornado.httpserver
 import tornado.netutil
+import tornado.web
 from tornado import httputil, iostream
 
 from wxd.config import Listen
@@ -119,7 +120,7 @@ class Listener:
     most), then closes the connections.
     """
 
-    def __init__(self, name: str, app: httputil.HTTPServerConnectionDelegate, listen: Listen,
+    def __init__(self, name: str, app: tornado.web.Application, listen: Listen,
                  max_body_size: int, sock: socket.socket | None = None,
                  drain_timeout_s: float = 5.0) -> None:
         self.name = name
