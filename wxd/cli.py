@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
 
-from wxd import __version__, cliadmin, config, daemon, demo, logsetup
+from wxd import __version__, cliadmin, config, daemon, demo, doctor, logsetup
 from wxd.client import ApiCallFailed, ConnectFailed
 from wxd.errors import ConfigError, StorageError
 from wxd.sandbox import runner as sandbox_runner
@@ -43,6 +44,27 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """The checklist; exit 0 all good, 1 a problem found, 2 cannot run (no readable file)."""
+    if not os.path.isfile(args.config) or not os.access(args.config, os.R_OK):
+        print(f"wxd doctor: cannot read {args.config}", file=sys.stderr)
+        return EXIT_USAGE
+    logsetup.configure("error")
+    try:
+        cfg = _load_config(args.config)
+    except ConfigError as exc:
+        checks = doctor.config_failed(args.config, exc.problems)
+    else:
+        checks = asyncio.run(doctor.Doctor(cfg).run())
+    if args.json:
+        print(json.dumps({"ok": doctor.exit_code(checks) == 0,
+                          "checks": [check.to_json() for check in checks]},
+                         ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(check.line() for check in checks))
+    return doctor.exit_code(checks)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     logsetup.configure("error")
     return demo.run(args.keep_running, args.users, args.admin_port, args.webhook_port)
@@ -61,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("run", "run the daemon").set_defaults(func=cmd_run)
     with_config("check-config", "validate a config file").set_defaults(func=cmd_check_config)
+    p = with_config("doctor", "check config, database, WeChat access, webhook and clock: each "
+                    "line ✓/✗ with the fix (exit 0 all good, 1 a problem, 2 cannot run)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_doctor)
     p = with_config("backup", "consistent online copy of the database")
     p.add_argument("dest", help="destination file (must not exist)")
     p.set_defaults(func=cmd_backup)
