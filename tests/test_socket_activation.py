@@ -247,7 +247,9 @@ def restart_under_load(tmp: pathlib.Path, signals: list[int]) -> tuple[Load, lis
                     while sum(load.answered.values()) < before + PER_STAGE:
                         await asyncio.sleep(0.02)
                     stopped = time.monotonic()
-                    codes.append(systemd.stop(signum))  # meanwhile the clients queue
+                    # In a thread: the clients go on connecting and sending meanwhile.
+                    codes.append(await asyncio.get_running_loop().run_in_executor(
+                        None, systemd.stop, signum))
                     systemd.start()
                     await systemd.ready()
                     gaps.append(time.monotonic() - stopped)

@@ -49,7 +49,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.config) or not os.access(args.config, os.R_OK):
         print(f"wxd doctor: cannot read {args.config}", file=sys.stderr)
         return EXIT_USAGE
-    logsetup.configure("error")
     try:
         cfg = _load_config(args.config)
     except ConfigError as exc:

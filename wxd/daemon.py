@@ -155,7 +155,10 @@ class Daemon:
             "jsapi", cfg.official_account.appid, "", client, db, fetch=oa_api.jsapi_ticket,
             refresh_margin_s=cfg.wechat.token_refresh_margin_s,
             check_interval_s=cfg.wechat.token_check_interval_s,
-            daily_budget=cfg.wechat.token_daily_budget, clock=clock, metrics=metrics)
+            daily_budget=cfg.wechat.token_daily_budget,
+            backoff_base_s=cfg.wechat.token_backoff_base_s,
+            backoff_max_s=cfg.wechat.token_backoff_max_s,
+            quota_pause_s=cfg.wechat.token_quota_pause_s, clock=clock, metrics=metrics)
         self._started.append(self.jsapi_ticket)
         self.api_keys = ApiKeys(db, clock=clock)
         await self._start(self.api_keys)

@@ -91,11 +91,13 @@ class DrainingServer(tornado.httpserver.HTTPServer):
             for conn, state in list(self._states.items()):
                 if state == "idle":
                     _close(conn)
+            # A connection accepted a moment ago may not have reached start_request yet: it is
+            # in tornado's own set (HTTPServer._connections) only, and as fresh as it gets.
+            states = [self._states.get(conn, "fresh") for conn in self._connections]
             now = loop.time()
-            waiting = [s for s in self._states.values()
-                       if s == "busy" or (s == "fresh" and now < fresh_until)]
+            waiting = [s for s in states if s == "busy" or (s == "fresh" and now < fresh_until)]
             if not waiting or now >= deadline:
-                return sum(1 for s in self._states.values() if s == "busy")
+                return sum(1 for s in states if s == "busy")
             self._changed.clear()
             wake = min(deadline, fresh_until) if now < fresh_until else deadline
             try:
