@@ -5,6 +5,7 @@ new `python -m wxd run` — so that nothing a client sends is refused or lost.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -133,10 +134,8 @@ class Load:
             return None
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            except OSError:
-                pass
         if not answer.startswith(b"HTTP/1.1 "):
             self.lost.append("no answer")
             return None
@@ -184,13 +183,20 @@ class Systemd:
             assert self.proc is not None and self.proc.poll() is None, "wxd exited"
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                answer = await asyncio.wait_for(reader.read(), timeout=2)
-                writer.close()
-                if answer.startswith(b"HTTP/1.1 200"):
-                    return
-            except (OSError, asyncio.TimeoutError):
-                pass
+            except OSError:
+                answer = b""
+            else:
+                try:
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    answer = await asyncio.wait_for(reader.read(), timeout=10)
+                except (OSError, asyncio.TimeoutError):
+                    answer = b""
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+            if answer.startswith(b"HTTP/1.1 200"):
+                return
             assert time.monotonic() < deadline, "wxd not ready"
             await asyncio.sleep(0.1)
 

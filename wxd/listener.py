@@ -20,8 +20,6 @@ from wxd.config import Listen
 
 log = logging.getLogger(__name__)
 
-FRESH_GRACE_S = 1.0  # a connection accepted just before the stop gets this long to send headers
-
 
 class _Watched(httputil.HTTPMessageDelegate):
     """A request's delegate that tells the server when its headers arrive."""
@@ -79,29 +77,33 @@ class DrainingServer(tornado.httpserver.HTTPServer):
         self._changed.set()
         super().on_close(server_conn)
 
-    async def drain(self, timeout_s: float, fresh_grace_s: float = FRESH_GRACE_S) -> int:
-        """After stop(): close idle connections now, let busy ones finish their response and
-        fresh ones send theirs (for fresh_grace_s), all within timeout_s; returns how many
-        connections were still busy at the deadline (then closed by close_all_connections)."""
+    async def drain(self, timeout_s: float) -> int:
+        """After stop(): close idle connections now; let busy ones finish their response and
+        fresh ones (accepted before the stop) send their request and have it answered, all
+        within timeout_s. Returns how many connections were still open at the deadline (then
+        closed by close_all_connections).
+
+        A fresh connection is waited for, not closed: it holds a request the client has sent
+        or is sending (closing it with data unread would even answer with a reset), and no
+        other process can answer it. Only one that stays silent costs the whole bound.
+        """
         self._draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        fresh_until = loop.time() + min(fresh_grace_s, timeout_s)
         while True:
             for conn, state in list(self._states.items()):
                 if state == "idle":
                     _close(conn)
             # A connection accepted a moment ago may not have reached start_request yet: it is
             # in tornado's own set (HTTPServer._connections) only, and as fresh as it gets.
-            states = [self._states.get(conn, "fresh") for conn in self._connections]
+            waiting = [conn for conn in self._connections
+                       if self._states.get(conn, "fresh") != "idle"]
             now = loop.time()
-            waiting = [s for s in states if s == "busy" or (s == "fresh" and now < fresh_until)]
             if not waiting or now >= deadline:
-                return sum(1 for s in states if s == "busy")
+                return len(waiting)
             self._changed.clear()
-            wake = min(deadline, fresh_until) if now < fresh_until else deadline
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, wake - now))
+                await asyncio.wait_for(self._changed.wait(), timeout=deadline - now)
             except asyncio.TimeoutError:
                 pass
 
@@ -169,10 +171,10 @@ class Listener:
         if server is None:
             return
         server.stop()  # stop accepting; a passed socket stays open in the service manager
-        busy = await server.drain(self._drain_timeout_s)
-        if busy:
-            log.warning("%s: %d request(s) still running after %.1f s; closing them", self.name,
-                        busy, self._drain_timeout_s)
+        still_open = await server.drain(self._drain_timeout_s)
+        if still_open:
+            log.warning("%s: %d connection(s) still open after %.1f s; closing them",
+                        self.name, still_open, self._drain_timeout_s)
         await asyncio.wait_for(server.close_all_connections(), timeout=5)
 
 
