@@ -12,7 +12,6 @@ from tornado.routing import URLSpec
 
 from wxd.admin.base import ApiError, JsonHandler
 from wxd.apikeys import ApiKeyError, ApiKeys
-from wxd.errors import StorageError
 
 _STATUS = {"invalid_name": 400, "invalid_scope": 400, "key_exists": 409}
 
@@ -43,8 +42,6 @@ class KeysHandler(_KeysHandler):
             info, key = await self._api_keys.create(name, scopes)
         except ApiKeyError as exc:
             raise ApiError(_STATUS.get(exc.code, 400), exc.code, exc.message) from None
-        except StorageError:
-            raise ApiError(503, "storage_unavailable", "the database is not available") from None
         self.send_json({**info.to_json(), "key": key}, status=201)
 
     async def get(self) -> None:
@@ -57,10 +54,7 @@ class KeyHandler(_KeysHandler):
     route_name = "key"
 
     async def delete(self, name: str) -> None:
-        try:
-            revoked = await self._api_keys.revoke(name)
-        except StorageError:
-            raise ApiError(503, "storage_unavailable", "the database is not available") from None
+        revoked = await self._api_keys.revoke(name)  # a StorageError is JsonHandler's 503
         if not revoked:
             raise ApiError(404, "key_not_found", f"no key named {name!r}")
         self.send_json({"name": name, "revoked": True})
