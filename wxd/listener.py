@@ -66,9 +66,10 @@ class DrainingServer(tornado.httpserver.HTTPServer):
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection
                       ) -> httputil.HTTPMessageDelegate:
-        self.set_state(server_conn, "idle" if server_conn in self._states else "fresh")
+        served = server_conn in self._states  # else its first request is yet to come
+        self.set_state(server_conn, "idle" if served else "fresh")
         delegate = super().start_request(server_conn, request_conn)
-        if self._draining:
+        if self._draining and served:
             _close(server_conn)  # its last response is out; no further request on it
         return _Watched(delegate, self, server_conn)
 
