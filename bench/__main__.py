@@ -23,7 +23,8 @@ import tornado
 
 from bench.common import Result, format_table, wrk_path
 
-MODULES = ("bench_webhook", "bench_pushes", "bench_backfill", "bench_tokens", "bench_idle")
+MODULES = ("bench_webhook", "bench_pushes", "bench_backfill", "bench_tokens", "bench_idle",
+           "bench_callbacks")
 
 # Used when a module does not state its own LOAD_GENERATOR string.
 LOAD_GENERATORS = {

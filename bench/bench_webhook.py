@@ -121,14 +121,26 @@ class WechatpyHandler(tornado.web.RequestHandler):
         self.finish(b"success")
 
 
-async def _serve(kind: str, db_path: str) -> None:
+async def _serve(kind: str, db_path: str, callbacks_url: str | None = None) -> None:
+    """One server until SIGTERM. `callbacks_url` (wxd only, bench_callbacks): the webhook writes
+    message.received callbacks in its transactions and CallbackWorkers deliver them there."""
+    from wxd.callbacks import CallbackWorkers
+    from wxd.store.callbacks import OFF, Outbox
     from wxd.store.db import Database
     from wxd.webhook import Webhook, make_app
 
     db = None
+    workers = None
     if kind == "wxd":
         db = await Database.open(db_path)
-        hook = Webhook(TOKEN, MessageCrypto(TOKEN, AES_KEY, APPID), db)
+        outbox = OFF
+        hook: Webhook | None = None
+        if callbacks_url:  # wired as daemon.py wires them
+            workers = CallbackWorkers(db, callbacks_url, "bench-callback-secret-0123",
+                                      yield_to=lambda: hook is not None and hook.busy())
+            outbox = Outbox(frozenset({"message.received"}), notify=workers.notify)
+            await workers.start()
+        hook = Webhook(TOKEN, MessageCrypto(TOKEN, AES_KEY, APPID), db, outbox=outbox)
         app = make_app(PATH, hook)
     elif kind == "wechatpy":
         from wechatpy.crypto import WeChatCrypto
@@ -152,6 +164,8 @@ async def _serve(kind: str, db_path: str) -> None:
     await stop.wait()
     server.stop()
     await server.close_all_connections()
+    if workers is not None:
+        await workers.stop()
     if db is not None:
         await db.close()
 
@@ -160,11 +174,12 @@ async def _serve(kind: str, db_path: str) -> None:
 
 
 def generate(path: str, count: int, seed: int = 1, token: str = TOKEN, aes_key: str = AES_KEY,
-             appid: str = APPID, openids: list[str] | None = None) -> None:
+             appid: str = APPID, openids: list[str] | None = None, kind: str = "subscribe") -> None:
     """Write `count` distinct signed safe-mode subscribe requests, one "path?query\\tbody" a line.
 
     With `openids`, the senders cycle through them (each round with another CreateTime, so no
     request is a duplicate of another); otherwise every sender is a new random openid.
+    `kind` "text" writes user text messages instead (distinct MsgIds).
     """
     crypto = MessageCrypto(token, aes_key, appid)
     rng = random.Random(seed)
@@ -176,9 +191,13 @@ def generate(path: str, count: int, seed: int = 1, token: str = TOKEN, aes_key: 
                 sender, created = openids[n % len(openids)], int(ts) - n // len(openids)
             else:
                 sender, created = f"oBench{n:08d}{rng.randrange(10**6):06d}", int(ts) - n % 100
-            xml = render_event_xml({"ToUserName": "gh_0123456789ab", "FromUserName": sender,
-                                    "CreateTime": created, "MsgType": "event",
-                                    "Event": "subscribe", "EventKey": ""})
+            fields: dict[str, str | int] = {"ToUserName": "gh_0123456789ab",
+                                            "FromUserName": sender, "CreateTime": created}
+            if kind == "text":
+                fields.update(MsgType="text", Content=f"bench message {n}", MsgId=10**15 + n)
+            else:
+                fields.update(MsgType="event", Event="subscribe", EventKey="")
+            xml = render_event_xml(fields)
             encrypt = crypto.encrypt(xml, random_prefix=rng.randbytes(16))
             query = urllib.parse.urlencode({
                 "signature": sign(token, ts, nonce), "timestamp": ts, "nonce": nonce,
@@ -258,9 +277,10 @@ def _measure_daemon(tmp: str, requests_file: str, lua: str, duration_s: float, r
             "batchget_calls": calls["/cgi-bin/user/info/batchget"]}
 
 
-def _start_server(kind: str, db_path: str) -> tuple[subprocess.Popen[str], int]:
+def _start_server(kind: str, db_path: str, extra: tuple[str, ...] = ()
+                  ) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_webhook", "--serve", kind, "--db", db_path],
+        [sys.executable, "-m", "bench.bench_webhook", "--serve", kind, "--db", db_path, *extra],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -397,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"concurrent connections of the load generator ({CONNECTIONS})")
     parser.add_argument("--serve", choices=("bare", "wechatpy", "wxd"), help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
+    parser.add_argument("--callbacks-url", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         logging.basicConfig(level=logging.WARNING)
-        asyncio.run(_serve(args.serve, args.db))
+        asyncio.run(_serve(args.serve, args.db, args.callbacks_url))
         return 0
     print(format_table(run(args.quick, args.connections)))
     return 0

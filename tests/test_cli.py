@@ -6,6 +6,7 @@ import json
 import pathlib
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.helpers import (
 )
 from wxd import cli
 from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, SandboxThread
+from wxd.store import callbacks as cb
 
 
 class Running:
@@ -190,3 +192,41 @@ def test_keys_commands(running: Running, capsys: pytest.CaptureFixture[str]) -> 
     assert running.run("keys", "revoke", "h5") == 1
     assert running.run("keys", "list", "--json") == 0
     assert json.loads(capsys.readouterr().out) == {"keys": []}
+
+
+def test_callbacks_list_show_retry(running: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two callbacks that went dead, written beside the running daemon (its [callbacks] is off,
+    # so revived ones stay pending): the operator's commands see and revive them.
+    conn = sqlite3.connect(running.conf.parent / "wxd.db", isolation_level=None, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        now = time.time()
+        first, second = (cb.NewCallback(cb.new_id(), "push.failed", f"p_{n}", '{"n": 1}')
+                         for n in (1, 2))
+        conn.execute("BEGIN IMMEDIATE")
+        cb.emit(conn, [first, second], now - 100)
+        leased = cb.lease(conn, now - 100, 10, 60)
+        cb.record(conn, [cb.Outcome(item.id, item.attempts, "dead", now - 50 + index,
+                                    http_status=503, error="HTTP 503 Service Unavailable")
+                         for index, item in enumerate(leased)])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    assert running.run("callbacks", "list", "--status", "dead", "--json") == 0
+    listed = json.loads(capsys.readouterr().out)["callbacks"]
+    assert {c["id"] for c in listed} == {first.id, second.id}
+    assert running.run("callbacks", "list", "--type", "push.failed") == 0
+    table = capsys.readouterr().out
+    assert first.id in table and "HTTP 503" in table
+    assert running.run("callbacks", "show", first.id) == 0
+    assert "last_status" in capsys.readouterr().out
+    assert running.run("callbacks", "retry", first.id, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "pending"
+    assert running.run("callbacks", "retry", first.id) == 1  # pending now: not dead
+    assert "invalid_state" in capsys.readouterr().err
+    assert running.run("callbacks", "retry", "--dead", "--since", str(now + 3600)) == 0
+    assert capsys.readouterr().out.startswith("0 dead callbacks")
+    assert running.run("callbacks", "retry", "--dead") == 0
+    assert capsys.readouterr().out.startswith("1 dead callbacks")
+    assert running.run("callbacks", "show", "evt_missing") == 1
+    assert running.run("callbacks", "retry") == 2

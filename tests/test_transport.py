@@ -386,6 +386,42 @@ class TestErrors(Case):
             client.close()
 
     @gen_test
+    async def test_truncate_body_cuts_an_oversized_answer_instead_of_failing(self) -> None:
+        sizes = (b"Content-Length: 5000\r\n", b"Transfer-Encoding: chunked\r\n")
+
+        async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            framing = sizes[len(self.writers) - 1]
+            await read_request(reader)
+            body = b"x" * 5000 if b"Length" in framing else b"1388\r\n" + b"x" * 5000 + b"\r\n"
+            writer.write(b"HTTP/1.1 201 Created\r\n" + framing + b"\r\n" + body)
+            await writer.drain()
+            await reader.read()  # hold the connection open: the client must not wait for it
+
+        client = KeepAliveClient(1, max_body_bytes=1000, truncate_body=True)
+        try:
+            for _ in sizes:
+                answer = await client.fetch("POST", await self.serve_raw(big) + "/", body=b"{}")
+                assert (answer.code, answer.body, answer.truncated) == (201, b"x" * 1000, True)
+            assert client.idle_connections() == 0  # the unread rest: never reused
+            small = await client.fetch("POST", self.serve() + "/", body=b"hi")
+            assert small.truncated is False and small.body.startswith(b"got hi")
+        finally:
+            client.close()
+
+    @gen_test
+    async def test_a_redirect_is_an_answer_not_followed(self) -> None:
+        async def moved(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 302 Found\r\nLocation: " + elsewhere.encode() +
+                         b"/\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+        elsewhere = self.serve()
+        answer = await self.client.fetch("POST", await self.serve_raw(moved) + "/", body=b"x")
+        assert answer.code == 302 and answer.headers["Location"] == elsewhere + "/"
+        assert self.client.stats.opened == 1  # nothing went to `elsewhere`
+
+    @gen_test
     async def test_http10_answer_without_keep_alive_is_not_reused(self) -> None:
         async def old(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await read_request(reader)

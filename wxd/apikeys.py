@@ -34,7 +34,7 @@ SCOPES: tuple[str, ...] = (
     "users:write",  # MP login and decrypt, links
     "backfill",  # start and watch the follower backfill
     "campaigns",
-    "callbacks",
+    "callbacks",  # the callbacks to the backend: list, show, retry
     "console",  # the operator's read-only views: stats, metrics
     "admin",  # everything, including keys
 )

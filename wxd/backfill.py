@@ -26,6 +26,7 @@ from wxd.retry import DAY_S, Backoff, Fail, Pause, Policy, decide, pause_cause
 from wxd.store import backfill as backfill_store
 from wxd.store import followers, ingest
 from wxd.store.backfill import STATES, BackfillState
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.store.meta import Paused
 from wxd.wechat.oa import BATCHGET_MAX
@@ -171,6 +172,9 @@ class FollowerBackfill:
     after a complete listing (the row's `complete`). A batchget chunk refused because of some
     openids (CHUNK_REFUSALS) is bisected; openids refused alone (batchget and user/info) are
     skipped and counted (`skipped`), never stored, and not judged by the sweep.
+    A follower a page links to an MP user gets its user.linked callback through `outbox` in
+    the page's write; what the sync observes otherwise (who follows) is no callback: it is a
+    snapshot, not an event.
     """
 
     def __init__(self, db: Database, oa_api: FollowerSource, *, concurrency: int = 4,
@@ -180,10 +184,12 @@ class FollowerBackfill:
                  max_attempts: int = 8, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 30.0, quota_resume_s: float = 60.0,
                  drain_timeout_s: float = 5.0,
-                 max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD) -> None:
+                 max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD,
+                 outbox: Outbox = OFF) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._db, self._api, self._clock = db, oa_api, clock
+        self._outbox = outbox
         self._concurrency = concurrency
         self._resync_s = resync_interval_s
         self._defer_index = defer_index
@@ -635,7 +641,8 @@ class FollowerBackfill:
             now = self._clock.now()
             seen = None if listed is None else followers.count_unlisted(conn, listed, run)
             if batch:
-                ingest.apply_info_batch(conn, batch, observed, now, run=run)
+                linked = ingest.apply_info_batch(conn, batch, observed, now, run=run)
+                self._outbox.linked(conn, linked, "unionid", now)
             if skipped:
                 followers.mark_listed(conn, skipped, run)
             return backfill_store.advance(conn, run, cursor, after, count, calls, total, now,

@@ -1,5 +1,5 @@
 """CLI commands that talk to a running daemon's admin API: push, backfill, users, link, stats,
-token, keys.
+token, keys, callbacks.
 
 Output is a human-readable table by default and JSON with --json. Exit codes:
 0 ok, 1 API error, 2 usage/config error, 3 cannot connect.
@@ -217,6 +217,40 @@ def cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- callbacks -------------------------------------------------------------------------------
+
+CALLBACK_HEADER = ("id", "type", "status", "attempts", "last", "created", "error")
+
+
+def callback_row(c: Mapping[str, Any]) -> list[Any]:
+    return [c.get("id"), c.get("type"), c.get("status"), c.get("attempts"),
+            c.get("last_status") or "", when(c.get("created_at")), (c.get("last_error") or "")[:40]]
+
+
+def cmd_callbacks(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    if args.action == "list":
+        value = client.get("/v1/callbacks", status=args.status, type=args.type,
+                           limit=args.limit, cursor=args.cursor)
+        emit(args, value, lambda v: table((callback_row(c) for c in v.get("callbacks", [])),
+                                          CALLBACK_HEADER)
+             + (f"\nmore: --cursor {v['next_cursor']}" if v.get("next_cursor") else ""))
+    elif args.action == "show":
+        if not args.id:
+            raise UsageError("wxd callbacks show needs a callback id")
+        emit(args, client.get(f"/v1/callbacks/{args.id}"), pairs)
+    elif args.dead:  # retry --dead [--since]
+        if args.id:
+            raise UsageError("give a callback id or --dead, not both")
+        value = client.post("/v1/callbacks/retry-dead", {"since": args.since})
+        emit(args, value, lambda v: f"{v['retried']} dead callbacks are pending again")
+    else:
+        if not args.id:
+            raise UsageError("wxd callbacks retry needs a callback id (or --dead)")
+        emit(args, client.post(f"/v1/callbacks/{args.id}/retry"), pairs)
+    return EXIT_OK
+
+
 # --- backfill --------------------------------------------------------------------------------
 
 def progress_line(status: Mapping[str, Any], width: int = 30) -> str:
@@ -354,6 +388,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("name", nargs="?", help="key name (create, revoke)")
     p.add_argument("--scopes", help="create: comma-separated, e.g. tokens:read,pushes:write")
     p.set_defaults(func=cmd_keys)
+
+    p = client_parser("callbacks", "list, show or retry the callbacks sent to the backend")
+    p.add_argument("action", choices=("list", "show", "retry"))
+    p.add_argument("id", nargs="?", help="callback id (show, retry)")
+    p.add_argument("--status", choices=("pending", "done", "dead"), help="list: filter by status")
+    p.add_argument("--type", help="list: filter by type (e.g. push.delivered)")
+    p.add_argument("--limit", type=int, default=20, help="list: page size")
+    p.add_argument("--cursor", help="list: continue after this cursor")
+    p.add_argument("--dead", action="store_true", help="retry: every dead callback (see --since)")
+    p.add_argument("--since", type=float, default=0.0,
+                   help="retry --dead: only those dead since this unix time")
+    p.set_defaults(func=cmd_callbacks)
 
     p = client_parser("backfill", "start the follower backfill and show its progress")
     p.add_argument("--no-wait", action="store_true", help="start and return at once")

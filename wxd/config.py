@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,14 @@ from wxd.aeskey import check_aes_key
 from wxd.errors import ConfigError
 
 APPID_RE = re.compile(r"^wx[0-9a-fA-F]{16}$")
+# Every callback type ([callbacks] events; store/callbacks.py writes them). Those in
+# CALLBACK_TYPES_NOT_YET belong to features this wxd does not have yet: accepted, never written.
+CALLBACK_TYPES: tuple[str, ...] = (
+    "follower.subscribed", "follower.unsubscribed", "user.linked", "user.unlinked",
+    "push.sent", "push.delivered", "push.failed", "subscription.changed", "campaign.finished",
+    "message.received",
+)
+CALLBACK_TYPES_NOT_YET: frozenset[str] = frozenset({"subscription.changed", "campaign.finished"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "WXD_"
 
@@ -204,6 +213,30 @@ def host_list(value: str) -> tuple[str, ...]:
     return hosts
 
 
+def callback_url(value: str) -> str:
+    """The backend's callback URL, or empty for none (callbacks off)."""
+    if not value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host, or empty")
+    try:
+        _ = parts.port  # ValueError for a port that is not 0..65535
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value
+
+
+def callback_types(value: str) -> frozenset[str]:
+    """`*` (every type) or a comma list of callback types."""
+    if value == "*":
+        return frozenset(CALLBACK_TYPES)
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if not names or not names <= set(CALLBACK_TYPES):
+        raise ValueError(f"must be * or a comma list of: {', '.join(CALLBACK_TYPES)}")
+    return frozenset(names)
+
+
 def alnum_token(value: str) -> str:
     """The webhook Token: WeChat's console accepts letters and digits only."""
     if value and (not value.isascii() or not value.isalnum()):
@@ -335,6 +368,22 @@ class LinkingConfig:
 
 
 @dataclass(frozen=True)
+class CallbacksConfig:
+    url: str = key("", callback_url)
+    secret: str = key("", long_token, secret=True)
+    events: frozenset[str] = key("*", callback_types)
+    timeout_s: float = key("10", number(0.1))
+    retry_base_s: float = key("5", number(0.01))
+    retry_max_s: float = key("3600", number(0.01))
+    max_age_s: float = key("86400", number(1))
+    concurrency: int = key("8", integer(1))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class Config:
     """One field per [section], in file order; a section typed `X | None` is optional (absent → None)."""
 
@@ -349,6 +398,7 @@ class Config:
     backfill: BackfillConfig
     followers: FollowersConfig
     linking: LinkingConfig
+    callbacks: CallbacksConfig
 
 
 # The index the loader walks, derived from the table above -----------------------------------------
@@ -480,7 +530,36 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
     if all(card) and "mini_program" not in values:
         problems.append("[linking] qrcode_card_thumb_media_id: a Mini Program card needs the "
                         "[mini_program] section")
+    callbacks = values.get("callbacks", {})
+    url = callbacks.get("url")
+    if url and not callbacks.get("secret"):
+        problems.append("[callbacks] secret: required when url is set")
+    if url and isinstance(listen, Listen) and targets_listener(url, listen):
+        problems.append("[callbacks] url: points at wxd's own admin listener")
     return problems
+
+
+_THIS_HOST = ("localhost", "0.0.0.0", "::")
+
+
+def targets_listener(url: str, listen: Listen) -> bool:
+    """True when `url` (http or https) would reach `listen` on this host: same port, and a
+    loopback or unspecified address or the listener's own. Port 0 (chosen at bind) never
+    matches here; the daemon checks again with the bound port."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if listen.port == 0 or port != listen.port:
+        return False
+    if host in _THIS_HOST or host == listen.host.lower():
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: str, environ: Mapping[str, str] | None = None) -> Config:

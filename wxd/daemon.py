@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from wxd import admin, oauth_web, sdlisten, webhook
 from wxd.admin import backfill as admin_backfill
+from wxd.admin import callbacks as admin_callbacks
 from wxd.admin import jssdk, openapi, ops, stats, users
 from wxd.admin import keys as admin_keys
 from wxd.admin import links as admin_links
@@ -22,8 +23,10 @@ from wxd.admin import pushes as admin_pushes
 from wxd.admin import tokens as admin_tokens
 from wxd.apikeys import ApiKeys
 from wxd.backfill import FollowerBackfill
+from wxd.callbacks import Callbacks, CallbackWorkers
 from wxd.clock import SYSTEM_CLOCK, Clock
-from wxd.config import Config
+from wxd.config import Config, Listen, targets_listener
+from wxd.errors import ConfigError
 from wxd.events import EventRouter, EventWorkers
 from wxd.linking import Linking
 from wxd.listener import Listener
@@ -36,6 +39,7 @@ from wxd.sdnotify import Notifier
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
 from wxd.store import tokens as token_store
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.tokens import TokenManager
 from wxd.webhook import Webhook
@@ -72,7 +76,9 @@ class Daemon:
 
     Start order: database → upstream client → tokens (persisted token reused, refreshed only if
     stale) → push recovery + workers → event workers → backfill (resumes) → admin listener
-    (loopback) → webhook listener last. Stop runs the same list in reverse.
+    (loopback) → callback delivery (when [callbacks] url is set; refused if it points at the
+    admin listener) → webhook listener last. Stop runs the same list in reverse. With callbacks
+    on, every service writes its facts' callbacks through one Outbox.
     """
 
     def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK,
@@ -93,6 +99,9 @@ class Daemon:
         self.workers: PushWorkers | None = None
         self.events: EventWorkers | None = None
         self.backfill: FollowerBackfill | None = None
+        self.callback_workers: CallbackWorkers | None = None
+        self._hook: Webhook | None = None
+        self.callbacks: Callbacks | None = None
         self.admin: Listener | None = None
         self.webhook: Listener | None = None
         self._started: list[Component] = []
@@ -166,8 +175,21 @@ class Daemon:
         mp_api = MiniProgramAPI(client, mp.appid, mp.secret) if mp else None
         mp_appid = mp.appid if mp else None
 
-        self.linking = Linking(db, mp_api, oa_api, mp_appid=mp_appid, clock=clock, metrics=metrics)
-        self._build_links(db, client, oa_api)
+        cb = cfg.callbacks
+        outbox = OFF
+        if cb.enabled:
+            self.callback_workers = CallbackWorkers(
+                db, cb.url, cb.secret, concurrency=cb.concurrency, timeout_s=cb.timeout_s,
+                retry_base_s=cb.retry_base_s, retry_max_s=cb.retry_max_s,
+                max_age_s=cb.max_age_s, clock=clock, metrics=metrics,
+                drain_timeout_s=cfg.wxd.shutdown_timeout_s, yield_to=self._webhook_busy)
+            outbox = Outbox(cb.events, notify=self.callback_workers.notify)
+        self.callbacks = Callbacks(db, enabled=cb.enabled, clock=clock,
+                                   on_retry=self._ring_callbacks)
+
+        self.linking = Linking(db, mp_api, oa_api, mp_appid=mp_appid, clock=clock, metrics=metrics,
+                               outbox=outbox)
+        self._build_links(db, client, oa_api, outbox)
         p = cfg.pushes
         self.pushes = PushService(db, oa_api, mp_appid=mp_appid, template_cache_s=p.template_cache_s,
                                   clock=clock, metrics=metrics, on_enqueued=self._ring_workers)
@@ -179,13 +201,14 @@ class Daemon:
             frequency_backoff_max_s=p.frequency_backoff_max_s, stale_sending=p.stale_sending,
             clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
-            drain_timeout_s=cfg.wxd.shutdown_timeout_s)
+            drain_timeout_s=cfg.wxd.shutdown_timeout_s, outbox=outbox)
         await self._start(self.workers)
 
         assert self.qrlinks is not None
         router = EventRouter(db, self.linking,
                              purge_on_unsubscribe=cfg.followers.purge_on_unsubscribe,
-                             clock=clock, metrics=metrics, scans=self.qrlinks)
+                             clock=clock, metrics=metrics, scans=self.qrlinks,
+                             outbox=outbox)
         e = cfg.events
         self.events = EventWorkers(db, router, workers=e.workers, max_attempts=e.max_attempts,
                                    backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s,
@@ -207,7 +230,8 @@ class Daemon:
                                          backoff_max_s=b.backoff_max_s,
                                          quota_resume_s=b.quota_resume_time.seconds, clock=clock,
                                          metrics=metrics,
-                                         drain_timeout_s=cfg.wxd.shutdown_timeout_s)
+                                         drain_timeout_s=cfg.wxd.shutdown_timeout_s,
+                                         outbox=outbox)
         await self._start(self.backfill)
         # WeChat reachable again (an OA token fetch succeeded): paused work resumes at once.
         oa_tokens = self.tokens["oa"]
@@ -227,6 +251,11 @@ class Daemon:
                               cfg.admin.listen, cfg.admin.max_body_bytes * 4,
                               sock=passed.get("admin"))
         await self._start(self.admin)
+        if self.callback_workers is not None:
+            bound = Listen(cfg.admin.listen.host, self.admin.port)
+            if targets_listener(cb.url, bound):
+                raise ConfigError([f"[callbacks] url: points at wxd's own admin listener {bound}"])
+            await self._start(self.callback_workers)
 
         w = cfg.webhook
         crypto = (MessageCrypto(w.token, w.encoding_aes_key, cfg.official_account.appid,
@@ -235,14 +264,16 @@ class Daemon:
         hook = Webhook(w.token, crypto, db, require_encryption=w.require_encryption,
                        replay_window_s=w.replay_window_s,
                        max_body_bytes=w.max_body_bytes, clock=clock, metrics=metrics,
-                       on_stored=self.events.ring, replier=self.qrlinks)
+                       on_stored=self.events.ring, replier=self.qrlinks, outbox=outbox)
+        self._hook = hook
         pages = oauth_web.routes(self.oauth) if self.oauth is not None else []
         # The HTTP server's own cap is looser, so that the handler can answer 413 itself.
         self.webhook = Listener("webhook", webhook.make_app(w.path, hook, pages), w.listen,
                                 max(w.max_body_bytes * 4, 1 << 20), sock=passed.get("webhook"))
         await self._start(self.webhook)
 
-    def _build_links(self, db: Database, client: WeChatClient, oa_api: OfficialAccountAPI) -> None:
+    def _build_links(self, db: Database, client: WeChatClient, oa_api: OfficialAccountAPI,
+                     outbox: Outbox) -> None:
         """QR link codes always; OAuth links when [webhook] public_url is set."""
         cfg = self.config
         bases = web_bases(cfg.wechat.api_base)
@@ -252,7 +283,7 @@ class Daemon:
                 if lk.qrcode_card_thumb_media_id and mp is not None else None)
         self.qrlinks = QrLinks(db, oa_api, image_base=bases.mp,
                                reply_text=lk.qrcode_reply, card=card, clock=self.clock,
-                               metrics=self.metrics, on_job=self._ring_events)
+                               metrics=self.metrics, on_job=self._ring_events, outbox=outbox)
         w = cfg.webhook
         if not w.public_url:
             return
@@ -264,7 +295,7 @@ class Daemon:
         self.oauth = OAuthLinks(db, WebAuthAPI(client, oa.appid, oa.secret),
                                 public=public, authorize_base=bases.open,
                                 return_hosts=lk.oauth_return_hosts, clock=self.clock,
-                                metrics=self.metrics)
+                                metrics=self.metrics, outbox=outbox)
 
     def _ring_workers(self) -> None:
         if self.workers is not None:
@@ -274,9 +305,17 @@ class Daemon:
         if self.events is not None:
             self.events.ring()
 
+    def _webhook_busy(self) -> bool:
+        return self._hook is not None and self._hook.busy()
+
+    def _ring_callbacks(self) -> None:
+        if self.callback_workers is not None:
+            self.callback_workers.ring()
+
     def _admin_routes(self, common: dict[str, Any]) -> list[list[admin.Route]]:
         assert self.db and self.linking and self.pushes and self.backfill and self.qrlinks
         assert self.jsapi_ticket and self.api_keys
+        assert self.callbacks
         return [
             ops.routes(common, self.db, self.metrics),
             openapi.routes(common),
@@ -289,11 +328,12 @@ class Daemon:
             admin_links.routes(common, self.qrlinks, self.oauth, self.linking),
             admin_pushes.routes(common, self.pushes),
             admin_backfill.routes(common, self.backfill),
+            admin_callbacks.routes(common, self.callbacks),
         ]
 
     async def stats(self) -> dict[str, Any]:
         """The figures of GET /v1/stats (also used by `wxd stats` and the demo)."""
-        assert self.db and self.linking and self.backfill
+        assert self.db and self.linking and self.backfill and self.callbacks
         now = self.clock.now()
 
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -306,6 +346,7 @@ class Daemon:
         figures: dict[str, Any] = dict(await self.linking.counts())
         figures.update(await self.db.read(read))
         figures["backfill"] = self.backfill.status()
+        figures["callbacks"] = await self.callbacks.stats()
         return figures
 
     async def _collect_process(self) -> None:
@@ -340,7 +381,8 @@ class Daemon:
         try:
             # Listeners first (stop accepting), then every draining worker together (each
             # bounded by its own drain timeout), then the rest (tokens, HTTP client) in reverse.
-            drainers = [c for c in self._started if c in (self.workers, self.events, self.backfill)]
+            drainers = [c for c in self._started if c in (self.workers, self.events, self.backfill,
+                                                          self.callback_workers)]
             rest = [c for c in self._started if c not in drainers]
             listeners: list[Component] = [c for c in rest if isinstance(c, Listener)]
             for listener in reversed(listeners):
@@ -350,6 +392,8 @@ class Daemon:
                 if other not in listeners:
                     await self._stop_one(other)
             self._started.clear()
+            if self.callback_workers is not None and self.callback_workers.state == "new":
+                await self.callback_workers.stop()  # built, never started: closes its client
         finally:
             if self.db is not None:
                 await self.db.close()

@@ -15,7 +15,8 @@
     ├── WeChatAPIError         WeChat answered errcode != 0 (errcode, errmsg, path)
     ├── TokenUnavailable       no usable access_token: the last fetch failed (cause, errcode, ip,
     │                          retry_at); WeChat is unreachable for wxd, whatever was asked
-    └── TokenBudgetError       the local daily budget of token fetches is spent
+    ├── TokenBudgetError       the local daily budget of token fetches is spent
+    └── CallbackError          the backend's callback receiver did not answer 2xx (retryable)
 """
 
 from __future__ import annotations
@@ -138,3 +139,13 @@ class TokenUnavailable(WxdError):
 
 class TokenBudgetError(WxdError):
     """The configured daily budget of upstream token fetches for an app is used up."""
+
+
+class CallbackError(WxdError):
+    """A callback delivery failed: the receiver answered `status` (not 2xx), or no answer came
+    (`status` None: refused, reset, timeout, TLS). The message never holds the URL's query or
+    the secret."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from wxd.retry import Backoff, Fail, Pause, Policy, decide, pause_cause
 from wxd.store import followers, inbox, links
 from wxd.store import jobs as job_store
 from wxd.store import pushes as push_store
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.wechat.messages import (
     Message,
@@ -71,15 +73,20 @@ class EventRouter:
     recipient and time to a push sent without a known msgid, else stored for late matching
     there; a MsgID of 0 or none is matched by recipient and time, or left unmatched);
     anything else → nothing (it is in the inbox).
+    With an `outbox`, an applied follow or unfollow writes its follower.* callback, and a report
+    that moves a push its push.* callback, in the transaction that applies it (a follower
+    callback's id derives from the message, so a job run again writes it once).
     Upstream errors propagate to the caller (EventWorkers retries them).
     """
 
     def __init__(self, db: Database, refresher: FollowerRefresher, *,
                  purge_on_unsubscribe: bool = False, clock: Clock = SYSTEM_CLOCK,
-                 metrics: Registry | None = None, scans: ScanLinker | None = None) -> None:
+                 metrics: Registry | None = None, scans: ScanLinker | None = None,
+                 outbox: Outbox = OFF) -> None:
         self._db = db
         self._refresher = refresher
         self._scans = scans
+        self._outbox = outbox
         self._purge = purge_on_unsubscribe
         self._clock = clock
         registry = metrics if metrics is not None else Registry()
@@ -98,17 +105,25 @@ class EventRouter:
 
     async def _apply(self, msg: Message) -> str:
         openid, at, now = msg.from_user, float(msg.create_time), self._clock.now()
+        outbox, key = self._outbox, msg.dedupe_key
         if isinstance(msg, SubscribeEvent):
-            await self._db.write(lambda conn: followers.record_subscribe(
-                conn, openid, at, now, scene=msg.scene, event_key=msg.event_key or None,
-                ticket=msg.ticket or None))
+            def subscribe(conn: sqlite3.Connection) -> None:
+                if followers.record_subscribe(conn, openid, at, now, scene=msg.scene,
+                                              event_key=msg.event_key or None,
+                                              ticket=msg.ticket or None):
+                    outbox.follower(conn, "follower.subscribed", openid, key, now)
+
+            await self._db.write(subscribe)
             if self._scans is not None and msg.scene:
                 await self._scans.on_scan(openid, msg.scene, msg.ticket, at, backstop=True)
             await self._refresher.refresh_follower(openid)
             return "subscribe"
         if isinstance(msg, UnsubscribeEvent):
-            await self._db.write(lambda conn: followers.record_unsubscribe(
-                conn, openid, at, now, purge=self._purge))
+            def unsubscribe(conn: sqlite3.Connection) -> None:
+                if followers.record_unsubscribe(conn, openid, at, now, purge=self._purge):
+                    outbox.follower(conn, "follower.unsubscribed", openid, key, now)
+
+            await self._db.write(unsubscribe)
             return "unsubscribe"
         if isinstance(msg, ScanEvent):
             if self._scans is not None and msg.event_key:
@@ -124,17 +139,22 @@ class EventRouter:
             return "scan"
         if isinstance(msg, TemplateSendJobFinish):
             msgid = msg.msgid
-            if msgid is None:  # MsgID 0 or missing: match by recipient and time
-                matched, new_status = await self._db.write(
-                    lambda conn: push_store.apply_delivery_report_by_time(
-                        conn, openid, at, msg.status, now))
-            else:
-                matched, new_status = await self._db.write(
-                    lambda conn: push_store.apply_delivery_report(conn, msgid, msg.status,
-                                                                 openid, now, at))
+
+            def report(conn: sqlite3.Connection) -> tuple[str | None, str | None]:
+                if msgid is None:  # MsgID 0 or missing: match by recipient and time
+                    push_id, moved = push_store.match_delivery_report_by_time(
+                        conn, openid, at, msg.status, now)
+                else:
+                    push_id, moved = push_store.match_delivery_report(conn, msgid, msg.status,
+                                                                      openid, now, at)
+                if push_id is not None and moved is not None:
+                    outbox.push(conn, push_id, [f"push.{moved}"], now)
+                return push_id, moved
+
+            matched, new_status = await self._db.write(report)
             if new_status is not None:
                 self._push_transitions.inc(status=new_status)
-            if matched:
+            if matched is not None:
                 return "delivery_matched"
             return "delivery_stored" if msgid is not None else "delivery_unmatched"
         return "ignored"

@@ -24,6 +24,7 @@ from wxd.errors import (
 from wxd.metrics import Registry
 from wxd.store import identity as identity_store
 from wxd.store import ingest, links, mp_users
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.store.identity import ExplicitLink, Identity
 from wxd.wechat.crypto import decrypt_mp_data
@@ -73,13 +74,16 @@ class Linking:
     """Identity service: MP logins, encryptedData, follower refreshes and lookups.
 
     `mp_api`/`mp_appid` are None when there is no [mini_program] section; login and decrypt
-    then raise LinkingError("mini_program_not_configured").
+    then raise LinkingError("mini_program_not_configured"). Every new link writes its
+    user.linked callback through `outbox` in the transaction that makes it.
     """
 
     def __init__(self, db: Database, mp_api: SessionAPI | None, oa_api: UserInfoAPI, *,
                  mp_appid: str | None, clock: Clock = SYSTEM_CLOCK,
-                 metrics: Registry | None = None, refresh_in_flight: int = 4) -> None:
+                 metrics: Registry | None = None, refresh_in_flight: int = 4,
+                 outbox: Outbox = OFF) -> None:
         self._db = db
+        self._outbox = outbox
         self._refreshes: Coalescer[str, None] = Coalescer(
             self._refresh_many, max_batch=BATCHGET_MAX, max_in_flight=refresh_in_flight,
             name="follower-refresh")
@@ -154,6 +158,8 @@ class Linking:
 
         def store(conn: sqlite3.Connection) -> tuple[bool, Identity | None]:
             linked = mp_users.upsert(conn, mp_openid, unionid, session_key, now)
+            if linked and unionid is not None:
+                self._outbox.linked(conn, [unionid], "unionid", now)
             return linked, identity_store.find_identity(conn, mp_openid=mp_openid)
 
         linked, identity = await self._db.write(store)
@@ -199,9 +205,14 @@ class Linking:
         stamp = watermark.get("timestamp") if isinstance(watermark, dict) else None
         watermark_at = float(stamp) if isinstance(stamp, (int, float)) else None
         now = self._clock.now()
-        linked = await self._db.write(
-            lambda conn: mp_users.set_unionid(conn, mp_openid, unionid, watermark_at, now)
-        )
+
+        def store(conn: sqlite3.Connection) -> bool:
+            linked = mp_users.set_unionid(conn, mp_openid, unionid, watermark_at, now)
+            if linked and unionid is not None:
+                self._outbox.linked(conn, [unionid], "unionid", now)
+            return linked
+
+        linked = await self._db.write(store)
         if linked:
             self._count_links(1)
             log.info("linked MP user %s through decrypted unionId", mp_openid)
@@ -222,7 +233,7 @@ class Linking:
         """
 
         def remove(conn: sqlite3.Connection) -> ExplicitLink | Identity | None:
-            removed = links.unbind(conn, mp_openid)
+            removed = links.unbind(conn, mp_openid, self._clock.now(), outbox=self._outbox)
             if removed is not None:
                 return removed
             identity = identity_store.find_identity(conn, mp_openid=mp_openid)
@@ -268,8 +279,13 @@ class Linking:
                 failed = dict(failures)
                 outcomes = [failed.get(openid) for openid in openids]
         now = self._clock.now()
-        newly = await self._db.write(
-            lambda conn: ingest.apply_user_infos(conn, infos, observed_at, now))
+
+        def store(conn: sqlite3.Connection) -> list[str]:
+            linked = ingest.apply_user_infos(conn, infos, observed_at, now)
+            self._outbox.linked(conn, linked, "unionid", now)
+            return linked
+
+        newly = await self._db.write(store)
         self._count_links(len(newly))
         if newly:
             log.info("linked %d followers (on user/info)", len(newly))

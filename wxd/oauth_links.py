@@ -29,6 +29,7 @@ from wxd.qrlinks import (
     new_secret,
 )
 from wxd.store import links
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.wechat.weburls import AUTHORIZE_BASE, STATE_RE, authorize_url
 
@@ -106,12 +107,16 @@ class OAuthLinks:
 
     `public` is the public listener's base URL (public_base()); `authorize_base` where the
     authorize page is (wechat.weburls.web_bases); `return_hosts` the allowed return_url hosts.
+    A link made (or replaced) writes its user.linked (user.unlinked) callback through `outbox`
+    in the link's transaction (links.bind).
     """
 
     def __init__(self, db: Database, api: CodeExchange, *, public: str,
                  authorize_base: str = AUTHORIZE_BASE, return_hosts: tuple[str, ...] = (),
-                 clock: Clock = SYSTEM_CLOCK, metrics: Registry | None = None) -> None:
+                 clock: Clock = SYSTEM_CLOCK, metrics: Registry | None = None,
+                 outbox: Outbox = OFF) -> None:
         self._db = db
+        self._outbox = outbox
         self._api = api
         self._public = public.rstrip("/")
         self._authorize_base = authorize_base
@@ -272,7 +277,8 @@ class OAuthLinks:
         now = self._clock.now()
         try:
             redeemed = await self._db.write(
-                lambda conn: links.redeem(conn, found.id, openid, now, now, auth_code=digest))
+                lambda conn: links.redeem(conn, found.id, openid, now, now, auth_code=digest,
+                                          outbox=self._outbox))
         except StorageError:
             return self._page(503, "storage_unavailable", "Please try again in a moment.")
         if redeemed is None:

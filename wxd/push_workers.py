@@ -33,6 +33,7 @@ from wxd.retry import (
     pause_cause,
 )
 from wxd.store import pushes as push_store
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.store.meta import Paused
 
@@ -81,6 +82,8 @@ class PushWorkers:
     once its LEASE_S lease has passed the dispatcher queues it again with the same
     client_msg_id (push_store.requeue_expired; past WeChat's 10-minute window `stale_sending`
     decides, as at start).
+    Each move to sent, delivered or failed writes its push.* callback through `outbox` in the
+    transaction that records it.
     """
 
     def __init__(self, db: Database, oa_api: SendAPI, *, workers: int = 8,
@@ -91,10 +94,12 @@ class PushWorkers:
                  stale_sending: str = "resend", clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
-                 drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S) -> None:
+                 drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S,
+                 outbox: Outbox = OFF) -> None:
         if stale_sending not in ("resend", "fail"):
             raise ValueError("stale_sending must be 'resend' or 'fail'")
         self._db = db
+        self._outbox = outbox
         self._api = oa_api
         self.workers = max(1, workers)
         self._limiter = RateLimiter(rate_per_s, 1, clock)
@@ -186,6 +191,7 @@ class PushWorkers:
 
         def recover(conn: sqlite3.Connection) -> tuple[dict[str, int], Paused | None]:
             counts = push_store.recover(conn, now, self._stale_sending)
+            self._report_unknown(conn, counts, now)
             push_store.prune_reports(conn, now - REPORT_KEEP_S)
             paused = push_store.load_pause(conn)
             if paused is not None and paused.reason != "unreachable" and paused.until <= now:
@@ -296,7 +302,15 @@ class PushWorkers:
         does not hold (their outcome was never recorded), then lease up to `room` due ones.
         Returns (requeue_expired's counts, leased)."""
         expired = push_store.requeue_expired(conn, now, self._stale_sending, held)
+        self._report_unknown(conn, expired, now)
         return expired, push_store.lease(conn, now, room, LEASE_S)
+
+    def _report_unknown(self, conn: sqlite3.Connection, counts: dict[str, int],
+                        now: float) -> None:
+        """push.failed for the pushes recover/requeue_expired just failed as outcome_unknown."""
+        if counts["failed"] and self._outbox.wants("push.failed"):
+            for push_id in push_store.failed_unknown_at(conn, now):
+                self._outbox.push(conn, push_id, ["push.failed"], now)
 
     def _room_to_lease(self) -> int:
         """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
@@ -402,7 +416,27 @@ class PushWorkers:
         now = self._clock.now()
         if self._pause is not None and self._pause.reason == "unreachable":
             self._resume("a push was accepted")
-        return lambda conn: push_store.mark_sent(conn, item.id, msgid, now)
+        return self._reported(item.id, lambda conn: push_store.mark_sent(conn, item.id, msgid, now),
+                              now, sent=True)
+
+    def _reported(self, push_id: str, outcome: push_store.Outcome, now: float, *,
+                  sent: bool) -> push_store.Outcome:
+        """`outcome` with its push.* callbacks in the same transaction: push.sent when WeChat
+        accepted the push (`sent`), push.delivered / push.failed for those statuses (a report
+        that came before the answer is applied by mark_sent at once)."""
+        if not self._outbox.types:
+            return outcome
+
+        def run(conn: sqlite3.Connection) -> str:
+            status = outcome(conn)
+            kinds = ["push.sent"] if sent and status else []
+            if status in ("delivered", "failed"):
+                kinds.append(f"push.{status}")
+            if kinds:
+                self._outbox.push(conn, push_id, kinds, now)
+            return status
+
+        return run
 
     def _observe(self, started: float) -> None:
         self._m_send.observe(time.perf_counter() - started)
@@ -420,7 +454,9 @@ class PushWorkers:
                      errcode_of(exc) or "errcode 0 without a msgid", msgid or "unknown")
             if self._pause is not None and self._pause.reason == "unreachable":
                 self._resume("a push was answered")
-            return lambda conn: push_store.mark_sent(conn, item.id, msgid, now, answer)
+            return self._reported(
+                item.id, lambda conn: push_store.mark_sent(conn, item.id, msgid, now, answer),
+                now, sent=True)
         errcode = errcode_of(exc)
         if isinstance(exc, WeChatAPIError):
             error = exc.errmsg
@@ -458,10 +494,11 @@ class PushWorkers:
                 self._on_template_invalid()
         log.info("push %s failed: %s (errcode %s)", item.id, error, errcode)
         if errcode == 43004 and code == "rejected":  # an unsubscribe event was missed
-            return lambda conn: push_store.noted(push_store.mark_not_following(
-                conn, item.id, item.oa_openid, now, posted_at, error, answer), "failed")
-        return lambda conn: push_store.noted(push_store.mark_failed(
-            conn, item.id, now, errcode, code, error, answer), "failed")
+            return self._reported(item.id, lambda conn: push_store.noted(
+                push_store.mark_not_following(conn, item.id, item.oa_openid, now, posted_at,
+                                              error, answer), "failed"), now, sent=False)
+        return self._reported(item.id, lambda conn: push_store.noted(push_store.mark_failed(
+            conn, item.id, now, errcode, code, error, answer), "failed"), now, sent=False)
 
     def _paused(self, decision: Pause, now: float, error: str) -> Paused:
         """Pause ALL sending as `decision` says; the one loud log line when a pause begins

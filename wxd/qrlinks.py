@@ -25,6 +25,7 @@ from wxd.errors import MessageError
 from wxd.metrics import Registry
 from wxd.store import jobs as job_store
 from wxd.store import links
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.store.identity import ExplicitLink
 from wxd.wechat.messages import Message, ScanEvent, SubscribeEvent
@@ -92,13 +93,16 @@ class QrLinks:
     `image_base` is where showqrcode is served (wechat.weburls.web_bases). `reply_text` is the
     passive reply after a link ("" = none). `card` (None = none) is sent by a CARD_JOB job
     queued in the link's own transaction; `on_job` (the event workers' doorbell) is rung after.
+    A link made (or replaced) writes its user.linked (user.unlinked) callback through `outbox`
+    in that transaction too (links.bind).
     """
 
     def __init__(self, db: Database, api: QrCodeAPI, *, image_base: str = SHOWQRCODE_BASE,
                  reply_text: str = "", card: CardSettings | None = None,
                  clock: Clock = SYSTEM_CLOCK, metrics: Registry | None = None,
-                 on_job: Callable[[], None] | None = None) -> None:
+                 on_job: Callable[[], None] | None = None, outbox: Outbox = OFF) -> None:
         self._db = db
+        self._outbox = outbox
         self._api = api
         self._image_base = image_base
         self._reply_text = reply_text
@@ -175,7 +179,7 @@ class QrLinks:
             found = links.code_by_token(conn, "qrcode", scene)
             if found is None:
                 return None, None
-            redeemed = links.redeem(conn, found.id, oa_openid, when, now)
+            redeemed = links.redeem(conn, found.id, oa_openid, when, now, outbox=self._outbox)
             if redeemed is not None and redeemed.outcome == "linked" and card is not None:
                 payload = json.dumps({"code_id": found.id, "oa_openid": oa_openid, "at": when})
                 job_store.enqueue(conn, CARD_JOB, [(payload, now)])

@@ -22,6 +22,7 @@ from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import DecryptError, MessageError, StorageError
 from wxd.metrics import Registry
 from wxd.store import inbox
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.db import Database
 from wxd.wechat.crypto import MessageCrypto, check_signature
 from wxd.wechat.messages import Message, parse_message, parse_xml, render_text_reply
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_]{1,40}")
 _SUCCESS = b"success"
+# Requests waiting for their commit from which the webhook counts as busy (a burst, not the
+# one or two a normal account has in flight), and for how long after (each commit answers all
+# its waiting requests at once: the count drops to 0 between commits of a burst).
+BUSY_WAITING = 8
+BUSY_HOLD_S = 0.25
 
 class NonceMemory:
     """Remembers each signed request's (timestamp, nonce, signature) until its timestamp leaves
@@ -107,6 +113,10 @@ class Webhook:
     `on_stored()` is called after a new message is committed (the event workers' doorbell).
     `replier` (None = always `success`) may answer a stored message with a passive text reply,
     encrypted when the request was (safe and compatible mode).
+    With an `outbox` that wants message.received, a message no other callback type reports is
+    committed with its callback (and the outbox's doorbell rung). `busy()` is True while
+    BUSY_WAITING or more requests wait for their commit, and BUSY_HOLD_S after: less urgent
+    work (callback delivery) holds back then, since WeChat gives the answer 5 seconds.
     """
 
     def __init__(
@@ -123,6 +133,7 @@ class Webhook:
         require_encryption: bool = False,
         nonce_capacity: int = 200_000,
         replier: Replier | None = None,
+        outbox: Outbox = OFF,
     ) -> None:
         self.token = token
         self.crypto = crypto
@@ -131,6 +142,10 @@ class Webhook:
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.on_stored = on_stored
+        self.outbox = outbox
+        self._relay = outbox.wants("message.received")
+        self.waiting = 0  # requests waiting for their commit
+        self._busy_at = -BUSY_HOLD_S  # monotonic s when `waiting` last reached BUSY_WAITING
         self.require_encryption = require_encryption and crypto is not None
         self.nonces = NonceMemory(replay_window_s, nonce_capacity)
         self.replier = replier
@@ -144,6 +159,10 @@ class Webhook:
             "wxd_webhook_events_total", "Newly stored webhook messages by Event or MsgType.",
             ("type",),
         )
+
+    def busy(self) -> bool:
+        return (self.waiting >= BUSY_WAITING
+                or self.clock.monotonic() - self._busy_at < BUSY_HOLD_S)
 
     def __repr__(self) -> str:
         mode = "aes" if self.crypto is not None else "plain"
@@ -227,18 +246,25 @@ class Webhook:
         (WeChat retries, and the dedupe key keeps that harmless); any other exception is a bug
         and propagates with its traceback.
         """
+        prepared = inbox.prepare(message, self.clock.now(), relay=self._relay)
+        self.waiting += 1
+        if self.waiting >= BUSY_WAITING:
+            self._busy_at = self.clock.monotonic()
         try:
-            stored = await self.db.write_many(inbox.store_prepared,
-                                              inbox.prepare(message, self.clock.now()))
+            stored = await self.db.write_many(inbox.store_prepared, prepared)
         except StorageError as exc:
             self.requests.inc(result="storage_error")
             raise Rejected(503, "storage_error", f"not stored: {exc}") from None
+        finally:
+            self.waiting -= 1
         if stored:
             self.requests.inc(result="accepted")
             kind = message.event or message.msg_type
             self.events.inc(type=kind if _LABEL_RE.fullmatch(kind) else "other")
             if self.replier is None:
                 self.ring()
+            if prepared.callback is not None and self.outbox.notify is not None:
+                self.outbox.notify()
         else:
             self.requests.inc(result="duplicate")
         return stored

@@ -14,6 +14,7 @@ from tornado.routing import URLSpec
 from wxd import __version__
 from wxd.admin.base import JsonHandler
 from wxd.admin.scopes import ANY, PUBLIC, required_scope
+from wxd.config import CALLBACK_TYPES
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 OBJ: dict[str, Any] = {"type": "object"}
@@ -70,6 +71,7 @@ PUSH_REQUEST: dict[str, Any] = {
     },
 }
 PUSH = {"$ref": "#/components/schemas/Push"}
+CALLBACK = {"$ref": "#/components/schemas/Callback"}
 _INT: dict[str, Any] = {"type": "integer"}
 BACKFILL: dict[str, Any] = {"type": "object", "properties": {
     "state": {"type": "string", "enum": ["idle", "running", "paused", "failed", "done"]},
@@ -110,7 +112,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/openapi.json": {"get": _op("openapi", "This document")},
     "/v1/stats": {"get": _op("stats", "Counts: followers, subscribed, linked, MP users, pushes "
                              "by status and their pause (pushes.paused: reason, errcode, since, "
-                             "until, ip), token fetches today, backfill")},
+                             "until, ip), token fetches today, backfill, callbacks by status")},
     "/v1/tokens/{app}": {"get": _op(
         "tokens", "The central access_token of the OA or the MP for other local processes",
         params=[_path_param("app")], errors=(401, 404, 503),
@@ -244,6 +246,28 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/keys/{name}": {"delete": _op("key", "Revoke a key (refused from this moment on)",
                                       params=[_path_param("name")], errors=(401, 404))},
+    "/v1/callbacks": {"get": _op(
+        "callbacks", "List callbacks to the backend, newest first",
+        params=[_query("status", "pending|done|dead"),
+                _query("type", "a callback type, e.g. push.delivered"),
+                _query("limit", "page size (1..500)"), _query("cursor", "from next_cursor")],
+        errors=(400, 401),
+        ok_schema={"type": "object", "properties": {
+            "callbacks": {"type": "array", "items": CALLBACK},
+            "next_cursor": {"type": "string", "nullable": True}}})},
+    "/v1/callbacks/retry-dead": {"post": _op(
+        "callbacks_retry_dead",
+        "Deliver again every callback that went dead at or after `since` (default: all)",
+        body={"type": "object", "properties": {"since": {"type": "number",
+                                                         "description": "unix seconds"}}},
+        errors=(400, 401),
+        ok_schema={"type": "object", "properties": {"retried": {"type": "integer"}}})},
+    "/v1/callbacks/{id}": {"get": _op(
+        "callback", "One callback: data, attempts, last status code, last error, answer excerpt",
+        params=[_path_param("id")], errors=(401, 404), ok_schema=CALLBACK)},
+    "/v1/callbacks/{id}/retry": {"post": _op(
+        "callback_retry", "Deliver a dead callback again (a fresh max_age_s window)",
+        params=[_path_param("id")], errors=(401, 404, 409), ok_schema=CALLBACK)},
 }
 
 
@@ -317,6 +341,19 @@ DOCUMENT: dict[str, Any] = {
                     "description": "WeChat's JSON answer to the last attempt, unless it was a"
                                    " plain acceptance with a msgid (bounded: 16 keys, strings of"
                                    " 512 characters)"}}},
+            "Callback": {"type": "object", "properties": {
+                "id": {"type": "string", "description": "evt_…, the same on every attempt"},
+                "type": {"type": "string", "enum": list(CALLBACK_TYPES)},
+                "subject": {"type": "string"}, "seq": {"type": "integer"},
+                "status": {"type": "string", "enum": ["pending", "done", "dead"]},
+                "attempts": {"type": "integer"}, "created_at": {"type": "number"},
+                "next_attempt_at": {"type": "number", "nullable": True},
+                "last_attempt_at": {"type": "number", "nullable": True},
+                "last_status": {"type": "integer", "nullable": True},
+                "last_error": {"type": "string", "nullable": True},
+                "last_answer": {"type": "string", "nullable": True},
+                "finished_at": {"type": "number", "nullable": True},
+                "data": {"type": "object"}}},
         },
     },
 }

@@ -38,6 +38,10 @@ ROUTE_SCOPES: Mapping[str, Mapping[str, str]] = {
     "templates": {"GET": "pushes:read"},
     "templates_refresh": {"POST": "pushes:write"},
     "backfill": {"GET": "backfill", "POST": "backfill"},
+    "callbacks": {"GET": "callbacks"},
+    "callback": {"GET": "callbacks"},
+    "callback_retry": {"POST": "callbacks"},
+    "callbacks_retry_dead": {"POST": "callbacks"},
     "keys": {"GET": ADMIN, "POST": ADMIN},
     "key": {"DELETE": ADMIN},
 }

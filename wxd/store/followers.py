@@ -23,14 +23,15 @@ def _event_is_stale(conn: sqlite3.Connection, oa_openid: str, at: float) -> bool
 
 def record_subscribe(conn: sqlite3.Connection, oa_openid: str, at: float, now: float, *,
                      scene: str | None = None, event_key: str | None = None,
-                     ticket: str | None = None) -> None:
-    """Apply a subscribe event created at `at` (CreateTime); ignored if older than an applied event.
+                     ticket: str | None = None) -> bool:
+    """Apply a subscribe event created at `at` (CreateTime); ignored if older than an applied
+    event. True when applied.
 
     `scene` is the QR scene (EventKey without "qrscene_"); digits go to qr_scene, text to
     qr_scene_str, as user/info reports them. The unionid comes later, from user/info.
     """
     if _event_is_stale(conn, oa_openid, at):
-        return
+        return False
     scene = nonblank_str(scene)
     qr_scene = int(scene) if scene is not None and scene.isdigit() and len(scene) < 12 else None
     qr_scene_str = scene if scene is not None and qr_scene is None else None
@@ -45,19 +46,20 @@ def record_subscribe(conn: sqlite3.Connection, oa_openid: str, at: float, now: f
         (oa_openid, at, qr_scene, qr_scene_str, nonblank_str(event_key), nonblank_str(ticket),
          at, now),
     )
+    return True
 
 
 def record_unsubscribe(conn: sqlite3.Connection, oa_openid: str, at: float, now: float, *,
-                       purge: bool = False) -> None:
+                       purge: bool = False) -> bool:
     """Apply an unsubscribe event created at `at`: subscribed = 0, unsubscribed_at = at.
 
     The unionid (hence the link) is kept. With `purge` (WeChat asks developers to delete an
     unfollowed user's data) the profile fields (scene, QR data, event_key, ticket) are cleared;
     oa_openid, unionid, the subscribed flag and the times stay. Ignored when older than an
-    applied event.
+    applied event. True when applied.
     """
     if _event_is_stale(conn, oa_openid, at):
-        return
+        return False
     conn.execute(
         "INSERT INTO followers (oa_openid, subscribed, unsubscribed_at, event_at, updated_at)"
         " VALUES (?, 0, ?, ?, ?) ON CONFLICT (oa_openid) DO UPDATE SET subscribed = 0,"
@@ -67,6 +69,7 @@ def record_unsubscribe(conn: sqlite3.Connection, oa_openid: str, at: float, now:
     )
     if purge:
         _purge_profile(conn, oa_openid, now)
+    return True
 
 
 def _purge_profile(conn: sqlite3.Connection, oa_openid: str, now: float) -> None:

@@ -1,7 +1,9 @@
 """The webhook inbox: every accepted message once (deduplicated by WeChat's keys), with an
 actionable message's event job queued in the same transaction.
 
-Run inside Database.write/read; imports wxd.store.jobs and wxd.wechat.messages only.
+A message no other callback type reports gets its message.received callback (store/callbacks.py)
+in the same transaction when the webhook asks for it. Run inside Database.write/read; imports
+wxd.store.callbacks, jobs and wxd.wechat.messages only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from wxd.store import jobs
+from wxd.store import callbacks, jobs
 from wxd.wechat.messages import (
     Message,
     ScanEvent,
@@ -48,12 +50,16 @@ class Prepared:
     message: str
     actionable: bool
     received_at: float
+    callback: callbacks.NewCallback | None = None
 
 
-def prepare(message: Message, received_at: float) -> Prepared:
+def prepare(message: Message, received_at: float, *, relay: bool = False) -> Prepared:
+    """The row of `message`; with `relay`, also its message.received callback when no other
+    callback type reports the message."""
+    callback = callbacks.received(message) if relay and callbacks.relayed(message) else None
     return Prepared(message.dedupe_key, message.msg_type, message.event, message.from_user,
                     message.create_time, message_to_json(message),
-                    isinstance(message, ACTIONABLE), received_at)
+                    isinstance(message, ACTIONABLE), received_at, callback)
 
 
 def store_prepared(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[bool]:
@@ -62,9 +68,10 @@ def store_prepared(conn: sqlite3.Connection, batch: Sequence[Prepared]) -> list[
     message stored and False for each duplicate (of a stored row, or of an earlier message of
     the same batch). The webhook's batch function for `Database.write_many`.
 
-    A new actionable message gets its event job (due at once) in the same transaction, so the
-    row and its job are committed (or not) together. A duplicate (WeChat's retry, a replay, a
-    resend after a restart) changes nothing.
+    A new actionable message gets its event job (due at once), and a new message prepared with
+    a callback its message.received row, in the same transaction, so the row, its job and its
+    callback are committed (or not) together. A duplicate (WeChat's retry, a replay, a resend
+    after a restart) changes nothing.
     """
     results: list[bool] = []
     for start in range(0, len(batch), _CHUNK):
@@ -95,13 +102,18 @@ def _store_chunk(conn: sqlite3.Connection, chunk: Sequence[Prepared]) -> list[bo
     new_ids = {str(key): int(row_id) for key, row_id in rows}
     results: list[bool] = []
     event_jobs: list[tuple[str, float]] = []
+    relays: list[callbacks.NewCallback] = []
     for p in chunk:
         row_id = new_ids.pop(p.dedupe_key, None)  # pop: a repeat within the chunk is a duplicate
         results.append(row_id is not None)
         if row_id is not None and p.actionable:
             event_jobs.append((f'{{"inbox_id": {row_id}}}', p.received_at))
+        if row_id is not None and p.callback is not None:
+            relays.append(p.callback)
     if event_jobs:
         jobs.enqueue(conn, EVENT_JOB, event_jobs)
+    if relays:
+        callbacks.emit(conn, relays, max(p.received_at for p in chunk), new_facts=True)
     return results
 
 

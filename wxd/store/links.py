@@ -1,8 +1,9 @@
 """Explicit links (QR link codes, OA web authorization) and their one-time link codes.
 
-Run inside Database.write/read; imports wxd.store.identity and mp_users only. bind() and
-unbind() are the only functions that create, replace or remove an explicit link: anything that
-must happen with such a change (a callback outbox row) belongs in the same transaction as them.
+Run inside Database.write/read; imports wxd.store.callbacks, identity and mp_users only. bind()
+and unbind() are the only functions that create, replace or remove an explicit link: anything
+that must happen with such a change belongs in the same transaction as them, so they write the
+user.linked / user.unlinked callbacks themselves (through the `outbox` they are given).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wxd.store import mp_users
+from wxd.store.callbacks import OFF, Outbox
 from wxd.store.identity import (
     ExplicitLink,
     derived_oa_openid,
@@ -36,12 +38,13 @@ class Bound:
 
 
 def bind(conn: sqlite3.Connection, mp_openid: str, oa_openid: str, source: str, now: float,
-         code_id: str | None = None) -> Bound:
+         code_id: str | None = None, *, outbox: Outbox = OFF) -> Bound:
     """Link an MP openid to an OA openid explicitly (`source` "qrcode" | "oauth").
 
     Refused ("conflict") when unionid facts disagree (identity.link_conflict): a unionid link
     is never overridden. An older explicit link of either openid is replaced (each openid is
-    in at most one link). The MP user row is created when unknown.
+    in at most one link). The MP user row is created when unknown. A new link writes its
+    user.linked callback, each link it replaces a user.unlinked one (reason "replaced").
     """
     if source not in KINDS:
         raise ValueError(f"source must be one of {KINDS}")
@@ -64,12 +67,20 @@ def bind(conn: sqlite3.Connection, mp_openid: str, oa_openid: str, source: str, 
         " VALUES (?, ?, ?, ?, ?)",
         (mp_openid, oa_openid, source, code_id, now),
     )
-    return Bound("linked", ExplicitLink(mp_openid, oa_openid, source, now, code_id),
-                 tuple(replaced))
+    made = ExplicitLink(mp_openid, oa_openid, source, now, code_id)
+    for old in replaced:
+        outbox.explicit(conn, "user.unlinked", old, now, reason="replaced")
+    outbox.explicit(conn, "user.linked", made, now)
+    return Bound("linked", made, tuple(replaced))
 
 
-def unbind(conn: sqlite3.Connection, mp_openid: str) -> ExplicitLink | None:
-    """Remove the explicit link of an MP openid; the removed link, or None when it had none."""
+def unbind(conn: sqlite3.Connection, mp_openid: str, now: float | None = None, *,
+           outbox: Outbox = OFF) -> ExplicitLink | None:
+    """Remove the explicit link of an MP openid; the removed link, or None when it had none.
+    A removal writes its user.unlinked callback (reason "removed", at `now`: required with an
+    outbox)."""
+    if outbox.types and now is None:
+        raise ValueError("unbind with an outbox needs `now`")
     row = conn.execute(
         "DELETE FROM explicit_links WHERE mp_openid = ?"
         " RETURNING mp_openid, oa_openid, source, linked_at, code_id",
@@ -77,7 +88,10 @@ def unbind(conn: sqlite3.Connection, mp_openid: str) -> ExplicitLink | None:
     ).fetchone()
     if row is None:
         return None
-    return ExplicitLink(str(row[0]), str(row[1]), str(row[2]), float(row[3]), row[4])
+    removed = ExplicitLink(str(row[0]), str(row[1]), str(row[2]), float(row[3]), row[4])
+    if now is not None:
+        outbox.explicit(conn, "user.unlinked", removed, now, reason="removed")
+    return removed
 
 
 # Link codes -------------------------------------------------------------------------------------
@@ -172,7 +186,7 @@ class Redeemed:
 
 
 def redeem(conn: sqlite3.Connection, code_id: str, oa_openid: str, at: float, now: float, *,
-           auth_code: str | None = None) -> Redeemed | None:
+           auth_code: str | None = None, outbox: Outbox = OFF) -> Redeemed | None:
     """Use a pending link code for `oa_openid`, judged at time `at` (when the person scanned
     or authorized; unix s): bind() its MP user with the code's kind as the source and mark the
     code linked, in one transaction. None when the code does not exist. Single use: once
@@ -185,7 +199,7 @@ def redeem(conn: sqlite3.Connection, code_id: str, oa_openid: str, at: float, no
         return Redeemed("repeat" if found.oa_openid == oa_openid else "used", found)
     if at >= found.expires_at:
         return Redeemed("expired", found)
-    bound = bind(conn, found.mp_openid, oa_openid, found.kind, now, found.id)
+    bound = bind(conn, found.mp_openid, oa_openid, found.kind, now, found.id, outbox=outbox)
     if bound.outcome == "conflict":
         conn.execute("UPDATE link_codes SET refused = 'link_conflict' WHERE id = ?", (found.id,))
         return Redeemed("conflict", code(conn, code_id) or found, bound)

@@ -313,6 +313,15 @@ def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: st
     (WeChat's duplicate answer to a resend named none); it takes the msgid. Else it is kept
     in delivery_reports and applied by mark_sent: the report can arrive before the send's own
     answer is stored."""
+    push_id, new_status = match_delivery_report(conn, msgid, status, oa_openid, now,
+                                                create_time)
+    return push_id is not None, new_status
+
+
+def match_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: str,
+                          oa_openid: str, now: float, create_time: float | None = None
+                          ) -> tuple[str | None, str | None]:
+    """apply_delivery_report returning the id of the push matched (None when none did)."""
     key = str(msgid)
     row = conn.execute(
         "SELECT id, status, oa_openid FROM pushes WHERE msgid = ?", (key,)
@@ -321,7 +330,7 @@ def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: st
         adopted = _reported_push(conn, oa_openid, create_time, msgid_known=True)
         if adopted is not None:
             conn.execute("UPDATE pushes SET msgid = ? WHERE id = ?", (key, adopted))
-            return True, _apply_report(conn, adopted, status, now)
+            return adopted, _apply_report(conn, adopted, status, now)
     if row is None or row["oa_openid"] != oa_openid:
         conn.execute(
             "INSERT INTO delivery_reports (msgid, status, oa_openid, received_at)"
@@ -329,10 +338,10 @@ def apply_delivery_report(conn: sqlite3.Connection, msgid: str | int, status: st
             " oa_openid = excluded.oa_openid, received_at = excluded.received_at",
             (key, status, oa_openid, now),
         )
-        return False, None
+        return None, None
     if row["status"] == "sent":
-        return True, _apply_report(conn, row["id"], status, now)
-    return True, None
+        return row["id"], _apply_report(conn, row["id"], status, now)
+    return row["id"], None
 
 
 def apply_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, create_time: float,
@@ -348,11 +357,22 @@ def apply_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, crea
     is keyed by msgid and matched by mark_sent, which a report without one can never be), so
     one that arrives before its push's send answer is stored leaves that push `sent`.
     """
+    push_id, new_status = match_delivery_report_by_time(conn, oa_openid, create_time, status,
+                                                        now, window_s, skew_s)
+    return push_id is not None, new_status
+
+
+def match_delivery_report_by_time(conn: sqlite3.Connection, oa_openid: str, create_time: float,
+                                  status: str, now: float,
+                                  window_s: float = REPORT_MATCH_WINDOW_S,
+                                  skew_s: float = REPORT_CLOCK_SKEW_S
+                                  ) -> tuple[str | None, str | None]:
+    """apply_delivery_report_by_time returning the id of the push matched (None when none did)."""
     push_id = _reported_push(conn, oa_openid, create_time, msgid_known=False,
                              window_s=window_s, skew_s=skew_s)
     if push_id is None:
-        return False, None
-    return True, _apply_report(conn, push_id, status, now)
+        return None, None
+    return push_id, _apply_report(conn, push_id, status, now)
 
 
 def _reported_push(conn: sqlite3.Connection, oa_openid: str, at: float, *, msgid_known: bool,
@@ -438,6 +458,14 @@ def _requeue_sending(conn: sqlite3.Connection, ids: Sequence[str], now: float,
             " updated_at = ? WHERE id = ?", (now, now, push_id),
         ).rowcount
     return {"requeued": requeued, "stale": stale, "failed": failed}
+
+
+def failed_unknown_at(conn: sqlite3.Connection, at: float) -> list[str]:
+    """The pushes recover() or requeue_expired() called at `at` failed as outcome_unknown (for
+    the callbacks written in the same transaction)."""
+    return [str(row[0]) for row in conn.execute(
+        "SELECT id FROM pushes WHERE status = 'failed' AND error_code = 'outcome_unknown'"
+        " AND finished_at = ?", (at,))]
 
 
 @dataclass(frozen=True)

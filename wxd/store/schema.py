@@ -247,6 +247,47 @@ MIGRATIONS: list[str] = [
         last_used_at REAL
     );
     """,
+    # 6: the callback outbox (store/callbacks.py): one row per fact to report to the backend,
+    # written in the transaction of the fact itself. `id` ("evt_" + 20 url-safe characters) is
+    # public and stable across retries; the body sent is built from id, type, created_at,
+    # subject, subject_seq and `data` (JSON object text, verbatim). status: pending (due at
+    # next_attempt_at; leased while leased_until is set) | done | dead. max_age_s counts from
+    # retry_since (the creation, or the operator's retry). last_answer is a short excerpt.
+    """
+    CREATE TABLE callbacks (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        subject_seq INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        leased_until REAL,
+        retry_since REAL NOT NULL,
+        last_attempt_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        last_answer TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX callbacks_due ON callbacks (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX callbacks_status ON callbacks (status, seq);
+
+    -- The last per-subject sequence number handed out (never pruned, so `seq` only grows), kept
+    -- by the trigger as each callback is written (inside the INSERT: no second statement).
+    CREATE TABLE callback_subjects (
+        subject TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TRIGGER callbacks_count_subject AFTER INSERT ON callbacks BEGIN
+        INSERT INTO callback_subjects (subject, seq) VALUES (NEW.subject, NEW.subject_seq)
+            ON CONFLICT (subject) DO UPDATE SET seq = MAX(seq, excluded.seq);
+    END;
+    """,
 ]
 
 # Indexes a bulk load may drop and build again at its end (ingest.defer_unionid_index):

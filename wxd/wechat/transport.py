@@ -18,7 +18,10 @@ Contract:
   jscode2session, whose code is single-use). The answer to a resent request says so
   (Response.resent).
 - Errors: FetchError (no URL, no query string: they carry secrets) for connect failures,
-  timeouts, resets, malformed or oversized answers. Any HTTP status is returned, not raised.
+  timeouts, resets, malformed or oversized answers. Any HTTP status is returned, not raised,
+  and none is followed: a 3xx is an answer like any other (no redirects).
+- With `truncate_body` an answer body longer than `max_body_bytes` is not an error: reading
+  stops there, the answer comes back cut (Response.truncated) and the connection is closed.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Response:
     headers: httputil.HTTPHeaders
     body: bytes
     resent: bool = False
+    truncated: bool = False
 
 
 @dataclass
@@ -92,12 +96,14 @@ class _Origin:
 class _Collector(httputil.HTTPMessageDelegate):
     """Receives one answer from HTTP1Connection."""
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, truncate: bool = False) -> None:
         self.start_line: httputil.ResponseStartLine | None = None
         self.headers: httputil.HTTPHeaders | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.max_body_bytes = max_body_bytes
+        self.truncate = truncate
+        self.truncated = False
         self.finished = False
 
     def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
@@ -106,8 +112,12 @@ class _Collector(httputil.HTTPMessageDelegate):
         self.start_line, self.headers = start_line, headers
 
     def data_received(self, chunk: bytes) -> None:
+        room = self.max_body_bytes - self.size
         self.size += len(chunk)
         if self.size > self.max_body_bytes:
+            if self.truncate:  # keep what fits; HTTP1Connection stops reading on this error
+                self.chunks.append(chunk[:room])
+                self.truncated = True
             raise httputil.HTTPInputError(f"answer body larger than {self.max_body_bytes} bytes")
         self.chunks.append(chunk)
 
@@ -123,25 +133,28 @@ class KeepAliveClient:
 
     `ssl_context` verifies https origins (default: the system's trust store, hostname checked);
     `idle_timeout_s` <= 0 turns keep-alive off (a connection per request, as tornado's client);
-    `clock` (monotonic seconds) ages idle connections. Not thread-safe: one event loop.
+    `clock` (monotonic seconds) ages idle connections; `truncate_body` cuts answer bodies at
+    `max_body_bytes` instead of failing them. Not thread-safe: one event loop.
     """
 
     def __init__(self, max_connections: int = 64, *, idle_timeout_s: float = 30.0,
                  max_body_bytes: int = 64 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 metrics: Registry | None = None) -> None:
+                 metrics: Registry | None = None, truncate_body: bool = False) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self._slots = asyncio.Semaphore(max_connections)
         self._idle_timeout_s = idle_timeout_s
         self._max_body_bytes = max_body_bytes
+        self._truncate = truncate_body
         self._ssl_context = ssl_context
         self._clock = clock
         self._tcp = TCPClient()
         self._origins: dict[tuple[str, str, int], _Origin] = {}
+        # Truncating, any Content-Length is read up to the limit (the collector stops there).
         self._params = HTTP1ConnectionParameters(
-            no_keep_alive=False, max_header_size=MAX_HEADER_BYTES, max_body_size=max_body_bytes,
-            decompress=True)
+            no_keep_alive=False, max_header_size=MAX_HEADER_BYTES,
+            max_body_size=1 << 62 if truncate_body else max_body_bytes, decompress=True)
         self._closed = False
         registry = metrics if metrics is not None else Registry()
         self.stats = PoolStats(counter=registry.counter(
@@ -265,7 +278,7 @@ class KeepAliveClient:
             stream.close()
 
         timer = loop.call_later(remaining, expire)
-        collector = _Collector(self._max_body_bytes)
+        collector = _Collector(self._max_body_bytes, self._truncate)
         connection = HTTP1Connection(stream, True, self._params)
         request_headers = httputil.HTTPHeaders({"Host": origin.host_header,
                                                 "User-Agent": USER_AGENT,
@@ -297,6 +310,11 @@ class KeepAliveClient:
             raise
         finally:
             timer.cancel()
+        if collector.truncated and collector.start_line is not None and not expired:
+            stream.close()  # the rest of the answer is never read
+            assert collector.headers is not None
+            return Response(collector.start_line.code, collector.start_line.reason,
+                            collector.headers, b"".join(collector.chunks), truncated=True)
         if expired or not collector.finished or collector.start_line is None:
             # HTTP1Connection reports a malformed or oversized answer by returning, not raising.
             stream.close()
