@@ -2,13 +2,9 @@
 with injected faults is SIGKILLed at seeded random moments and restarted on the same database;
 at the end every acknowledged event and push is accounted for.
 
-Load generator (this process, one asyncio loop): event lanes POST signed, AES-encrypted
-subscribe/unsubscribe events as WeChat would (the sandbox's follow state is changed first, so
-user/info agrees), resending an unanswered event unchanged until it gets `success` (more
-persistently than WeChat's three retries, so that every event ends acknowledged and the follower
-table can be checked exactly); push lanes POST /v1/pushes with a unique idempotency_key to people
-who follow, resending an unanswered one with the same key. The sandbox (SandboxThread, in this
-process) keeps its state across restarts.
+The load is bench.proof.LoadGenerator (this process, one asyncio loop): events and pushes, each
+resent until answered. The sandbox (SandboxThread, in this process) keeps its state across
+restarts.
 `python -m bench.killloop [--kills 50] [--seed S] [--quick]`; tests/test_killloop.py runs it.
 """
 
@@ -24,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.common import Result, format_table
@@ -32,17 +27,16 @@ from bench.proof import (
     AdminClient,
     DaemonProcess,
     Ledger,
+    LoadCounts,
+    LoadGenerator,
     Ports,
-    SentEvent,
     check_run,
-    notice_push,
     queue_drained,
     run_backfill,
     wait_until,
     write_config,
 )
 from wxd.sandbox import FakeWeChat, SandboxThread, WebhookSender
-from wxd.wechat.messages import parse_message, parse_xml
 
 # Issue 10's kinds plus "reset_after": WeChat processed the call and the answer was lost,
 # which is what client_msg_id is for (a kill mid-send is the other way to get there).
@@ -79,7 +73,7 @@ class Settings:
 
 
 @dataclass
-class Figures:
+class Figures(LoadCounts):
     """What happened in one run (printed by the bench, asserted by the tests)."""
 
     kills: int = 0
@@ -88,12 +82,6 @@ class Figures:
     crashes: int = 0
     duration_s: float = 0.0
     ready_s: list[float] = field(default_factory=list)
-    events_sent: int = 0
-    events_acked: int = 0
-    event_resends: int = 0
-    pushes_acked: int = 0
-    push_resends: int = 0
-    pushes_rejected: Counter[str] = field(default_factory=Counter)
     final_statuses: Counter[str] = field(default_factory=Counter)
     recovered_pushes: int = 0
     recovered_jobs: int = 0
@@ -139,7 +127,6 @@ class KillLoop:
                                latency_s=settings.latency_s,
                                fault_kinds=FAULT_KINDS)
         self.ledger = Ledger([p.follows for p in self.fake.people])
-        self._stopping = False
 
     async def run(self) -> Figures:
         started = time.monotonic()
@@ -152,6 +139,8 @@ class KillLoop:
             # A seed of its own: the sandbox's report sender draws nonces from seed:webhook.
             self.sender = WebhookSender(ports.webhook_url, self.fake.credentials, "safe",
                                         clock=self.fake.clock, seed=self.s.seed + 7919)
+            self.load = LoadGenerator(sandbox, self.ledger, self.sender, self.admin, self.rng,
+                                      f"kl{self.s.seed}-", self.fig)
             try:
                 await self._run(ports)
             finally:
@@ -169,18 +158,11 @@ class KillLoop:
         await run_backfill(self.admin)
         sandbox.call(lambda: setattr(fake, "fault_rate", self.s.fault_rate))
 
-        lanes = [asyncio.create_task(self._lane(self._event_step, self.s.event_lanes,
-                                                self.s.event_rate)) for _ in range(self.s.event_lanes)]
-        lanes += [asyncio.create_task(self._lane(self._push_step, self.s.push_lanes,
-                                                 self.s.push_rate)) for _ in range(self.s.push_lanes)]
+        self.load.start(self.s.event_lanes, self.s.event_rate, self.s.push_lanes, self.s.push_rate)
         try:
             await self._killer()
         finally:
-            self._stopping = True
-            await asyncio.gather(*lanes, return_exceptions=True)
-        for lane in lanes:
-            if lane.exception() is not None:
-                raise lane.exception()  # type: ignore[misc]
+            await self.load.stop()
 
         # Settle: faults off, the daemon up, every unanswered request resent until answered.
         sandbox.call(lambda: setattr(fake, "fault_rate", 0.0))
@@ -190,7 +172,8 @@ class KillLoop:
             self.daemon.spawn()
         await self.daemon.wait_ready()
         deadline = time.monotonic() + self.s.settle_timeout_s
-        await wait_until(self._resend_all, self.s.settle_timeout_s, "every request answered")
+        await wait_until(self.load.resend_all, self.s.settle_timeout_s,
+                         "every request answered")
         try:
             await wait_until(lambda: queue_drained(self.admin),
                              max(5.0, deadline - time.monotonic()), "the queues to drain", 0.2)
@@ -201,87 +184,6 @@ class KillLoop:
         self.fig.stop_exit_code = code
         self.fig.starts = self.daemon.starts
         self._collect(sandbox)
-
-    # Load ---------------------------------------------------------------------------------
-
-    async def _lane(self, step: Callable[[], Awaitable[None]], lanes: int, rate: float) -> None:
-        interval = lanes / rate
-        while not self._stopping:
-            began = time.monotonic()
-            await step()
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
-
-    async def _event_step(self) -> None:
-        pending = self.ledger.next_pending_event()
-        if pending is not None:
-            self.fig.event_resends += 1
-            await self._deliver(pending)
-            return
-        person = self.ledger.pick_event_person(self.rng, int(self.fake.clock()))
-        if person is None:
-            return
-        subscribe = not self.ledger.follows[person]
-        who = self.fake.people[person]
-        self.sandbox.call(lambda: self.fake.follow(who) if subscribe else self.fake.unfollow(who))
-        create_time = int(self.fake.clock())
-        fields = (self.sender.subscribe_fields(who.oa_openid, create_time=create_time) if subscribe
-                  else self.sender.unsubscribe_fields(who.oa_openid, create_time=create_time))
-        request = self.sender.build(fields)
-        key = parse_message(parse_xml(request.xml)).dedupe_key
-        event = SentEvent(person, subscribe, create_time, fields, request, key, time.time())
-        self.ledger.add_event(event, time.time())
-        self.fig.events_sent += 1
-        await self._deliver(event)
-
-    async def _deliver(self, event: SentEvent) -> None:
-        if time.time() - event.built_at > 200:  # keep the timestamp inside the replay window
-            event.request, event.built_at = self.sender.build(event.fields), time.time()
-        event.in_flight = True
-        try:
-            delivery = await self.sender.send(event.request)
-        finally:
-            event.in_flight = False
-        if delivery.status == 200 and delivery.body == b"success":
-            self.ledger.event_acked(event)
-            self.fig.events_acked += 1
-
-    async def _push_step(self) -> None:
-        push = self.ledger.next_pending_push()
-        if push is not None:
-            self.fig.push_resends += 1
-        else:
-            person = self.ledger.pick_push_person(self.rng)
-            if person is None:
-                return
-            push = self.ledger.add_push(f"kl{self.s.seed}-{len(self.ledger.pushes)}", person,
-                                        time.time())
-        push.in_flight = True
-        try:
-            status, body = await self.admin.call(
-                "POST", "/v1/pushes",
-                notice_push(self.fake.people[push.person].oa_openid, push.key))
-        finally:
-            push.in_flight = False
-        if status in (200, 202) and isinstance(body, dict) and "id" in body:
-            push.push_id = str(body["id"])
-            self.fig.pushes_acked += 1
-        elif status is not None and 400 <= status < 500:
-            code = body["error"]["code"] if isinstance(body, dict) and "error" in body else "?"
-            push.rejected = f"{status} {code}"
-            self.fig.pushes_rejected[f"{status} {code}"] += 1
-
-    async def _resend_all(self) -> bool:
-        """One round of resends; True when nothing is left unanswered."""
-        while (event := self.ledger.next_pending_event()) is not None:
-            self.fig.event_resends += 1
-            await self._deliver(event)
-            if not event.acked:
-                return False
-        while self.ledger.next_pending_push() is not None:
-            await self._push_step()
-            if self.ledger.next_pending_push() is not None:
-                return False
-        return True
 
     # Kills --------------------------------------------------------------------------------
 
