@@ -66,6 +66,7 @@ from bench.proof import (
     wait_until,
     write_config,
 )
+from wxd.pacing import LEASE_S
 from wxd.sandbox import FakeWeChat, FaultRule, SandboxThread, WebhookSender
 
 SEND = "/cgi-bin/message/template/send"
@@ -89,7 +90,8 @@ class ScratchFilesystem:
     it) and removes the mount point. A context manager; MountUnavailable when mount is refused.
 
     A tmpfs rather than a loop-mounted ext4: nothing to format, nothing left on disk, and root
-    meets ENOSPC like anyone else (ext4 reserves blocks for root)."""
+    meets ENOSPC like anyone else (ext4 reserves blocks for root). Only a harness killed with
+    SIGKILL leaves the mount behind (`umount /tmp/wxd-faultcampaign-*/disk`)."""
 
     BALLAST = "ballast"
 
@@ -100,7 +102,8 @@ class ScratchFilesystem:
         self.filled_bytes = 0
 
     def __enter__(self) -> ScratchFilesystem:
-        self.mount()
+        if not self.mounted:
+            self.mount()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -193,9 +196,12 @@ class Settings:
     event_lanes: int = 2
     push_lanes: int = 3
     fs_size_mb: int = 64
-    recovery_timeout_s: float = 90.0  # the outage's end to the first push sent again
+    # The outage's end to the first push sent again: wxd may wait for its next probe (a minute).
+    recovery_timeout_s: float = 90.0
     bite_timeout_s: float = 15.0      # the ballast to the first refused write
-    settle_timeout_s: float = 120.0   # the load's end to drained queues and an ended backfill
+    # The load's end to drained queues and an ended backfill: a push or job whose outcome write
+    # met the full disk is taken again only when its lease has passed.
+    settle_timeout_s: float = LEASE_S + 60.0
 
     @classmethod
     def ci(cls, seed: int = 1) -> Settings:
@@ -205,7 +211,7 @@ class Settings:
     def full(cls, seed: int = 1) -> Settings:
         return cls(outage_s=60.0, disk_full_s=20.0, seed=seed, warmup_s=5.0, tail_s=5.0,
                    batchget_delay_s=1.5, event_rate=12.0, push_rate=20.0,
-                   settle_timeout_s=180.0)
+                   settle_timeout_s=LEASE_S + 120.0)
 
     @property
     def form(self) -> str:
@@ -293,11 +299,12 @@ class Figures(LoadCounts):
 
 
 def digest(problems: list[str]) -> Counter[str]:
-    """Problems by kind: ids, openids, numbers and times blanked, the first 90 characters."""
+    """Problems by kind: ids, openids, numbers and times blanked (5-digit errcodes kept), the
+    first 90 characters of the first line."""
     return Counter(_VARYING.sub("*", p.splitlines()[0] if p else p)[:90] for p in problems)
 
 
-_VARYING = re.compile(r"o[\w-]{20,}|p_[\w-]+|[\w:.+-]*\d[\w:.+-]*")
+_VARYING = re.compile(r"o[\w-]{20,}|p_[\w-]+|\b(?!\d{5}\b)[\w:.+-]*\d[\w:.+-]*")  # errcodes stay
 
 
 # The campaign ----------------------------------------------------------------------------------
