@@ -19,8 +19,10 @@ acknowledged push sent/delivered exactly once per the emulator's inbox (bench.pr
 the backfill `done` with every follower, nothing left `leased`/`sending`, `integrity_check`
 ok; then SIGTERM must exit 0 and the file must still pass integrity_check.
 
-The CI form (8 s outage, 4 s disk full) runs in the normal suite (tests/test_faultcampaign.py);
-the full form (60 s outage, 20 s disk full) with `-m slow` / WXD_SLOW_TESTS=1, or
+The CI form (8 s outage, 4 s disk full; wxd with a 10 s lease and a 2 s unreachable probe, so
+that recovering takes seconds) runs in the normal suite (tests/test_faultcampaign.py); the full
+form (60 s outage, 20 s disk full; wxd's default 120 s lease and 60 s probe) with `-m slow` /
+WXD_SLOW_TESTS=1, or
 `python -m bench.faultcampaign [--quick] [--seed S] [--keep DIR]` (exit 0: every promise held,
 1: a problem, 77: skipped because a tmpfs cannot be mounted). Loopback traffic only; bounded:
 every wait has a deadline, and a missed deadline is reported as a problem.
@@ -67,6 +69,7 @@ from bench.proof import (
     write_config,
 )
 from wxd.pacing import LEASE_S
+from wxd.push_workers import UNREACHABLE_PROBE_S
 from wxd.sandbox import FakeWeChat, FaultRule, SandboxThread, WebhookSender
 
 SEND = "/cgi-bin/message/template/send"
@@ -196,12 +199,22 @@ class Settings:
     event_lanes: int = 2
     push_lanes: int = 3
     fs_size_mb: int = 64
-    # The outage's end to the first push sent again: wxd may wait for its next probe (a minute).
-    recovery_timeout_s: float = 90.0
+    # wxd's [wxd] lease_s and [wechat] unreachable_probe_s (None: wxd's defaults). A push whose
+    # outcome write met the full disk is sent again when its lease has passed; after a business
+    # call's 40164 the paused work tries again after the probe time.
+    lease_s: float | None = 10.0
+    probe_s: float | None = 2.0
     bite_timeout_s: float = 15.0      # the ballast to the first refused write
-    # The load's end to drained queues and an ended backfill: a push or job whose outcome write
-    # met the full disk is taken again only when its lease has passed.
-    settle_timeout_s: float = LEASE_S + 60.0
+
+    @property
+    def recovery_timeout_s(self) -> float:
+        """The outage's end to the first push sent again."""
+        return (self.probe_s or UNREACHABLE_PROBE_S) + 30.0
+
+    @property
+    def settle_timeout_s(self) -> float:
+        """The load's end to drained queues and an ended backfill."""
+        return (self.lease_s or LEASE_S) + 60.0
 
     @classmethod
     def ci(cls, seed: int = 1) -> Settings:
@@ -210,17 +223,24 @@ class Settings:
     @classmethod
     def full(cls, seed: int = 1) -> Settings:
         return cls(outage_s=60.0, disk_full_s=20.0, seed=seed, warmup_s=5.0, tail_s=5.0,
-                   batchget_delay_s=1.5, event_rate=12.0, push_rate=20.0,
-                   settle_timeout_s=LEASE_S + 120.0)
+                   batchget_delay_s=1.5, event_rate=12.0, push_rate=20.0, lease_s=None,
+                   probe_s=None)
 
     @property
     def form(self) -> str:
-        return f"{self.outage_s:g} s outage, {self.disk_full_s:g} s disk full"
+        lease, probe = self.lease_s or LEASE_S, self.probe_s or UNREACHABLE_PROBE_S
+        return (f"{self.outage_s:g} s outage, {self.disk_full_s:g} s disk full; lease {lease:g} s, "
+                f"probe {probe:g} s")
 
     def daemon_config(self) -> dict[str, dict[str, object]]:
+        timers: dict[str, dict[str, object]] = {"wxd": {}, "wechat": {}}
+        if self.lease_s is not None:
+            timers["wxd"]["lease_s"] = self.lease_s
+        if self.probe_s is not None:
+            timers["wechat"]["unreachable_probe_s"] = self.probe_s
         return {
-            "wxd": {"shutdown_timeout_s": 5, "log_level": "info"},
-            "wechat": {"request_timeout_s": 5, "connect_timeout_s": 2},
+            "wxd": {"shutdown_timeout_s": 5, "log_level": "info", **timers["wxd"]},
+            "wechat": {"request_timeout_s": 5, "connect_timeout_s": 2, **timers["wechat"]},
             "pushes": {"workers": 4, "max_attempts": 20, "backoff_base_s": 0.1,
                        "backoff_max_s": 2},
             "events": {"workers": 2, "max_attempts": 10, "backoff_base_s": 0.2,
@@ -621,7 +641,8 @@ def run(quick: bool) -> list[Result]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="the CI form: 8 s outage, 4 s disk full (default: 60 s and 20 s)")
+                        help="the CI form: 8 s outage, 4 s disk full, short wxd timers "
+                             "(default: 60 s and 20 s, wxd's default timers)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", metavar="DIR", help="copy the db, log and config to DIR")
     args = parser.parse_args(argv)

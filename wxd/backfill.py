@@ -180,7 +180,8 @@ class FollowerBackfill:
                  max_attempts: int = 8, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 30.0, quota_resume_s: float = 60.0,
                  drain_timeout_s: float = 5.0,
-                 max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD) -> None:
+                 max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD,
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._db, self._api, self._clock = db, oa_api, clock
@@ -194,7 +195,7 @@ class FollowerBackfill:
                                      rng if rng is not None else random.Random()),
                              max_attempts=max(max_attempts, 1),
                              quota_resume_s=quota_resume_s,
-                             unreachable_probe_s=UNREACHABLE_PROBE_S)
+                             unreachable_probe_s=unreachable_probe_s)
         self.drain_timeout_s = drain_timeout_s
         self._row = BackfillState()
         self._pause: Paused | None = None  # why the run is paused (persisted beside the row)

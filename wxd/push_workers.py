@@ -78,7 +78,7 @@ class PushWorkers:
     (last_answer). `rate_per_s` caps sends per second (0 = unlimited). Time (stored instants,
     idle waits, the rate limit) comes from `clock`.
     A push whose outcome could not be written (disk full, database locked) stays `sending`;
-    once its LEASE_S lease has passed the dispatcher queues it again with the same
+    once its lease (`lease_s`) has passed the dispatcher queues it again with the same
     client_msg_id (push_store.requeue_expired; past WeChat's 10-minute window `stale_sending`
     decides, as at start).
     """
@@ -91,7 +91,9 @@ class PushWorkers:
                  stale_sending: str = "resend", clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
-                 drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S) -> None:
+                 drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S,
+                 lease_s: float = LEASE_S,
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
         if stale_sending not in ("resend", "fail"):
             raise ValueError("stale_sending must be 'resend' or 'fail'")
         self._db = db
@@ -105,7 +107,8 @@ class PushWorkers:
                              quota_resume_s=quota_resume_s,
                              frequency=Backoff(frequency_backoff_base_s,
                                                frequency_backoff_max_s, 0.5, rng),
-                             unreachable_probe_s=UNREACHABLE_PROBE_S)
+                             unreachable_probe_s=unreachable_probe_s)
+        self._lease_s = lease_s
         self._stale_sending = stale_sending
         self._clock = clock
         self._on_template_invalid = on_template_invalid
@@ -117,7 +120,7 @@ class PushWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, push_store.Leased] = {}
         # Leased by this process and not yet done with (queued for a sender, being sent, its
-        # outcome being written): never re-leased, even when a send outlasts LEASE_S.
+        # outcome being written): never re-leased, even when a send outlasts its lease.
         self._held: set[str] = set()
         self._pause: Paused | None = None
         self._probing = False  # the pause's probe time passed: one push at a time tries
@@ -296,7 +299,7 @@ class PushWorkers:
         does not hold (their outcome was never recorded), then lease up to `room` due ones.
         Returns (requeue_expired's counts, leased)."""
         expired = push_store.requeue_expired(conn, now, self._stale_sending, held)
-        return expired, push_store.lease(conn, now, room, LEASE_S)
+        return expired, push_store.lease(conn, now, room, self._lease_s)
 
     def _room_to_lease(self) -> int:
         """How many pushes to lease now: 0 until a chunk of 2 × workers fits, unless the
