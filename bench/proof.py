@@ -1,7 +1,9 @@
-"""The proof harness (bench.killloop, tests/test_graceful_stop.py, tests/test_killloop.py):
-`wxd run` as a subprocess with its log in a file and a config for a sandbox, an async admin
-client, polling with deadlines, and read-only checks of the database file and of what the
-sandbox received. No fixed sleeps decide anything here. Imports nothing from tests/.
+"""The proof harness (bench.killloop, bench.faultcampaign, tests/test_graceful_stop.py,
+tests/test_killloop.py, tests/test_faultcampaign.py): `wxd run` as a subprocess with its log in
+a file and a config for a sandbox, an async admin client, polling with deadlines, the load
+generator (webhook events and pushes, resent until answered, with a Ledger of what was
+acknowledged), and read-only checks of the database file and of what the sandbox received.
+No fixed sleeps decide anything here. Imports nothing from tests/.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from bench.common import free_port
-from wxd.sandbox import NOTICE_TEMPLATE_ID, SandboxThread, SignedRequest
+from wxd.sandbox import NOTICE_TEMPLATE_ID, SandboxThread, SignedRequest, WebhookSender
+from wxd.wechat.messages import parse_message, parse_xml
 
 T = TypeVar("T")
 
@@ -82,10 +85,13 @@ def config_text(database: str, sandbox: SandboxThread, ports: Ports,
 
 
 def write_config(directory: pathlib.Path, sandbox: SandboxThread, ports: Ports,
-                 extra: Mapping[str, Mapping[str, object]] | None = None) -> pathlib.Path:
-    """wxd.conf in `directory` for `sandbox`, fixed ports (restarts reuse them), db wxd.db."""
+                 extra: Mapping[str, Mapping[str, object]] | None = None,
+                 database: pathlib.Path | None = None) -> pathlib.Path:
+    """wxd.conf in `directory` for `sandbox`, fixed ports (restarts reuse them), db `database`
+    (default: wxd.db in `directory`)."""
     path = directory / "wxd.conf"
-    path.write_text(config_text(str(directory / "wxd.db"), sandbox, ports, extra))
+    db = database if database is not None else directory / "wxd.db"
+    path.write_text(config_text(str(db), sandbox, ports, extra))
     return path
 
 
@@ -270,12 +276,16 @@ class DbState:
     jobs: Counter[str]                         # state -> count
     failed_jobs: list[str]                     # last_error of failed jobs
     integrity: str
+    event_jobs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # ^ inbox dedupe_key -> (its event job's state, last_error)
+    backfill: dict[str, Any] | None = None     # the backfill row (None before the first run)
 
     def push_statuses(self) -> Counter[str]:
         return Counter(row["status"] for row in self.pushes.values())
 
 
 def read_db(path: pathlib.Path) -> DbState:
+    """The snapshot; read-only, so it may also be taken while the daemon runs (WAL)."""
     uri = f"file:{path}?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     conn.row_factory = sqlite3.Row
@@ -288,9 +298,14 @@ def read_db(path: pathlib.Path) -> DbState:
                         conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")})
         failed = [str(row[0]) for row in
                   conn.execute("SELECT last_error FROM jobs WHERE state = 'failed'")]
+        event_jobs = {str(row[0]): (str(row[1]), row[2]) for row in conn.execute(
+            "SELECT inbox.dedupe_key, jobs.state, jobs.last_error FROM jobs JOIN inbox"
+            " ON inbox.id = CAST(json_extract(jobs.payload, '$.inbox_id') AS INTEGER)")}
+        backfill_row = conn.execute("SELECT * FROM backfill WHERE id = 1").fetchone()
     finally:
         conn.close()
-    return DbState(pushes, inbox_keys, followers, jobs, failed, integrity)
+    return DbState(pushes, inbox_keys, followers, jobs, failed, integrity, event_jobs,
+                   dict(backfill_row) if backfill_row is not None else None)
 
 
 def sandbox_messages(sandbox: SandboxThread) -> dict[str, list[tuple[str, int]]]:
@@ -335,7 +350,7 @@ def check_exactly_once(db: DbState, received: Mapping[str, list[tuple[str, int]]
     return strangers + problems
 
 
-# The kill loop's ledger: what the load generator sent and what was acknowledged ---------------
+# The ledger and the load generator: what was sent and what was acknowledged ------------------
 
 
 @dataclass
@@ -429,6 +444,156 @@ class Ledger:
         return any(not follows for at, follows in changes if at > since)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One answer the load generator got: `channel` "webhook" or "push", `status` None when no
+    answer came; `at` is time.time()."""
+
+    at: float
+    channel: str
+    status: int | None
+
+
+@dataclass
+class LoadCounts:
+    """What the load generator sent and what was acknowledged (the proofs' figures extend it)."""
+
+    events_sent: int = 0
+    events_acked: int = 0
+    event_resends: int = 0
+    pushes_acked: int = 0
+    push_resends: int = 0
+    pushes_rejected: Counter[str] = field(default_factory=Counter)
+
+
+class LoadGenerator:
+    """The proofs' load, on the caller's asyncio loop: event lanes POST signed subscribe or
+    unsubscribe events to the webhook as WeChat would (the sandbox's follow state is changed
+    first, so user/info agrees), resending an unanswered event unchanged until it gets
+    `success` (more persistently than WeChat's three retries, so that every event ends
+    acknowledged and the follower table can be checked exactly); push lanes POST /v1/pushes
+    with a unique idempotency_key (`key_prefix` + a number) to people who follow, resending an
+    unanswered one with the same key. Counts go to `counts`; every answer is appended to
+    `answers` (the proofs' timelines read it)."""
+
+    def __init__(self, sandbox: SandboxThread, ledger: Ledger, sender: WebhookSender,
+                 admin: AdminClient, rng: random.Random, key_prefix: str,
+                 counts: LoadCounts) -> None:
+        self.sandbox = sandbox
+        self.fake = sandbox.fake
+        self.ledger = ledger
+        self.sender = sender
+        self.admin = admin
+        self.rng = rng
+        self.key_prefix = key_prefix
+        self.counts = counts
+        self.answers: list[Answer] = []
+        self._lanes: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def start(self, event_lanes: int, event_rate: float, push_lanes: int,
+              push_rate: float) -> None:
+        """Start the lanes: `event_rate` new events and `push_rate` new pushes per second in
+        all (a lane resends its unanswered requests before it sends anything new)."""
+        self._stopping = False
+        self._lanes = [asyncio.create_task(self._lane(self._event_step, event_lanes, event_rate))
+                       for _ in range(event_lanes)]
+        self._lanes += [asyncio.create_task(self._lane(self.push_step, push_lanes, push_rate))
+                        for _ in range(push_lanes)]
+
+    async def stop(self) -> None:
+        """Stop the lanes (each finishes its request in flight); re-raise a lane's exception."""
+        self._stopping = True
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        for lane in self._lanes:
+            if lane.exception() is not None:
+                raise lane.exception()  # type: ignore[misc]
+        self._lanes = []
+
+    async def resend_all(self) -> bool:
+        """One round of resends; True when nothing is left unanswered."""
+        while (event := self.ledger.next_pending_event()) is not None:
+            self.counts.event_resends += 1
+            await self.deliver(event)
+            if not event.acked:
+                return False
+        while self.ledger.next_pending_push() is not None:
+            await self.push_step()
+            if self.ledger.next_pending_push() is not None:
+                return False
+        return True
+
+    async def _lane(self, step: Callable[[], Awaitable[None]], lanes: int, rate: float) -> None:
+        interval = lanes / rate
+        while not self._stopping:
+            began = time.monotonic()
+            await step()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - began)))
+
+    async def _event_step(self) -> None:
+        pending = self.ledger.next_pending_event()
+        if pending is not None:
+            self.counts.event_resends += 1
+            await self.deliver(pending)
+            return
+        person = self.ledger.pick_event_person(self.rng, int(self.fake.clock()))
+        if person is None:
+            return
+        subscribe = not self.ledger.follows[person]
+        who = self.fake.people[person]
+        self.sandbox.call(lambda: self.fake.follow(who) if subscribe else self.fake.unfollow(who))
+        create_time = int(self.fake.clock())
+        fields = (self.sender.subscribe_fields(who.oa_openid, create_time=create_time) if subscribe
+                  else self.sender.unsubscribe_fields(who.oa_openid, create_time=create_time))
+        request = self.sender.build(fields)
+        key = parse_message(parse_xml(request.xml)).dedupe_key
+        event = SentEvent(person, subscribe, create_time, fields, request, key, time.time())
+        self.ledger.add_event(event, time.time())
+        self.counts.events_sent += 1
+        await self.deliver(event)
+
+    async def deliver(self, event: SentEvent) -> None:
+        """POST the event once (rebuilt with a fresh timestamp when it has grown old)."""
+        if time.time() - event.built_at > 200:  # keep the timestamp inside the replay window
+            event.request, event.built_at = self.sender.build(event.fields), time.time()
+        event.in_flight = True
+        try:
+            delivery = await self.sender.send(event.request)
+        finally:
+            event.in_flight = False
+        self.answers.append(Answer(time.time(), "webhook", delivery.status))
+        if delivery.status == 200 and delivery.body == b"success":
+            self.ledger.event_acked(event)
+            self.counts.events_acked += 1
+
+    async def push_step(self) -> None:
+        """Resend the oldest unanswered push, or POST a new one."""
+        push = self.ledger.next_pending_push()
+        if push is not None:
+            self.counts.push_resends += 1
+        else:
+            person = self.ledger.pick_push_person(self.rng)
+            if person is None:
+                return
+            push = self.ledger.add_push(f"{self.key_prefix}{len(self.ledger.pushes)}", person,
+                                        time.time())
+        push.in_flight = True
+        try:
+            status, body = await self.admin.call(
+                "POST", "/v1/pushes",
+                notice_push(self.fake.people[push.person].oa_openid, push.key))
+        finally:
+            push.in_flight = False
+        self.answers.append(Answer(time.time(), "push", status))
+        if status in (200, 202) and isinstance(body, dict) and "id" in body:
+            push.push_id = str(body["id"])
+            self.counts.pushes_acked += 1
+        elif status is not None and 400 <= status < 500:
+            code = body["error"]["code"] if isinstance(body, dict) and "error" in body else "?"
+            push.rejected = f"{status} {code}"
+            self.counts.pushes_rejected[f"{status} {code}"] += 1
+
+
 def check_run(db_path: pathlib.Path, sandbox: SandboxThread, ledger: Ledger
               ) -> tuple[DbState, dict[str, list[tuple[str, int]]], list[str]]:
     """Every promise of the kill loop, checked against the database file (daemon stopped) and
@@ -448,10 +613,12 @@ def check_run(db_path: pathlib.Path, sandbox: SandboxThread, ledger: Ledger
         elif row["status"] == "failed":
             if row["errcode"] != 43004 or not ledger.left_sandbox_since(push.person,
                                                                         push.first_try_at):
-                problems.append(f"push {push_id} failed: {row['error_code']} {row['errcode']} "
-                                f"{row['error']}")
+                problems.append(f"push {push_id} ({push.key}) ended failed: errcode "
+                                f"{row['errcode']}, error_code {row['error_code']}, after "
+                                f"{row['attempts']} attempts: {row['error']}")
         elif row["status"] not in ("sent", "delivered"):
-            problems.append(f"push {push_id} ended {row['status']}")
+            problems.append(f"push {push_id} ({push.key}) ended {row['status']} (errcode "
+                            f"{row['errcode']}, {row['attempts']} attempts)")
     for push_id, row in db.pushes.items():
         if push_id not in acked:
             problems.append(f"push {push_id} ({row['idempotency_key']}) is stored but was never "
@@ -463,6 +630,10 @@ def check_run(db_path: pathlib.Path, sandbox: SandboxThread, ledger: Ledger
         if event.acked and db.inbox_keys[event.dedupe_key] != 1:
             problems.append(f"acknowledged event {event.dedupe_key} has "
                             f"{db.inbox_keys[event.dedupe_key]} inbox rows")
+        elif event.acked and db.event_jobs.get(event.dedupe_key, ("done", None))[0] != "done":
+            state, error = db.event_jobs[event.dedupe_key]
+            problems.append(f"acknowledged event {event.dedupe_key}: its job is {state} "
+                            f"({error})")
         if not event.acked:
             problems.append(f"event {event.dedupe_key} was never acknowledged")
     problems += [f"inbox row {key} matches no event sent" for key in db.inbox_keys

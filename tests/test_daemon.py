@@ -110,6 +110,21 @@ class InProcessDaemonTest(AsyncTestCase):
             await daemon.stop()
 
     @gen_test(timeout=20)
+    async def test_lease_and_unreachable_probe_come_from_the_config(self) -> None:
+        cfg = config.load_text(config_text(str(self.tmp / "knobs.db"), {
+            "wxd": {"lease_s": "15"}, "wechat": {"unreachable_probe_s": "3"}}))
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            assert daemon.workers is not None and daemon.events is not None
+            assert daemon.backfill is not None
+            for service in (daemon.workers, daemon.events, daemon.backfill):
+                assert service.policy.unreachable_probe_s == 3.0, service
+            assert daemon.workers._lease_s == 15.0 and daemon.events._lease_s == 15.0
+        finally:
+            await daemon.stop()
+
+    @gen_test(timeout=20)
     async def test_healthz_is_503_when_the_database_is_unusable(self) -> None:
         daemon = Daemon(self.config)
         await daemon.start()

@@ -1,6 +1,5 @@
 """The kill -9 loop (bench/killloop.py): wxd SIGKILLed at random moments under webhook events and
-pushes against a sandbox with 10 % faults loses no acknowledged event or push and doubles none,
-and every callback those facts owe reaches a receiver (with 10 % faults of its own) at least once.
+pushes against a sandbox with 10 % faults loses no acknowledged event or push and doubles none.
 
 The CI form (5 kills) runs by default; the full form (50 kills, minutes) only when slow tests
 are selected: `pytest -m slow tests/test_killloop.py` or WXD_SLOW_TESTS=1.
@@ -14,11 +13,9 @@ from collections import Counter
 
 import pytest
 
-from bench.callback_proof import Fact, check_callbacks
 from bench.killloop import Settings, run_kill_loop
 from bench.proof import DbState, Ledger, SentEvent, SentPush, check_exactly_once
 from wxd.sandbox import SignedRequest
-from wxd.store.callbacks import derived_id
 
 FULL_KILLS = 50
 
@@ -34,9 +31,6 @@ def test_kill_loop_ci_form(tmp_path: pathlib.Path) -> None:
     # The load really ran through the kills: events and pushes on both sides of them.
     assert figures.events_acked >= 20 and figures.pushes_acked >= 30, summary
     assert figures.final_statuses["sent"] + figures.final_statuses["delivered"] > 0, summary
-    callbacks = figures.callbacks
-    assert callbacks.by_type["push.sent"] >= 30 and callbacks.by_type["message.received"] > 0
-    assert callbacks.delivered == callbacks.written > figures.events_acked, summary
 
 
 @pytest.mark.slow
@@ -47,7 +41,6 @@ def test_kill_loop_full_form(tmp_path: pathlib.Path) -> None:
     print(summary)
     assert figures.problems == [], summary
     assert figures.kills >= FULL_KILLS and figures.crashes == 0, summary
-    assert figures.callbacks.delivered == figures.callbacks.written, summary
 
 
 def test_ledger_allows_43004_only_after_leaving() -> None:
@@ -99,39 +92,3 @@ def test_exactly_once_check_finds_doubles_losses_and_strangers() -> None:
     assert check_exactly_once(good, {"p_a": [("o1", 7)], "p_z": [("o1", 1)]})  # unknown
     failed = _db(("p_c", "failed", None))
     assert check_exactly_once(failed, {"p_c": [("o1", 3)]})  # failed, yet WeChat had it
-
-
-def test_callback_check_finds_losses_strangers_and_counts_duplicates() -> None:
-    follow = Fact("follower.subscribed", "evt:o1:10:subscribe")
-    late = Fact("follower.unsubscribed", "evt:o1:5:unsubscribe", superseded=True)
-    text = Fact("message.received", "msg:o1:42")
-
-    def row(kind: str, key: str, status: str = "done", data: str = "{}") -> dict[str, object]:
-        return {"id": derived_id(kind, key), "type": kind, "status": status, "data": data,
-                "last_error": None}
-
-    def push_row(kind: str) -> dict[str, object]:
-        return {"id": f"evt_{kind}", "type": kind, "status": "done", "data": '{"id": "p_1"}',
-                "last_error": None}
-
-    rows = [row(follow.kind, follow.dedupe_key), row(text.kind, text.dedupe_key),
-            push_row("push.sent"), push_row("push.delivered")]
-    pushes = {"p_1": {"status": "delivered", "msgid": "7"}}
-    accepted = Counter({str(r["id"]): 1 for r in rows})
-    accepted[str(rows[0]["id"])] = 3  # answered, outcome lost to a kill, answered again
-    fig, problems = check_callbacks(rows, [follow, late, text], pushes, accepted, 9, 0)
-    assert problems == []
-    assert (fig.written, fig.delivered, fig.duplicates, fig.stale_events) == (4, 4, 2, 1)
-    # Lost: a fact without its row; a push without its callbacks; a row never delivered.
-    _, lost = check_callbacks(rows[1:], [follow], pushes, accepted, 9, 0)
-    assert any("has no follower.subscribed" in p for p in lost)
-    _, lost = check_callbacks(rows[:2], [], pushes, accepted, 9, 0)
-    assert any("push p_1" in p for p in lost)
-    _, lost = check_callbacks(rows, [], pushes, Counter({str(rows[0]["id"]): 1}), 1, 0)
-    assert sum("never answered it 2xx" in p for p in lost) == 3
-    # A row left pending or dead, a stranger at the receiver, a bad signature.
-    stuck = [*rows, row("message.received", "msg:o2:1", status="dead")]
-    _, found = check_callbacks(stuck, [], pushes, accepted + Counter({"evt_who": 1}), 9, 2)
-    assert any("ended dead" in p for p in found)
-    assert any("evt_who" in p for p in found)
-    assert any("signature" in p for p in found)

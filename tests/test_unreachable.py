@@ -31,6 +31,7 @@ from tests.helpers import (
 )
 from tests.push_case import PushCase
 from tests.sandbox_fixture import FakeClock, WeChatStack
+from tests.storage_faults import read_only
 from wxd import config
 from wxd.backfill import FollowerBackfill
 from wxd.daemon import Daemon
@@ -408,6 +409,27 @@ class BackfillOutageTest(AsyncTestCase):
         assert (status["state"], status["followers_done"], status["run"]) == ("done", 1_500, 1)
         assert status["paused"] is None and status["last_error"] is None
         assert await self.stored() == 1_500
+
+    @gen_test(timeout=30)
+    async def test_a_resume_that_meets_a_storage_fault_is_tried_again(self) -> None:
+        """The resume timer fires while the database refuses writes (the disk filled after
+        the outage began): the run stays paused, and resumes by itself once writes work."""
+        tokens = await self.with_token_manager(300)
+        self.fake.refuse_tokens(40164, business=True, seconds=OUTAGE_S)
+        instance = self.backfill()
+        tokens.on_available(instance.reachable)
+        began = self.clock()
+        assert (await self.run_to_end(instance))["state"] == "paused"
+        assert self.stack is not None
+        with capture_logs() as logs:
+            async with read_only(self.stack.db):
+                self.clock.set(began + OUTAGE_S + 1)  # the resume timer fires: its write fails
+                await eventually(lambda: "could not resume" in logs.text, "the failed resume")
+                assert instance.status()["state"] == "paused" and not instance.running
+            assert "ended unexpectedly" not in logs.text
+        self.clock.advance(instance.policy.backoff.cap_s)  # the retry's backoff
+        status = await self.resumed(instance)
+        assert (status["state"], status["followers_done"]) == ("done", 300)
 
     @gen_test(timeout=30)
     async def test_a_successful_token_fetch_resumes_it_at_once(self) -> None:

@@ -448,6 +448,20 @@ class LeaseExpiryTest(PushCase):
         self.assertIsNone(self.db.write_error)
 
     @gen_test(timeout=20)
+    async def test_the_lease_length_is_the_workers_lease_s(self) -> None:
+        """[wxd] lease_s: a push being sent is leased that long (LEASE_S by default)."""
+        person = self.person()
+        workers = self.make_workers(lease_s=15.0)
+        await workers.start()
+        self.fake.script_fault(SEND_PATH, "delay:0.3")
+        push = await self.push(self.order(person))
+        await eventually(lambda: self._called(), "the send to reach WeChat")
+        row = await fetchone(self.db, "SELECT leased_until - last_attempt_at FROM pushes"
+                                      " WHERE id = ?", (push["id"],))
+        assert row is not None
+        self.assertAlmostEqual(row[0], 15.0)
+
+    @gen_test(timeout=20)
     async def test_past_the_dedupe_window_the_stale_sending_policy_decides(self) -> None:
         person = self.person()
         workers = self.make_workers(stale_sending="fail")

@@ -159,7 +159,8 @@ class FollowerBackfill:
     (Beijing; it resumes by itself then), a spent token budget until the next UTC midnight,
     WeChat unreachable for wxd (no access_token, or 40164/61004) until the next probe (the
     token manager's next fetch), or until reachable() (its on_available) resumes it; the
-    pause's reason is status()["paused"]. Terminal errors fail the run. begin() resumes a
+    pause's reason is status()["paused"]; a resume whose write fails (disk full, database
+    locked) is tried again after the policy's backoff. Terminal errors fail the run. begin() resumes a
     failed or paused run from its cursor (or, with from_start, begins a new run at the head).
     Time (unix s, rate limit and backoff sleeps, the resume/re-sync timer) comes from `clock`.
 
@@ -185,7 +186,8 @@ class FollowerBackfill:
                  backoff_max_s: float = 30.0, quota_resume_s: float = 60.0,
                  drain_timeout_s: float = 5.0,
                  max_restarts_from_head: int = MAX_RESTARTS_FROM_HEAD,
-                 outbox: Outbox = OFF) -> None:
+                 outbox: Outbox = OFF,
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self._db, self._api, self._clock = db, oa_api, clock
@@ -200,13 +202,14 @@ class FollowerBackfill:
                                      rng if rng is not None else random.Random()),
                              max_attempts=max(max_attempts, 1),
                              quota_resume_s=quota_resume_s,
-                             unreachable_probe_s=UNREACHABLE_PROBE_S)
+                             unreachable_probe_s=unreachable_probe_s)
         self.drain_timeout_s = drain_timeout_s
         self._row = BackfillState()
         self._pause: Paused | None = None  # why the run is paused (persisted beside the row)
         self._task: asyncio.Task[None] | None = None
         self._timer: Timer | None = None
-        self._timer_task: asyncio.Task[dict[str, Any]] | None = None
+        self._resume_failures = 0  # resumes in a row whose write failed (storage faults)
+        self._timer_task: asyncio.Task[None] | None = None
         self._begin_lock = asyncio.Lock()
         self._stop_requested = False
         self._state = "new"
@@ -374,8 +377,7 @@ class FollowerBackfill:
         if (pause is None or pause.reason != "unreachable" or self._row.state != "paused"
                 or self.running or self._state in ("stopping", "stopped")):
             return
-        self._timer_task = asyncio.create_task(self.begin(force=True), name="wxd-backfill-resume")
-        self._timer_task.add_done_callback(_log_crash)
+        self._resume(force=True)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -385,8 +387,40 @@ class FollowerBackfill:
         if self._clock.now() < due:
             self._arm_timer()
         else:
-            self._timer_task = asyncio.create_task(self.begin(), name="wxd-backfill-timer")
-            self._timer_task.add_done_callback(_log_crash)
+            self._resume(force=False)
+
+    def _resume(self, force: bool) -> None:
+        """begin() on behalf of a timer or reachable() (nobody waits for its answer)."""
+        self._timer_task = asyncio.create_task(self._begin_or_retry(force),
+                                               name="wxd-backfill-resume")
+        self._timer_task.add_done_callback(_log_crash)
+
+    async def _begin_or_retry(self, force: bool) -> None:
+        """begin(); when its write fails (disk full, a database locked or made read-only), try
+        again after the policy's backoff, as reachable() or the timer would have: the run must
+        not stay paused until an operator starts it."""
+        try:
+            await self.begin(force=force)
+        except StorageError as exc:
+            self._resume_failures += 1
+            delay = self.policy.backoff.delay(self._resume_failures)
+            log.warning("backfill could not resume (%s); trying again in %.1f s", exc, delay)
+            if self._state in ("stopping", "stopped"):
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._clock.call_later(delay, self._retry_resume(force))
+        else:
+            self._resume_failures = 0
+
+    def _retry_resume(self, force: bool) -> Callable[[], None]:
+        def again() -> None:
+            self._timer = None
+            if force:
+                self.reachable()  # still paused because WeChat was unreachable?
+            else:
+                self._on_timer()  # still due?
+        return again
 
     # The run ------------------------------------------------------------------------------
 

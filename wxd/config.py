@@ -268,6 +268,7 @@ def beijing_time(value: str) -> TimeOfDay:
 class WxdConfig:
     database: str = key("/var/lib/wxd/wxd.db", string)
     shutdown_timeout_s: float = key("10", number(0.1))
+    lease_s: float = key("120", number(5))
     log_level: str = key("info", choice(*LOG_LEVELS))
     log_format: str = key("text", choice("text", "json"))
 
@@ -314,6 +315,7 @@ class WeChatConfig:
     token_backoff_base_s: float = key("5", number(0.01))
     token_backoff_max_s: float = key("300", number(0.01))
     token_quota_pause_s: float = key("3600", number(1))
+    unreachable_probe_s: float = key("60", number(1))
 
 
 @dataclass(frozen=True)

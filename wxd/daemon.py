@@ -201,7 +201,8 @@ class Daemon:
             frequency_backoff_max_s=p.frequency_backoff_max_s, stale_sending=p.stale_sending,
             clock=clock,
             metrics=metrics, on_template_invalid=self.pushes.invalidate_templates,
-            drain_timeout_s=cfg.wxd.shutdown_timeout_s, outbox=outbox)
+            drain_timeout_s=cfg.wxd.shutdown_timeout_s, lease_s=cfg.wxd.lease_s,
+            unreachable_probe_s=cfg.wechat.unreachable_probe_s, outbox=outbox)
         await self._start(self.workers)
 
         assert self.qrlinks is not None
@@ -217,7 +218,9 @@ class Daemon:
                                    frequency_backoff_max_s=e.frequency_backoff_max_s,
                                    clock=clock, metrics=metrics,
                                    drain_timeout_s=cfg.wxd.shutdown_timeout_s,
-                                   handlers={CARD_JOB: self.qrlinks.send_card})
+                                   handlers={CARD_JOB: self.qrlinks.send_card},
+                                   lease_s=cfg.wxd.lease_s,
+                                   unreachable_probe_s=cfg.wechat.unreachable_probe_s)
         await self._start(self.events)
 
         b = cfg.backfill
@@ -231,6 +234,7 @@ class Daemon:
                                          quota_resume_s=b.quota_resume_time.seconds, clock=clock,
                                          metrics=metrics,
                                          drain_timeout_s=cfg.wxd.shutdown_timeout_s,
+                                         unreachable_probe_s=cfg.wechat.unreachable_probe_s,
                                          outbox=outbox)
         await self._start(self.backfill)
         # WeChat reachable again (an OA token fetch succeeded): paused work resumes at once.

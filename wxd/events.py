@@ -194,7 +194,8 @@ class EventWorkers:
                  jobs_retention_s: float = JOBS_RETENTION_S,
                  inbox_retention_s: float = INBOX_RETENTION_S,
                  drain_timeout_s: float = 5.0,
-                 handlers: Mapping[str, JobHandler] | None = None) -> None:
+                 handlers: Mapping[str, JobHandler] | None = None,
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
         self._db = db
         self._router = router
         self._handlers = dict(handlers or {})
@@ -205,7 +206,7 @@ class EventWorkers:
                              max_attempts=max_attempts, quota_resume_s=quota_resume_s,
                              frequency=Backoff(frequency_backoff_base_s,
                                                frequency_backoff_max_s, 0.2, rng),
-                             unreachable_probe_s=UNREACHABLE_PROBE_S)
+                             unreachable_probe_s=unreachable_probe_s)
         self._clock = clock
         self._lease_s = lease_s
         self._job_timeout_s = min(job_timeout_s, lease_s)

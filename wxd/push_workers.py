@@ -79,7 +79,7 @@ class PushWorkers:
     (last_answer). `rate_per_s` caps sends per second (0 = unlimited). Time (stored instants,
     idle waits, the rate limit) comes from `clock`.
     A push whose outcome could not be written (disk full, database locked) stays `sending`;
-    once its LEASE_S lease has passed the dispatcher queues it again with the same
+    once its lease (`lease_s`) has passed the dispatcher queues it again with the same
     client_msg_id (push_store.requeue_expired; past WeChat's 10-minute window `stale_sending`
     decides, as at start).
     Each move to sent, delivered or failed writes its push.* callback through `outbox` in the
@@ -95,7 +95,9 @@ class PushWorkers:
                  rng: random.Random | None = None, metrics: Registry | None = None,
                  on_template_invalid: Callable[[], None] | None = None,
                  drain_timeout_s: float = 10.0, idle_max_s: float = IDLE_MAX_S,
-                 outbox: Outbox = OFF) -> None:
+                 outbox: Outbox = OFF,
+                 lease_s: float = LEASE_S,
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
         if stale_sending not in ("resend", "fail"):
             raise ValueError("stale_sending must be 'resend' or 'fail'")
         self._db = db
@@ -110,7 +112,8 @@ class PushWorkers:
                              quota_resume_s=quota_resume_s,
                              frequency=Backoff(frequency_backoff_base_s,
                                                frequency_backoff_max_s, 0.5, rng),
-                             unreachable_probe_s=UNREACHABLE_PROBE_S)
+                             unreachable_probe_s=unreachable_probe_s)
+        self._lease_s = lease_s
         self._stale_sending = stale_sending
         self._clock = clock
         self._on_template_invalid = on_template_invalid
@@ -122,7 +125,7 @@ class PushWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, push_store.Leased] = {}
         # Leased by this process and not yet done with (queued for a sender, being sent, its
-        # outcome being written): never re-leased, even when a send outlasts LEASE_S.
+        # outcome being written): never re-leased, even when a send outlasts its lease.
         self._held: set[str] = set()
         self._pause: Paused | None = None
         self._probing = False  # the pause's probe time passed: one push at a time tries
@@ -303,7 +306,7 @@ class PushWorkers:
         Returns (requeue_expired's counts, leased)."""
         expired = push_store.requeue_expired(conn, now, self._stale_sending, held)
         self._report_unknown(conn, expired, now)
-        return expired, push_store.lease(conn, now, room, LEASE_S)
+        return expired, push_store.lease(conn, now, room, self._lease_s)
 
     def _report_unknown(self, conn: sqlite3.Connection, counts: dict[str, int],
                         now: float) -> None:
