@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from wxd import pacing
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import CallbackError, StorageError
 from wxd.metrics import Registry
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_BYTES = 16 * 1024
 SIGNATURE_HEADER = "Wxd-Signature"
 PRUNE_EVERY_S = 3600.0
-# While `yield_to()` says more urgent work waits (a burst at the webhook), each sender holds
-# its next POST back in steps of YIELD_STEP_S, at most YIELD_MAX_S per callback.
-YIELD_STEP_S = 0.05
-YIELD_MAX_S = 1.0
 DONE_RETENTION_S = 7 * 86400.0    # delivered callbacks kept for `wxd callbacks list`
 DEAD_RETENTION_S = 30 * 86400.0   # dead ones wait this long for an operator's retry
 _STOP = object()
@@ -89,8 +86,8 @@ class CallbackWorkers:
     makes leases of a previous process due again; `stop()` lets POSTs in flight finish within
     drain_timeout_s (real time), then cancels them (due again at once, the attempt counted).
     While `yield_to()` is True (the daemon passes the webhook's busy()), each sender waits up
-    to YIELD_MAX_S before its next POST: WeChat's 5-second answer comes first, callbacks catch
-    up after the burst (at least concurrency / YIELD_MAX_S a second go out meanwhile).
+    to pacing.YIELD_MAX_S before its next POST: WeChat's 5-second answer comes first,
+    callbacks catch up after the burst (at least concurrency / YIELD_MAX_S a second go out).
     """
 
     def __init__(self, db: Database, url: str, secret: str, *, http: Poster | None = None,
@@ -342,12 +339,7 @@ class CallbackWorkers:
             task.add_done_callback(self._recording.discard)
 
     async def _hold_back(self) -> None:
-        if self._yield_to is None:
-            return
-        waited = 0.0
-        while waited < YIELD_MAX_S and self._yield_to() and self._state == "running":
-            await self._clock.sleep(YIELD_STEP_S)
-            waited += YIELD_STEP_S
+        await pacing.yield_to(self._yield_to, self._clock, lambda: self._state == "running")
 
     async def _record(self, item: callback_store.Leased, outcome: callback_store.Outcome) -> None:
         _ = outcome.text  # its JSON, encoded here rather than on the database thread

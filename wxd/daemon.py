@@ -220,7 +220,8 @@ class Daemon:
                                    drain_timeout_s=cfg.wxd.shutdown_timeout_s,
                                    handlers={CARD_JOB: self.qrlinks.send_card},
                                    lease_s=cfg.wxd.lease_s,
-                                   unreachable_probe_s=cfg.wechat.unreachable_probe_s)
+                                   unreachable_probe_s=cfg.wechat.unreachable_probe_s,
+                                   yield_to=self._webhook_busy)
         await self._start(self.events)
 
         b = cfg.backfill

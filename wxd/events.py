@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
+from wxd import pacing
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import MessageError, StorageError
 from wxd.metrics import Registry
@@ -177,7 +178,9 @@ class EventWorkers:
     reachable() (the token manager's on_available) makes those jobs due at once. Terminal
     failures (e.g. 40003 invalid openid, a malformed message) fail at once.
     Jobs of other kinds than inbox.EVENT_JOB run through `handlers` (kind → JobHandler, e.g.
-    qrlinks.CARD_JOB), with the same leases and retries.
+    qrlinks.CARD_JOB), with the same leases and retries. While `yield_to()` is True (the daemon
+    passes the webhook's busy()), each worker holds its next job back up to pacing.YIELD_MAX_S:
+    acknowledging WeChat within its 5 seconds comes first; the stored jobs wait.
     `start()` first requeues leases left by a previous process. `stop()` lets running jobs
     finish within drain_timeout_s, then cancels them (their lease is recovered at the next
     start). Both are idempotent.
@@ -195,9 +198,11 @@ class EventWorkers:
                  inbox_retention_s: float = INBOX_RETENTION_S,
                  drain_timeout_s: float = 5.0,
                  handlers: Mapping[str, JobHandler] | None = None,
-                 unreachable_probe_s: float = UNREACHABLE_PROBE_S) -> None:
+                 unreachable_probe_s: float = UNREACHABLE_PROBE_S,
+                 yield_to: Callable[[], bool] | None = None) -> None:
         self._db = db
         self._router = router
+        self._yield_to = yield_to
         self._handlers = dict(handlers or {})
         self.drain_timeout_s = drain_timeout_s
         self._workers = workers
@@ -292,6 +297,7 @@ class EventWorkers:
             self._doorbell.clear()
             unavailable = False
             try:
+                await pacing.yield_to(self._yield_to, self._clock, lambda: not self._stopping)
                 await self._hasten_if_asked()
                 ran = await self.run_once(limit=1)
             except StorageError as exc:  # no traceback: the database is full, busy, read-only

@@ -1,4 +1,5 @@
-"""Pacing of background work: a calls/s limiter, the lease length, the idle-poll bound.
+"""Pacing of background work: a calls/s limiter, yielding to the webhook, the lease length,
+the idle-poll bound.
 
 Time comes from the injected wxd.clock.Clock (monotonic readings and sleeps).
 """
@@ -6,6 +7,7 @@ Time comes from the injected wxd.clock.Clock (monotonic readings and sleeps).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from wxd.clock import Clock
 
@@ -17,6 +19,25 @@ LEASE_S = 120.0
 # The longest idle wait between looks at a queue: a safety net only (the doorbell rings on new
 # work, retries wake at their due time), long enough that an idle daemon stays asleep.
 IDLE_MAX_S = 30.0
+# While the webhook is busy, deferred work (event jobs, callbacks) holds each next step back in
+# steps of YIELD_STEP_S, at most YIELD_MAX_S per step: WeChat's 5-second answer comes first.
+YIELD_STEP_S = 0.05
+YIELD_MAX_S = 1.0
+
+
+async def yield_to(busy: Callable[[], bool] | None, clock: Clock,
+                   keep_going: Callable[[], bool] = lambda: True) -> float:
+    """Wait while `busy()` (the webhook's: requests wait for their commit) and `keep_going()`,
+    at most YIELD_MAX_S; returns the seconds waited. Deferred work slows to a trickle during a
+    burst of webhook traffic (never stops: one step per YIELD_MAX_S per worker) and catches
+    up after it."""
+    waited = 0.0
+    if busy is None:
+        return waited
+    while waited < YIELD_MAX_S and busy() and keep_going():
+        await clock.sleep(YIELD_STEP_S)
+        waited += YIELD_STEP_S
+    return waited
 
 
 class RateLimiter:
