@@ -34,10 +34,11 @@ from tests.helpers import (
     sandbox_config_text,
 )
 from wxd import config
-from wxd.callbacks import YIELD_MAX_S, YIELD_STEP_S, Callbacks, CallbackWorkers, signature
+from wxd.callbacks import Callbacks, CallbackWorkers, signature
 from wxd.daemon import Daemon
 from wxd.errors import ConfigError
 from wxd.metrics import Registry
+from wxd.pacing import YIELD_MAX_S, YIELD_STEP_S
 from wxd.sandbox import NOTICE_TEMPLATE_ID, FakeWeChat, SandboxServer, WebhookSender
 from wxd.store import callbacks as cb
 from wxd.store.db import Database
