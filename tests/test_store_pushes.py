@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from wxd.store import meta
+from wxd.store import meta, paging
 from wxd.store import pushes as push_store
 from wxd.store.db import migrate
 from wxd.store.meta import Paused
@@ -303,7 +303,7 @@ def test_list_newest_first_with_cursor(conn: sqlite3.Connection) -> None:
     assert [p["id"] for p in cancelled] == [ids[0]]
     for bad in ("", "zzz", "eDE", "!!", "cy0x"):
         with pytest.raises(ValueError):
-            push_store.decode_cursor(bad)
+            paging.decode_cursor(bad)
 
 
 def test_pause_and_stats(conn: sqlite3.Connection) -> None:

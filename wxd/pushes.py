@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from wxd.clock import SYSTEM_CLOCK, Clock
 from wxd.errors import WxdError
 from wxd.metrics import Registry
+from wxd.store import paging
 from wxd.store import pushes as push_store
 from wxd.store import templates as template_store
 from wxd.store.db import Database
@@ -224,7 +225,7 @@ class PushService:
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be 1..{MAX_LIST_LIMIT}")
         if cursor is not None:
-            push_store.decode_cursor(cursor)
+            paging.decode_cursor(cursor)
         return await self._db.read(
             lambda conn: push_store.list_pushes(conn, status, limit, cursor))
 

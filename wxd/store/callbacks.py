@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wxd.config import CALLBACK_TYPES, CALLBACK_TYPES_NOT_YET
+from wxd.store import paging
 from wxd.store.identity import ExplicitLink, find_identity
-from wxd.store.pushes import decode_cursor, encode_cursor
 from wxd.store.pushes import get as get_push
 from wxd.wechat.messages import (
     Message,
@@ -455,24 +455,8 @@ def list_callbacks(conn: sqlite3.Connection, status: str | None, kind: str | Non
                    cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first, optionally of one status and one type; returns (callbacks, next cursor or
     None). ValueError on a bad cursor."""
-    where: list[str] = []
-    params: list[Any] = []
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
-    if kind is not None:
-        where.append("type = ?")
-        params.append(kind)
-    if cursor is not None:
-        where.append("seq < ?")
-        params.append(decode_cursor(cursor))
-    sql = "SELECT * FROM callbacks"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    rows = conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return [row_json(r) for r in rows], (encode_cursor(rows[-1]["seq"]) if more else None)
+    return paging.page(conn, "callbacks", {"status": status, "type": kind}, limit, cursor,
+                       row_json)
 
 
 def operator_retry(conn: sqlite3.Connection, callback_id: str,

@@ -9,8 +9,6 @@ wxd.store.followers (a 43004 marks the follower in the push outcome's transactio
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import secrets
 import sqlite3
@@ -18,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wxd.store import followers, meta
+from wxd.store import followers, meta, paging
 
 STATUSES = ("queued", "sending", "sent", "delivered", "failed", "cancelled")
 PAUSE_KEY = "pushes.pause"  # a meta.Paused
@@ -546,41 +544,10 @@ def cancel(conn: sqlite3.Connection, push_id: str, now: float) -> tuple[str, str
     return "ok", "cancelled"
 
 
-def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    """The position an opaque list cursor stands for; ValueError when it is not one of ours."""
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ValueError("invalid cursor") from None
-    # A position past SQLite's INTEGER range would raise OverflowError in the query.
-    if not text.startswith("s") or not text[1:].isdigit() or len(text) > 20 \
-            or int(text[1:]) >= 1 << 63:
-        raise ValueError("invalid cursor")
-    return int(text[1:])
-
-
 def list_pushes(conn: sqlite3.Connection, status: str | None, limit: int,
                 cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first; returns (pushes, next cursor or None). ValueError on a bad cursor."""
-    where: list[str] = []
-    params: list[Any] = []
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
-    if cursor is not None:
-        where.append("seq < ?")
-        params.append(decode_cursor(cursor))
-    sql = "SELECT * FROM pushes"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    rows = conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1)).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return [row_json(r) for r in rows], (encode_cursor(rows[-1]["seq"]) if more else None)
+    return paging.page(conn, "pushes", {"status": status}, limit, cursor, row_json)
 
 
 def load_pause(conn: sqlite3.Connection) -> meta.Paused | None:
