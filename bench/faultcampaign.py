@@ -54,23 +54,20 @@ from typing import Any
 
 from bench.common import Result, format_table
 from bench.proof import (
-    AdminClient,
-    DaemonProcess,
     DbState,
     Ledger,
     LoadCounts,
-    LoadGenerator,
     Ports,
+    Rig,
     check_run,
     queue_drained,
     read_db,
     run_backfill,
     wait_until,
-    write_config,
 )
 from wxd.pacing import LEASE_S
 from wxd.push_workers import UNREACHABLE_PROBE_S
-from wxd.sandbox import FakeWeChat, FaultRule, SandboxThread, WebhookSender
+from wxd.sandbox import FakeWeChat, FaultRule, SandboxThread
 
 SEND = "/cgi-bin/message/template/send"
 BATCHGET = "/cgi-bin/user/info/batchget"
@@ -354,21 +351,15 @@ class FaultCampaign:
         with fs, SandboxThread(self.fake) as sandbox:
             self.fs, self.sandbox = fs, sandbox
             self.db_path = fs.path / "wxd.db"
-            ports = Ports.free()
-            conf = write_config(self.workdir, sandbox, ports, self.s.daemon_config(),
-                                database=self.db_path)
-            self.daemon = DaemonProcess(conf, ports, self.workdir / "wxd.log")
-            self.admin = AdminClient(ports.admin_url)
-            self.sender = WebhookSender(ports.webhook_url, self.fake.credentials, "safe",
-                                        clock=self.fake.clock, seed=self.s.seed + 7919)
-            self.load = LoadGenerator(sandbox, self.ledger, self.sender, self.admin, self.rng,
-                                      f"fc{self.s.seed}-", self.fig)
+            rig = Rig.start(self.workdir, sandbox, self.ledger, self.rng, f"fc{self.s.seed}-",
+                            self.fig, self.s.daemon_config(), self.s.seed,
+                            database=self.db_path)
+            self.daemon, self.admin, self.sender, self.load = (rig.daemon, rig.admin,
+                                                               rig.sender, rig.load)
             try:
-                await self._run(ports)
+                await self._run(rig.ports)
             finally:
-                self.sender.close()
-                self.admin.close()
-                self.daemon.close()
+                rig.close()
                 self._keep_files()
         self.fig.duration_s = time.monotonic() - started
         return self.fig

@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 
 from bench.common import Result, format_table
 from bench.proof import (
-    AdminClient,
-    DaemonProcess,
     Ledger,
     LoadCounts,
-    LoadGenerator,
     Ports,
+    Rig,
     check_run,
     queue_drained,
     run_backfill,
     wait_until,
-    write_config,
 )
-from wxd.sandbox import FakeWeChat, SandboxThread, WebhookSender
+from wxd.sandbox import FakeWeChat, SandboxThread
 
 # Issue 10's kinds plus "reset_after": WeChat processed the call and the answer was lost,
 # which is what client_msg_id is for (a kill mid-send is the other way to get there).
@@ -132,21 +129,14 @@ class KillLoop:
         started = time.monotonic()
         with SandboxThread(self.fake) as sandbox:
             self.sandbox = sandbox
-            ports = Ports.free()
-            conf = write_config(self.workdir, sandbox, ports, self.s.daemon_config())
-            self.daemon = DaemonProcess(conf, ports, self.workdir / "wxd.log")
-            self.admin = AdminClient(ports.admin_url)
-            # A seed of its own: the sandbox's report sender draws nonces from seed:webhook.
-            self.sender = WebhookSender(ports.webhook_url, self.fake.credentials, "safe",
-                                        clock=self.fake.clock, seed=self.s.seed + 7919)
-            self.load = LoadGenerator(sandbox, self.ledger, self.sender, self.admin, self.rng,
-                                      f"kl{self.s.seed}-", self.fig)
+            rig = Rig.start(self.workdir, sandbox, self.ledger, self.rng, f"kl{self.s.seed}-",
+                            self.fig, self.s.daemon_config(), self.s.seed)
+            self.daemon, self.admin, self.sender, self.load = (rig.daemon, rig.admin,
+                                                               rig.sender, rig.load)
             try:
-                await self._run(ports)
+                await self._run(rig.ports)
             finally:
-                self.sender.close()
-                self.admin.close()
-                self.daemon.close()
+                rig.close()
         self.fig.duration_s = time.monotonic() - started
         return self.fig
 

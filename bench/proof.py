@@ -594,6 +594,38 @@ class LoadGenerator:
             self.counts.pushes_rejected[f"{status} {code}"] += 1
 
 
+@dataclass
+class Rig:
+    """One proof's daemon with its clients: the `wxd run` process, an admin API client, a
+    WeChat-side signed sender and the load generator. `close()` stops them all."""
+
+    ports: Ports
+    daemon: DaemonProcess
+    admin: AdminClient
+    sender: WebhookSender
+    load: LoadGenerator
+
+    @classmethod
+    def start(cls, workdir: pathlib.Path, sandbox: SandboxThread, ledger: Ledger,
+              rng: random.Random, key_prefix: str, counts: LoadCounts,
+              extra: Mapping[str, Mapping[str, object]], seed: int,
+              database: pathlib.Path | None = None) -> Rig:
+        ports = Ports.free()
+        conf = write_config(workdir, sandbox, ports, extra, database=database)
+        daemon = DaemonProcess(conf, ports, workdir / "wxd.log")
+        admin = AdminClient(ports.admin_url)
+        # A seed of its own: the sandbox's report sender draws nonces from seed:webhook.
+        sender = WebhookSender(ports.webhook_url, sandbox.fake.credentials, "safe",
+                               clock=sandbox.fake.clock, seed=seed + 7919)
+        load = LoadGenerator(sandbox, ledger, sender, admin, rng, key_prefix, counts)
+        return cls(ports, daemon, admin, sender, load)
+
+    def close(self) -> None:
+        self.sender.close()
+        self.admin.close()
+        self.daemon.close()
+
+
 def check_run(db_path: pathlib.Path, sandbox: SandboxThread, ledger: Ledger
               ) -> tuple[DbState, dict[str, list[tuple[str, int]]], list[str]]:
     """Every promise of the kill loop, checked against the database file (daemon stopped) and
